@@ -1,0 +1,1 @@
+"""LLC teachers, timm hash students and the hash-code distillation losses."""

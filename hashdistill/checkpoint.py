@@ -1,0 +1,114 @@
+"""Checkpoints: one safetensors file holding the tensors, with JSON metadata in its header.
+
+Why this format: safetensors cannot execute code when loaded (unlike pickle), and keeping the
+metadata inside the same file makes a checkpoint a single atomic unit: it is written to a
+temporary file in the same folder and renamed into place, so a crash mid-write never leaves a
+broken checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from hashdistill.errors import UserError
+
+METADATA_KEY = "hashdistill"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | os.PathLike, write_to: Any) -> Path:
+    """Call ``write_to(tmp_path)`` then rename the temporary file onto ``path``.
+
+    The rename is atomic on POSIX, so readers see either the old file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_to(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (temp file + rename)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Save ``tensors`` and JSON-serialisable ``meta`` atomically to one ``.safetensors`` file."""
+    payload = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    header = {METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **meta})}
+    return atomic_write(path, lambda tmp: save_file(payload, tmp, metadata=header))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read only the metadata of a checkpoint (cheap: the tensors are not loaded)."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a hashdistill checkpoint (not a readable safetensors file: {exc})") from None
+    if METADATA_KEY not in header:
+        raise UserError(f"{path} is a safetensors file but not a hashdistill checkpoint (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: checkpoint metadata is corrupt ({exc})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: checkpoint metadata is corrupt (expected a JSON object)")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint's tensors (on CPU) and metadata; never unpickles anything."""
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: checkpoint tensors are unreadable ({exc})") from None
+    return tensors, meta
+
+
+def expect_kind(meta: dict[str, Any], path: str | os.PathLike, *kinds: str) -> None:
+    """Raise a :class:`UserError` unless the checkpoint's ``kind`` is one of ``kinds``."""
+    kind = meta.get("kind")
+    if kind not in kinds:
+        raise UserError(f"{path} is a '{kind}' checkpoint; expected one of: {', '.join(kinds)}")
+
+
+def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Any) -> None:
+    """Load weights, naming the first missing, unexpected or wrongly shaped tensor on mismatch."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in tensors:
+            raise UserError(f"{source}: tensor '{name}' is missing (checkpoint of another architecture?)")
+        if tensors[name].shape != tensor.shape:
+            raise UserError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model expects "
+                            f"{tuple(tensor.shape)} (another bit width or architecture?)")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise UserError(f"{source}: unexpected tensor '{extra[0]}' (checkpoint of another architecture?)")
+    model.load_state_dict(tensors)
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path

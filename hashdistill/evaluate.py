@@ -1,0 +1,117 @@
+"""One evaluation path for every stage: a code encoder (PyTorch model or ONNX file) -> metrics.
+
+The encoder is any function from a dataset to code logits (n, k). Queries are the test split,
+the database is the whole training set (train + val), as the benchmark protocols define;
+OOD recipes add the held-out classes (``ood_val`` tunes the max-softmax baseline's threshold,
+``ood_test`` measures both detectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from tqdm import tqdm
+
+from hashdistill import codes, metrics
+from hashdistill.data import build_dataset
+from hashdistill.recipe import DataConfig, EvalConfig
+
+Encoder = Callable[[Dataset], np.ndarray]
+
+
+@dataclass
+class EvalSplits:
+    """The datasets an evaluation reads, built once and shared by every model evaluated."""
+
+    test: Dataset
+    database: Dataset
+    val: Dataset
+    ood_val: Dataset | None = None
+    ood_test: Dataset | None = None
+
+    @classmethod
+    def build(cls, cfg: DataConfig) -> EvalSplits:
+        train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+        train.augment = False
+        ood = bool(cfg.ood_classes)
+        return cls(test=build_dataset(cfg, "test"), database=ConcatDataset([train, val]), val=val,
+                   ood_val=build_dataset(cfg, "ood_val") if ood else None,
+                   ood_test=build_dataset(cfg, "ood_test") if ood else None)
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    if isinstance(dataset, ConcatDataset):
+        return np.concatenate([labels_of(d) for d in dataset.datasets])
+    return np.asarray(dataset.labels)
+
+
+def torch_encoder(model: nn.Module, device: torch.device, batch_size: int = 256) -> Encoder:
+    """Code logits of a PyTorch model, batch by batch in eval mode."""
+
+    @torch.no_grad()
+    def encode(dataset: Dataset) -> np.ndarray:
+        model.eval().to(device)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        quiet = not _is_tty()
+        outputs = [model(x.to(device)).float().cpu() for x, *_ in tqdm(loader, desc="encode", disable=quiet,
+                                                                         leave=False)]
+        return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+
+    return encode
+
+
+def encode_splits(encode: Encoder, splits: EvalSplits, database: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Logits of every split; pass ``database`` to reuse (or substitute) the database codes."""
+    out = {"test": encode(splits.test), "val": encode(splits.val),
+           "database": encode(splits.database) if database is None else database}
+    if splits.ood_test is not None:
+        out["ood_val"], out["ood_test"] = encode(splits.ood_val), encode(splits.ood_test)
+    return out
+
+
+def code_metrics(logits: dict[str, np.ndarray], splits: EvalSplits, class_codes: np.ndarray,
+                 cfg: EvalConfig) -> dict:
+    """Retrieval (both mAP forms, precision@radius, PR curve), MHD/ED accuracy and OOD figures."""
+    bits = class_codes.shape[1]
+    packed = {name: codes.pack_codes(z) for name, z in logits.items()}
+    packed_classes = codes.pack_codes(class_codes)
+    test_labels = labels_of(splits.test)
+    result = metrics.retrieval_metrics(packed["test"], test_labels, packed["database"], labels_of(splits.database),
+                                       bits, top_k=cfg.top_k, radius=cfg.radius)
+    result["mhd_accuracy"] = metrics.classification_accuracy(codes.mhd_decode(packed["test"], packed_classes),
+                                                             test_labels)
+    result["ed_accuracy"] = metrics.classification_accuracy(codes.ed_decode(packed["test"], packed_classes),
+                                                            test_labels)
+    result["bits"] = bits
+    if "ood_test" in logits:
+        result["ood"] = {
+            "exact_match": metrics.ood_exact_match(packed["test"], packed["ood_test"], packed_classes),
+            "msp_baseline": metrics.ood_msp_baseline(*(softmax(logits[s] @ class_codes.T)
+                                                       for s in ("val", "ood_val", "test", "ood_test"))),
+        }
+    return result
+
+
+def validation_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> dict:
+    """MHD and ED accuracy of a hash model on the validation split: the model-selection signal."""
+    z = torch_encoder(model, device, batch_size)(dataset)
+    packed, classes = codes.pack_codes(z), codes.pack_codes(model.class_codes.cpu().numpy())
+    labels = labels_of(dataset)
+    return {"val_mhd_accuracy": metrics.classification_accuracy(codes.mhd_decode(packed, classes), labels),
+            "val_ed_accuracy": metrics.classification_accuracy(codes.ed_decode(packed, classes), labels)}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _is_tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()

@@ -1,0 +1,311 @@
+"""Recipes: YAML files loaded with ``yaml.safe_load`` into typed dataclasses.
+
+A recipe is data, never code: ``safe_load`` builds only plain Python values. Every field is
+checked against the dataclass annotations; an unknown key, a wrong type or an out-of-range
+value raises :class:`UserError` naming the field (``teacher.bits``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hashdistill.errors import UserError
+
+DATASETS = ("fashion-mnist", "digits", "imagefolder", "cifar10", "synthetic")
+LOSS_NAMES = ("bernoulli_kd", "dth_mse", "code_bce", "dsh")
+
+
+@dataclass
+class OptimConfig:
+    """One training phase: optimiser, learning-rate schedule and length."""
+
+    epochs: int = 1
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "epochs", "must be >= 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(0 <= self.warmup_epochs <= max(self.epochs, 0), "warmup_epochs", "must be in [0, epochs]")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion-mnist", "digits", "imagefolder", "cifar10", "synthetic"] = "digits"
+    root: str | None = None
+    image_size: int = 32
+    val_fraction: float = 0.1
+    in_classes: list[int] | None = None
+    ood_classes: list[int] = field(default_factory=list)
+    augment: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.image_size <= 1024, "image_size", "must be in [8, 1024]")
+        _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+        _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        for name in ("train_limit", "test_limit"):
+            limit = getattr(self, name)
+            _check(limit is None or limit >= 1, name, "must be >= 1 or null")
+        if self.in_classes is not None:
+            _check(len(self.in_classes) >= 2, "in_classes", "needs at least 2 classes")
+            _check(not set(self.in_classes) & set(self.ood_classes), "ood_classes", "must not overlap in_classes")
+
+
+@dataclass
+class TeacherConfig:
+    backbone: str = "resnet50"
+    pretrained: bool = False
+    bits: int = 16
+    float_baseline: OptimConfig | None = None
+    phase1: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
+    phase2: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.bits <= 1024, "bits", "must be in [1, 1024]")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class StudentConfig:
+    model: str = "mobilenetv3_small_100"
+    pretrained: bool = False
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
+    losses: dict[str, float] = field(default_factory=lambda: {"bernoulli_kd": 1.0, "code_bce": 0.5})
+    temperature: float = 2.0
+    dsh_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(bool(self.losses), "losses", f"needs at least one of {', '.join(LOSS_NAMES)}")
+        for name, weight in self.losses.items():
+            _check(name in LOSS_NAMES, "losses", f"unknown loss '{name}'; allowed: {', '.join(LOSS_NAMES)}")
+            _check(weight >= 0, f"losses.{name}", "weight must be >= 0")
+
+
+@dataclass
+class QuantizeConfig:
+    threshold: float = 0.05
+    target_sparsity: float | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    scale_init: Literal["mean", "one"] = "mean"
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=1e-4))
+    scale_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
+        _check(self.target_sparsity is None or 0 < self.target_sparsity < 1, "target_sparsity", "must be in (0, 1)")
+        _check(self.scale_lr > 0, "scale_lr", "must be > 0")
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 18
+    file: str = "model.onnx"
+
+    def __post_init__(self) -> None:
+        _check(self.opset >= 18, "opset", "must be >= 18")
+
+
+@dataclass
+class EvalConfig:
+    top_k: int | None = None
+    radius: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1 or null (all)")
+        _check(self.radius >= 0, "radius", "must be >= 0")
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short stable hash of the resolved recipe (stored in checkpoints and ONNX metadata)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Name -> path of every recipe shipped in the package."""
+    folder = resources.files("hashdistill.recipes")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a built-in recipe by name or a YAML file by path, then apply ``a.b=value`` overrides."""
+    raw = _read_yaml(_locate(str(name_or_path)))
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return recipe_from_dict(raw)
+
+
+def recipe_from_dict(raw: Any) -> Recipe:
+    """Validate a plain dict (as parsed from YAML) into a :class:`Recipe`."""
+    return _convert(raw, Recipe, "recipe")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def _locate(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {path}")
+        return path
+    builtins = builtin_recipes()
+    if name_or_path not in builtins:
+        raise UserError(f"unknown recipe '{name_or_path}'; built-in recipes: {', '.join(sorted(builtins))} "
+                        "(or give a path to a .yaml file)")
+    return builtins[name_or_path]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read recipe ({exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects field=value (for example teacher.bits=24), got '{override}'")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+class _FieldError(UserError):
+    pass
+
+
+def _check(ok: bool, name: str, rule: str) -> None:
+    if not ok:
+        raise _FieldError(f"{name}: {rule}")
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to ``annotation``, raising UserError that names ``where``."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _convert_dataclass(value, annotation, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, where)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise UserError(f"recipe field '{where}': {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise UserError(f"recipe field '{where}': expected a list, got {_describe(value)}")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise UserError(f"recipe field '{where}': expected a mapping, got {_describe(value)}")
+        return {str(k): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
+    return _convert_scalar(value, annotation, where)
+
+
+def _convert_scalar(value: Any, annotation: type, where: str) -> Any:
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    raise UserError(f"recipe field '{where}': expected {names.get(annotation, annotation)}, got {_describe(value)}")
+
+
+def _convert_dataclass(value: Any, cls: type, where: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise UserError(f"recipe field '{where}': expected a mapping of fields, got {_describe(value)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    prefix = "" if where == "recipe" else f"{where}."
+    unknown = sorted(set(map(str, value)) - fields)
+    if unknown:
+        raise UserError(f"unknown recipe field '{prefix}{unknown[0]}'; allowed fields here: {', '.join(sorted(fields))}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        raise UserError(f"recipe field '{prefix}{exc}") from None
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"

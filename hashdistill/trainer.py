@@ -1,0 +1,228 @@
+"""The one training loop: LLC phase 1 and 2, student distillation and TTQ fine-tuning call it.
+
+A caller describes *what* to train in a :class:`TrainTask` (model, parameter groups, how a
+batch becomes a loss, how to validate); :func:`fit` handles *how*: optimiser and schedule,
+DDP under torchrun, bf16 autocast on CUDA, progress bars, metrics.jsonl, atomic checkpoints
+every epoch, exact resume, NaN detection and best-on-validation model selection.
+
+Determinism: every epoch reseeds torch from ``(seed, epoch)``, so resuming from the checkpoint
+at an epoch boundary replays exactly the epochs an uninterrupted run would have run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from hashdistill.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from hashdistill.errors import UserError
+from hashdistill.recipe import OptimConfig
+from hashdistill.rundir import RunDir
+
+BatchLoss = Callable[[nn.Module, list[torch.Tensor]], torch.Tensor]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainTask:
+    """Everything that differs between the four trainings; see :func:`fit`."""
+
+    name: str
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    optim: OptimConfig
+    train_data: Dataset
+    batch_loss: BatchLoss
+    batch_size: int = 128
+    num_workers: int = 0
+    validate: Callable[[nn.Module], dict[str, float]] | None = None
+    select: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; under torchrun each rank takes its LOCAL_RANK GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("recipe asks for device 'cuda' but no CUDA GPU is available (use device: auto or cpu)")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun; returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[str, Any]:
+    """Train ``task.model`` in place; returns the final record (validation metrics, wall time)."""
+    rank, world = init_distributed(device)
+    model = task.model.to(device)
+    optimizer = _build_optimizer(task.param_groups, task.optim)
+    state = _restore(task, run, optimizer)
+    if state["epoch"] >= task.optim.epochs - 1 and state["epoch"] >= 0:
+        _load_best(task, run)
+        return state["final"]
+
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    sampler = DistributedSampler(task.train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    loader = DataLoader(task.train_data, batch_size=task.batch_size, sampler=sampler,
+                        num_workers=task.num_workers, drop_last=len(task.train_data) > task.batch_size * world)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = steps_per_epoch * task.optim.epochs
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    quiet = not sys.stderr.isatty() or rank != 0
+
+    for epoch in range(state["epoch"] + 1, task.optim.epochs):
+        torch.manual_seed(seed * 100_003 + epoch)
+        sampler.set_epoch(epoch)
+        model.train()
+        started, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        for step, batch in enumerate(tqdm(loader, desc=f"{task.name} {epoch + 1}/{task.optim.epochs}",
+                                          disable=quiet, leave=False)):
+            global_step = epoch * steps_per_epoch + step
+            _set_lr(optimizer, task.optim, global_step, total_steps, steps_per_epoch)
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            with autocast:
+                loss = task.batch_loss(wrapped, batch)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"stage '{task.name}': the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. "
+                    f"The last good checkpoint is kept in {run.checkpoints}. Try a lower learning rate "
+                    f"(now {task.optim.lr}), a longer warmup (warmup_epochs) or check the input data.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(batch[0])
+            seen += len(batch[0])
+        elapsed = time.perf_counter() - started
+        record = {"stage": task.name, "epoch": epoch, "train_loss": (loss_sum / max(seen, 1)).item(),
+                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen * world / max(elapsed, 1e-9),
+                  "epoch_seconds": elapsed}
+        if task.validate is not None:
+            model.eval()
+            record.update(task.validate(model))
+        state = _advance(state, record, task)
+        run.log(record)
+        _save_state(task, run, optimizer, state, is_best=state["best_epoch"] == epoch)
+    _load_best(task, run)
+    return state["final"]
+
+
+def _advance(state: dict[str, Any], record: dict[str, Any], task: TrainTask) -> dict[str, Any]:
+    score = record.get(task.select) if task.select else None
+    improved = task.select is None or state["best_score"] is None or (score is not None and score > state["best_score"])
+    return {"epoch": record["epoch"],
+            "best_score": score if improved else state["best_score"],
+            "best_epoch": record["epoch"] if improved else state["best_epoch"],
+            "wall_seconds": state["wall_seconds"] + record["epoch_seconds"],
+            "final": {**record, "best_epoch": record["epoch"] if improved else state["best_epoch"],
+                      "wall_seconds": state["wall_seconds"] + record["epoch_seconds"]}}
+
+
+def _build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = [{**g, "lr": g.get("lr", cfg.lr), "weight_decay": g.get("weight_decay", cfg.weight_decay)} for g in groups]
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total: int, per_epoch: int) -> None:
+    warmup = int(cfg.warmup_epochs * per_epoch)
+    if step < warmup:
+        factor = (step + 1) / warmup
+    elif cfg.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    else:
+        factor = 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+# --- checkpoints of the training state ------------------------------------------------------------
+
+def _save_state(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer, state: dict, is_best: bool) -> None:
+    if not is_main_process():
+        return
+    weights = {f"model.{k}": v for k, v in task.model.state_dict().items()}
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+    save_checkpoint(run.checkpoint(f"{task.name}-last"), {**weights, **optim_tensors},
+                    {"kind": "train-state", "stage": task.name, "state": state, "optimizer": optim_meta})
+    if is_best:
+        save_checkpoint(run.checkpoint(f"{task.name}-best"), weights, {"kind": "train-best", "stage": task.name,
+                                                                        "epoch": state["epoch"]})
+
+
+def _restore(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    fresh = {"epoch": -1, "best_score": None, "best_epoch": -1, "wall_seconds": 0.0, "final": {}}
+    path = run.checkpoint(f"{task.name}-last")
+    if not path.is_file():
+        return fresh
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != "train-state" or meta.get("stage") != task.name:
+        raise UserError(f"{path} is not the training state of stage '{task.name}'")
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    load_state_strict(task.model, weights, path)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    run.drop_metrics_after(task.name, meta["state"]["epoch"])
+    return meta["state"]
+
+
+def _load_best(task: TrainTask, run: RunDir) -> None:
+    if dist.is_initialized():
+        dist.barrier()
+    path = run.checkpoint(f"{task.name}-best")
+    if path.is_file():
+        tensors, _ = load_checkpoint(path)
+        load_state_strict(task.model, {k.removeprefix("model."): v for k, v in tensors.items()}, path)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in sd["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

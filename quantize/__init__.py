@@ -1,0 +1,1 @@
+"""Trained ternary quantization (TTQ) of fully connected layers."""

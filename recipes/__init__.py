@@ -1,0 +1,1 @@
+"""Built-in YAML recipes, shipped inside the wheel (``hashdistill recipes`` lists them)."""
