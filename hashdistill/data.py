@@ -216,7 +216,8 @@ def _load_cifar10(cfg: DataConfig) -> RawImages:
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise UserError(f"CIFAR-10 not found: {missing[0]} is missing. Download torchvision's "
-                        "cifar-10-python.tar.gz, extract it and set data.root to the folder holding cifar-10-batches-py.")
+                        "cifar-10-python.tar.gz, extract it and set data.root to the folder holding "
+                        "cifar-10-batches-py.")
     batches = [_read_cifar_batch(f) for f in files]
     train_x = np.concatenate([b[0] for b in batches[:5]])
     train_y = np.concatenate([b[1] for b in batches[:5]])

@@ -115,3 +115,31 @@ def _is_tty() -> bool:
     import sys
 
     return sys.stderr.isatty()
+
+
+def onnx_encoder(path: str, batch_size: int = 256) -> Encoder:
+    """Code logits of an exported ONNX model on the same pre-processed images as PyTorch sees."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def encode(dataset: Dataset) -> np.ndarray:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        outputs = [session.run(["logits"], {"images": x.numpy()})[0] for x, *_ in loader]
+        return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+    return encode
+
+
+def cpu_latency_ms(run_batch: Callable[[np.ndarray], object], image_size: int, batch: int, repeats: int = 5) -> float:
+    """Median wall time (ms) of one forward pass on a random batch, after one warm-up pass."""
+    import time
+
+    images = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    run_batch(images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_batch(images)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)

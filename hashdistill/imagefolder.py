@@ -45,7 +45,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
+        return np.array(img.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
 def scan_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str], int]:
@@ -79,7 +79,8 @@ def scan_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str], i
 
 def build_imagefolder_split(cfg: DataConfig, split: str) -> ImageFileDataset:
     if split.startswith("ood"):
-        raise UserError("OOD splits are not supported for data.dataset=imagefolder; hold classes out in separate folders")
+        raise UserError("OOD splits are not supported for data.dataset=imagefolder; "
+                        "hold classes out in separate folders")
     if not cfg.root:
         raise UserError("data.dataset=imagefolder needs data.root (a folder with train/<class>/ images)")
     root = Path(cfg.root).expanduser()

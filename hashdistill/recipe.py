@@ -21,6 +21,7 @@ import yaml
 
 from hashdistill.errors import UserError
 
+RECIPE_FILE_NAME = "recipe.yaml"  # the resolved recipe inside a run directory
 DATASETS = ("fashion-mnist", "digits", "imagefolder", "cifar10", "synthetic")
 LOSS_NAMES = ("bernoulli_kd", "dth_mse", "code_bce", "dsh")
 
@@ -171,7 +172,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     """Load a built-in recipe by name or a YAML file by path, then apply ``a.b=value`` overrides."""
     raw = _read_yaml(_locate(str(name_or_path)))
     for override in overrides or []:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     return recipe_from_dict(raw)
 
 
@@ -211,7 +212,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise UserError(f"--set expects field=value (for example teacher.bits=24), got '{override}'")
@@ -229,13 +230,17 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-class _FieldError(UserError):
-    pass
+class _FieldError(Exception):
+    """A value out of range, raised in ``__post_init__``; re-raised as UserError with the full field path."""
+
+    def __init__(self, name: str, rule: str):
+        super().__init__(name, rule)
+        self.name, self.rule = name, rule
 
 
 def _check(ok: bool, name: str, rule: str) -> None:
     if not ok:
-        raise _FieldError(f"{name}: {rule}")
+        raise _FieldError(name, rule)
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:
@@ -257,7 +262,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            raise UserError(f"recipe field '{where}': {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+            choices = ", ".join(map(str, allowed))
+            raise UserError(f"recipe field '{where}': {value!r} is not allowed; choose one of {choices}")
         return value
     if origin is list:
         (item,) = typing.get_args(annotation)
@@ -299,12 +305,13 @@ def _convert_dataclass(value: Any, cls: type, where: str) -> Any:
     prefix = "" if where == "recipe" else f"{where}."
     unknown = sorted(set(map(str, value)) - fields)
     if unknown:
-        raise UserError(f"unknown recipe field '{prefix}{unknown[0]}'; allowed fields here: {', '.join(sorted(fields))}")
+        allowed = ", ".join(sorted(fields))
+        raise UserError(f"unknown recipe field '{prefix}{unknown[0]}'; allowed fields here: {allowed}")
     kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in value.items()}
     try:
         return cls(**kwargs)
     except _FieldError as exc:
-        raise UserError(f"recipe field '{prefix}{exc}") from None
+        raise UserError(f"recipe field '{prefix}{exc.name}': {exc.rule}") from None
 
 
 def _describe(value: Any) -> str:

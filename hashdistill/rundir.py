@@ -12,9 +12,8 @@ from typing import Any
 
 from hashdistill.checkpoint import atomic_write_text
 from hashdistill.errors import UserError
-from hashdistill.recipe import Recipe, dump_recipe
+from hashdistill.recipe import RECIPE_FILE_NAME, Recipe, dump_recipe
 
-RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -38,7 +37,7 @@ class RunDir:
 
     def save_recipe(self, recipe: Recipe) -> None:
         if self.writer:
-            atomic_write_text(self.path / RECIPE_FILE, dump_recipe(recipe))
+            atomic_write_text(self.path / RECIPE_FILE_NAME, dump_recipe(recipe))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl."""

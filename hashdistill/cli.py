@@ -1,0 +1,307 @@
+"""The ``hashdistill`` command line. Each command imports its stage lazily, so ``--help`` is instant.
+
+A :class:`~hashdistill.errors.UserError` anywhere becomes one message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from hashdistill.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except UserError as exc:
+        print(f"hashdistill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hashdistill: interrupted; resume a run with --resume <run dir>", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hashdistill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(handler=cmd_recipes)
+
+    p = sub.add_parser("run", help="run the whole pipeline: teacher -> student -> ternary -> ONNX -> index -> report")
+    _recipe_args(p)
+    p.add_argument("--out", help="run directory (default: <output_dir>/<recipe name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoints")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("--stages", default=",".join(_stages()), help="comma-separated subset of: " + ",".join(_stages()))
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("distill", help="train a student from a teacher checkpoint (or train both)")
+    _recipe_args(p)
+    p.add_argument("--teacher", help="teacher checkpoint (default: train one first)")
+    p.add_argument("--labels-only", action="store_true", help="train the student on the class codes only")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", metavar="RUN_DIR")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(handler=cmd_distill)
+
+    p = sub.add_parser("eval", help="evaluate a teacher, student, ternary checkpoint or ONNX file")
+    p.add_argument("model", help="checkpoint (.safetensors) or exported .onnx file")
+    p.add_argument("--recipe", help="recipe whose data/eval sections to use (default: the checkpoint's own)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("quantize", help="ternarize a student checkpoint and fine-tune it (TTQ)")
+    p.add_argument("checkpoint", help="student checkpoint")
+    p.add_argument("-o", "--output", required=True, help="ternary checkpoint to write")
+    p.add_argument("--recipe", help="recipe for data, losses and quantize settings (default: the checkpoint's data)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--t", type=float, help="threshold t: Delta = t * max|w| (default 0.05)")
+    p.add_argument("--target-sparsity", type=float, help="pick Delta for this fraction of zeros instead of --t")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    p.add_argument("--teacher", help="teacher to distil from (default: the one recorded in the checkpoint)")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.set_defaults(handler=cmd_quantize)
+
+    p = sub.add_parser("export", help="export a checkpoint to a single-file ONNX model and verify it")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("index", help="build or search a Hamming index")
+    index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = index_sub.add_parser("build", help="encode images and store their codes in a faiss binary index")
+    b.add_argument("model", help="ONNX file or checkpoint that encodes the images")
+    b.add_argument("images", help="image folder (class sub-folders give labels) or dataset[:split], e.g. digits:test")
+    b.add_argument("-o", "--output", required=True)
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(handler=cmd_index_build)
+    s = index_sub.add_parser("search", help="nearest codes of query images")
+    s.add_argument("index")
+    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--model", help="ONNX model for the queries (default: the one that built the index)")
+    s.set_defaults(handler=cmd_index_search)
+
+    p = sub.add_parser("taxonomy", help="print the class tree of a checkpoint's class codes, write a dendrogram")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", default="taxonomy.png", help="dendrogram PNG (default: taxonomy.png)")
+    p.set_defaults(handler=cmd_taxonomy)
+
+    p = sub.add_parser("report", help="regenerate report.md of a run directory from its saved figures")
+    p.add_argument("run_dir")
+    p.set_defaults(handler=cmd_report)
+    return parser
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="built-in recipe name (see `hashdistill recipes`) or path to a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set teacher.bits=24 (repeatable)")
+
+
+def _stages() -> tuple[str, ...]:
+    from hashdistill.pipeline import STAGES
+
+    return STAGES
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from hashdistill.recipe import builtin_recipes
+
+    for name, path in sorted(builtin_recipes().items()):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:20s} {first}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from hashdistill.pipeline import STAGES, Pipeline, prepare_run_dir
+    from hashdistill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"--stages: unknown stage '{unknown[0]}'; stages: {', '.join(STAGES)}")
+    run = prepare_run_dir(recipe, args.out, args.resume, args.force)
+    result = Pipeline(recipe, run).run_all(stages)
+    print(f"report: {result['report']}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from hashdistill.distill.student_stage import train_student
+    from hashdistill.pipeline import Pipeline, prepare_run_dir
+    from hashdistill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    run = prepare_run_dir(recipe, args.out, args.resume, args.force)
+    pipeline = Pipeline(recipe, run)
+    run.save_recipe(recipe)
+    teacher = args.teacher
+    if teacher is None:
+        pipeline.stage_teacher()
+        teacher = run.checkpoint("teacher")
+    elif not Path(teacher).is_file():
+        raise UserError(f"teacher checkpoint not found: {teacher}")
+    name = "student-labels-only" if args.labels_only else "student"
+    path = train_student(recipe, run, pipeline.device, teacher, labels_only=args.labels_only, name=name)
+    print(f"student checkpoint: {path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits, onnx_encoder, torch_encoder
+    from hashdistill.recipe import load_recipe, recipe_from_dict
+    from hashdistill.trainer import resolve_device
+
+    path = Path(args.model)
+    if path.suffix == ".onnx":
+        from hashdistill.export.runtime import EdgeModel
+
+        edge = EdgeModel(str(path))
+        meta, class_codes, encoder = edge.metadata, edge.class_codes, onnx_encoder(str(path))
+        data = edge.metadata.get("data")
+    else:
+        from hashdistill.export.loading import load_any_model
+
+        model, meta = load_any_model(str(path))
+        device = resolve_device("auto")
+        class_codes, encoder = model.class_codes.cpu().numpy(), torch_encoder(model, device)
+        data = meta.get("data")
+    if args.recipe:
+        recipe = load_recipe(args.recipe, args.set)
+    elif data:
+        recipe = recipe_from_dict({"data": data})
+    else:
+        raise UserError(f"{path} records no dataset; pass --recipe to say which data to evaluate on")
+    splits = EvalSplits.build(recipe.data)
+    figures = code_metrics(encode_splits(encoder, splits), splits, class_codes.astype("float32"), recipe.eval)
+    _print_figures(figures)
+    if args.json:
+        from hashdistill.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(figures, indent=2, default=float))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from hashdistill.checkpoint import read_metadata
+    from hashdistill.quantize.stage import quantize_student
+    from hashdistill.recipe import apply_override, load_recipe, recipe_from_dict
+    from hashdistill.rundir import RunDir
+    from hashdistill.trainer import resolve_device
+
+    output = _fresh_output(args.output, args.force)
+    meta = read_metadata(args.checkpoint)
+    overrides = list(args.set)
+    if args.t is not None:
+        overrides.append(f"quantize.threshold={args.t}")
+    if args.target_sparsity is not None:
+        overrides.append(f"quantize.target_sparsity={args.target_sparsity}")
+    if args.epochs is not None:
+        overrides.append(f"quantize.train.epochs={args.epochs}")
+    if args.recipe:
+        recipe = load_recipe(args.recipe, overrides)
+    else:
+        if "data" not in meta:
+            raise UserError(f"{args.checkpoint} records no dataset; pass --recipe")
+        raw: dict[str, Any] = {"data": meta["data"]}
+        for override in overrides:
+            apply_override(raw, override)
+        recipe = recipe_from_dict(raw)
+    work = output.with_name(f".{output.name}.work")
+    report = quantize_student(args.checkpoint, output, recipe, RunDir(work), resolve_device(recipe.device),
+                              args.teacher)
+    shutil.rmtree(work, ignore_errors=True)
+    before = sum(la["bytes_fp32"] for la in report["layers"])
+    after = sum(la["bytes_packed"] for la in report["layers"])
+    for layer in report["layers"]:
+        print(f"{layer['name']:40s} sparsity {layer['sparsity']:.3f}  Wp {layer['wp']:.4g}  Wn {layer['wn']:.4g}  "
+              f"{layer['bytes_fp32']:,} -> {layer['bytes_packed']:,} bytes")
+    print(f"{len(report['layers'])} layers: {before:,} -> {after:,} bytes ({before / max(after, 1):.1f}x); "
+          f"val MHD accuracy {report['training'].get('val_mhd_accuracy')}; wrote {output}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from hashdistill.export.verify import export_checkpoint
+
+    figures = export_checkpoint(args.checkpoint, args.output, opset=args.opset, force=args.force)
+    _print_figures(figures)
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from hashdistill.export.index import build_index
+
+    output = _fresh_output(args.output, args.force)
+    index = build_index(args.model, args.images, output)
+    print(f"indexed {len(index)} images ({index.bits} bits) -> {output}")
+
+
+def cmd_index_search(args: argparse.Namespace) -> None:
+    from hashdistill.export.index import load_index, search_images
+
+    index = load_index(args.index)
+    for query, hits in zip(args.images, search_images(index, args.images, args.k, model=args.model)):
+        print(query)
+        for hit in hits:
+            print(f"  d={hit['distance']:3d}  id={hit['id']}  label={hit['label']}  {hit['path']}")
+
+
+def cmd_taxonomy(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from hashdistill.checkpoint import load_checkpoint
+    from hashdistill.taxonomy import bit_splits, class_tree, format_tree, plot_dendrogram
+
+    tensors, meta = load_checkpoint(args.checkpoint)
+    codes = tensors.get("codebook", tensors.get("codes"))
+    if codes is None or "class_names" not in meta:
+        raise UserError(f"{args.checkpoint} has no class codebook (a teacher or student checkpoint has one)")
+    signs = np.where(codes.numpy() >= 0, 1, -1)
+    tree = class_tree(signs, meta["class_names"])
+    print(format_tree(tree, meta["class_names"]))
+    print("\nbit splits (+1 side | -1 side):")
+    for split in bit_splits(signs, meta["class_names"]):
+        print(f"  bit {split['bit']:2d}: {', '.join(split['positive'])} | {', '.join(split['negative'])}")
+    print(f"dendrogram: {plot_dendrogram(tree, meta['class_names'], args.output)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from hashdistill.report import write_report
+    from hashdistill.rundir import SUMMARY_FILE, RunDir
+
+    if not (Path(args.run_dir) / SUMMARY_FILE).is_file():
+        raise UserError(f"{args.run_dir} is not a run directory (no {SUMMARY_FILE})")
+    print(f"report: {write_report(RunDir(args.run_dir, writer=False))}")
+
+
+def _fresh_output(path: str, force: bool) -> Path:
+    output = Path(path)
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to overwrite it")
+    return output
+
+
+def _print_figures(figures: dict[str, Any], indent: str = "") -> None:
+    for key, value in figures.items():
+        if key == "pr_curve":
+            continue
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_figures(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {round(value, 4) if isinstance(value, float) else value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""``hashdistill run``: teacher -> student -> ternary student -> ONNX -> index, then the report.
+
+Each stage reads the previous stage's checkpoint from the run directory and is skipped when its
+output already exists there, so a run can be resumed, extended or re-reported. Stages are
+imported lazily: the kernel does not depend on them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hashdistill.errors import UserError
+from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
+from hashdistill.recipe import Recipe
+from hashdistill.rundir import RunDir
+from hashdistill.trainer import is_main_process, resolve_device
+
+STAGES = ("teacher", "student", "quantize", "export", "index")
+INDEX_DIR = "index"
+
+
+class Pipeline:
+    """One run of the recipe in ``run``; models are evaluated once and their figures kept in summary.json."""
+
+    def __init__(self, recipe: Recipe, run: RunDir):
+        self.recipe, self.run = recipe, run
+        self.device = resolve_device(recipe.device)
+        self._splits: EvalSplits | None = None
+        self._teacher_database: np.ndarray | None = None
+
+    @property
+    def splits(self) -> EvalSplits:
+        if self._splits is None:
+            self._splits = EvalSplits.build(self.recipe.data)
+        return self._splits
+
+    def run_all(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+        self.run.save_recipe(self.recipe)
+        for stage in stages:
+            started = time.perf_counter()
+            done = getattr(self, f"stage_{stage.replace('-', '_')}")()
+            _say(f"[{stage}] {'done' if done else 'already done, skipped'} ({time.perf_counter() - started:.0f} s)")
+        from hashdistill.report import write_report
+
+        return {"report": str(write_report(self.run))}
+
+    # --- stages: each returns True if it did work, False if its output already existed -------------
+
+    def stage_teacher(self) -> bool:
+        from hashdistill.distill.teacher_stage import FLOAT_FILE, TEACHER_FILE, train_teacher
+
+        path = self.run.checkpoint(TEACHER_FILE)
+        trained = not path.is_file()
+        if trained:
+            train_teacher(self.recipe, self.run, self.device)
+        float_path = self.run.checkpoint(FLOAT_FILE)
+        if float_path.is_file():
+            self._evaluate_float(float_path)
+        self._evaluate_checkpoint("teacher", path)
+        return trained
+
+    def stage_student(self) -> bool:
+        from hashdistill.distill.student_stage import train_student
+
+        path = self.run.checkpoint("student")
+        trained = not path.is_file()
+        if trained:
+            train_student(self.recipe, self.run, self.device, self.run.checkpoint("teacher"))
+        self._evaluate_checkpoint("student", path)
+        self._evaluate_checkpoint("student -> teacher db", path, database_from="teacher")
+        return trained
+
+    def stage_quantize(self) -> bool:
+        from hashdistill.quantize.stage import quantize_student
+
+        path = self.run.checkpoint("ternary-student")
+        trained = not path.is_file()
+        if trained:
+            report = quantize_student(self.run.checkpoint("student"), path, self.recipe, self.run, self.device)
+            self.run.update_summary("quantize", {"layers": report["layers"], "losses": report["losses"],
+                                                 "teacher": report["teacher"]})
+        self._evaluate_checkpoint("ternary student", path)
+        return trained
+
+    def stage_export(self) -> bool:
+        from hashdistill.export.verify import export_checkpoint
+
+        path = self.run.path / self.recipe.export.file
+        exported = not path.is_file()
+        if exported:
+            figures = export_checkpoint(self.run.checkpoint("ternary-student"), path, opset=self.recipe.export.opset)
+            self.run.update_summary("export", figures)
+        self._evaluate_onnx("ternary student (ONNX)", path)
+        return exported
+
+    def stage_index(self) -> bool:
+        from hashdistill.export.index import build_index
+
+        path = self.run.path / INDEX_DIR
+        if path.exists():
+            return False
+        index = build_index(self.run.path / self.recipe.export.file, f"{self.recipe.data.dataset}:database", path,
+                            data=self.recipe.data)
+        self.run.update_summary("index", {"path": str(path), "size": len(index), "bits": index.bits})
+        return True
+
+    # --- evaluation: one path for checkpoints and ONNX files ---------------------------------------
+
+    def _evaluate_checkpoint(self, name: str, path: Path, database_from: str | None = None) -> None:
+        if name in self.run.summary().get("models", {}):
+            return
+        from hashdistill.export.loading import load_any_model
+
+        model, meta = load_any_model(str(path))
+        model.to(self.device)
+        database = self._database_of(database_from) if database_from else None
+        logits = encode_splits(torch_encoder(model, self.device, self.recipe.data.eval_batch_size), self.splits,
+                               database)
+        if name == "teacher":
+            self._teacher_database = logits["database"]
+        figures = code_metrics(logits, self.splits, model.class_codes.cpu().numpy(), self.recipe.eval)
+
+        @torch.no_grad()
+        def forward(images: np.ndarray) -> object:
+            return model(torch.from_numpy(images).to(self.device))
+
+        self._record(name, figures, params=sum(p.numel() for p in model.parameters()),
+                     file_bytes=os.path.getsize(path),
+                     latency_ms_b1=cpu_latency_ms(forward, self.recipe.data.image_size, 1),
+                     latency_ms_b64=cpu_latency_ms(forward, self.recipe.data.image_size, 64), kind=meta["kind"],
+                     arch=meta["arch"], checkpoint=str(path))
+
+    def _evaluate_onnx(self, name: str, path: Path) -> None:
+        if name in self.run.summary().get("models", {}):
+            return
+        import onnxruntime as ort
+
+        from hashdistill.export.runtime import EdgeModel
+
+        edge = EdgeModel(str(path))
+        logits = encode_splits(onnx_encoder(str(path), self.recipe.data.eval_batch_size), self.splits)
+        figures = code_metrics(logits, self.splits, edge.class_codes.astype(np.float32), self.recipe.eval)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def forward(images: np.ndarray) -> object:
+            return session.run(None, {"images": images})
+
+        self._record(name, figures, params=None, file_bytes=os.path.getsize(path),
+                     latency_ms_b1=cpu_latency_ms(forward, self.recipe.data.image_size, 1),
+                     latency_ms_b64=cpu_latency_ms(forward, self.recipe.data.image_size, 64), kind="onnx",
+                     arch=edge.metadata.get("arch"), checkpoint=str(path))
+
+    def _evaluate_float(self, path: Path) -> None:
+        if "float baseline" in self.run.summary().get("models", {}):
+            return
+        from hashdistill.distill.models import load_model
+
+        model, meta = load_model(str(path))
+        logits = torch_encoder(model.to(self.device), self.device, self.recipe.data.eval_batch_size)(self.splits.test)
+        from hashdistill.evaluate import labels_of
+
+        accuracy = float((logits.argmax(1) == labels_of(self.splits.test)).mean())
+        self._record("float baseline", {"accuracy": accuracy}, params=sum(p.numel() for p in model.parameters()),
+                     file_bytes=os.path.getsize(path), kind="float", arch=meta["arch"], checkpoint=str(path))
+
+    def _database_of(self, model_name: str) -> np.ndarray:
+        if self._teacher_database is None:
+            from hashdistill.export.loading import load_any_model
+
+            teacher, _ = load_any_model(str(self.run.checkpoint("teacher")))
+            encode = torch_encoder(teacher.to(self.device), self.device, self.recipe.data.eval_batch_size)
+            self._teacher_database = encode(self.splits.database)
+        return self._teacher_database
+
+    def _record(self, name: str, figures: dict[str, Any], **extra: Any) -> None:
+        models = self.run.summary().get("models", {})
+        models[name] = {**extra, **figures}
+        self.run.update_summary("models", models)
+        shown = {k: round(v, 4) for k, v in figures.items() if isinstance(v, float)}
+        _say(f"  {name}: {shown}")
+
+
+def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: bool) -> RunDir:
+    """Choose the run directory; an existing one is continued only with --resume, replaced only with --force."""
+    import shutil
+
+    from hashdistill.recipe import RECIPE_FILE_NAME, load_recipe
+
+    if resume:
+        path = Path(resume)
+        saved = path / RECIPE_FILE_NAME
+        if not saved.is_file():
+            raise UserError(f"--resume {path}: not a run directory (no {RECIPE_FILE_NAME})")
+        if load_recipe(saved).digest() != recipe.digest():
+            raise UserError(f"--resume {path}: the run was started with a different recipe ({saved}); "
+                            "resume with the same recipe and --set overrides, or start a new run")
+        return RunDir(path, writer=is_main_process())
+    path = Path(out) if out else Path(recipe.output_dir) / recipe.name
+    if path.exists() and any(path.iterdir()):
+        if not force:
+            raise UserError(f"run directory {path} already exists: pass --resume {path} to continue it, "
+                            "--force to start over, or --out to choose another")
+        if is_main_process():
+            shutil.rmtree(path)
+    return RunDir(path, writer=is_main_process())
+
+
+def _say(message: str) -> None:
+    if is_main_process():
+        print(message, flush=True)

@@ -1,0 +1,37 @@
+"""Report plots. matplotlib is imported inside each function (Agg canvas, no pyplot state)."""
+
+from pathlib import Path
+
+from hashdistill.errors import UserError
+
+
+def plot_pr_curves(curves: dict[str, dict], path: str | Path) -> Path:
+    """Several models' Hamming-radius PR curves on one PNG, one line per model name.
+
+    Each curve is the ``"pr_curve"`` dict of :func:`hashdistill.metrics.retrieval_metrics`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise UserError("plot_pr_curves needs at least one curve")
+    for name, curve in curves.items():
+        if not {"precision", "recall"} <= set(curve) or len(curve["precision"]) != len(curve["recall"]):
+            raise UserError(f"curve {name!r} needs 'precision' and 'recall' lists of equal length")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        ax.plot(curve["recall"], curve["precision"], marker=".", label=name)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Precision-recall by Hamming radius")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    return path

@@ -1,0 +1,122 @@
+"""report.md for a run directory, regenerated from summary.json alone (``hashdistill report``).
+
+Images are written next to report.md and linked relatively, so the report renders on GitHub and
+in a browser from the run directory.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hashdistill.checkpoint import atomic_write_text, read_metadata
+from hashdistill.errors import UserError
+from hashdistill.plots import plot_pr_curves
+from hashdistill.rundir import REPORT_FILE, RunDir
+from hashdistill.taxonomy import class_tree, format_tree, plot_dendrogram
+
+PR_PLOT, TAXONOMY_PLOT = "pr_curves.png", "taxonomy.png"
+COLUMNS = [("bits", "bits"), ("params", "params"), ("file_bytes", "file bytes"), ("latency_ms_b1", "CPU ms (b=1)"),
+           ("latency_ms_b64", "CPU ms (b=64)"), ("map", "mAP"), ("map_tie_aware", "mAP (tie-aware)"),
+           ("precision_at_radius", "P@r2"), ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc"),
+           ("accuracy", "float acc")]
+
+
+def write_report(run: RunDir) -> Path:
+    """Write report.md (+ PR curves and taxonomy PNGs) from the run's saved figures."""
+    summary = run.summary()
+    models: dict[str, dict[str, Any]] = summary.get("models", {})
+    if not models:
+        raise UserError(f"{run.path} has no evaluated models yet (summary.json is empty); nothing to report")
+    lines = [f"# hashdistill run: {run.path.name}", "", "## Models", "", _table(models), ""]
+    curves = {name: m["pr_curve"] for name, m in models.items() if "pr_curve" in m}
+    if curves:
+        plot_pr_curves(curves, run.path / PR_PLOT)
+        lines += ["## Precision-recall by Hamming radius", "", f"![precision-recall curves]({PR_PLOT})", ""]
+    lines += _ood_section(models)
+    lines += _taxonomy_section(run)
+    lines += _quantize_section(summary.get("quantize"))
+    if "export" in summary:
+        e = summary["export"]
+        lines += ["## Export", "", f"identical codes ONNX vs PyTorch: {e.get('identical_code_rate')}, "
+                  f"max |logit diff|: {e.get('max_abs_logit_diff')}, file bytes: {e.get('file_bytes')}", ""]
+    lines += ["## Reproduce", "", "```", *_commands(run), "```", ""]
+    return atomic_write_text(run.path / REPORT_FILE, "\n".join(lines))
+
+
+def _table(models: dict[str, dict[str, Any]]) -> str:
+    present = [(key, title) for key, title in COLUMNS if any(key in m for m in models.values())]
+    rows = ["| model | " + " | ".join(t for _, t in present) + " |", "|---" * (len(present) + 1) + "|"]
+    for name, figures in models.items():
+        rows.append(f"| {name} | " + " | ".join(_cell(figures.get(key)) for key, _ in present) + " |")
+    return "\n".join(rows)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 10 else f"{value:.1f}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _ood_section(models: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    for name, m in models.items():
+        ood = m.get("ood")
+        if not ood:
+            continue
+        ex, msp = ood["exact_match"], ood["msp_baseline"]
+        rows.append(f"| {name} | {ex['tpr']:.4f} | {ex['fpr']:.4f} | {ex['auroc']:.4f} | 0 | {msp['tpr']:.4f} | "
+                    f"{msp['fpr']:.4f} | {msp['auroc']:.4f} | {msp['ood_samples_used']} |")
+    if not rows:
+        return []
+    return ["## Out-of-distribution detection", "",
+            "Exact match: an input whose code equals no class code is OOD (no threshold, no OOD samples). "
+            "Baseline: max-softmax probability with a threshold tuned on held-out samples.", "",
+            "| model | exact TPR | exact FPR | exact AUROC* | OOD samples "
+            "| MSP TPR | MSP FPR | MSP AUROC | OOD samples |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, "",
+            "*AUROC of the exact-match detector scores by the Hamming distance to the nearest class code.", ""]
+
+
+def _taxonomy_section(run: RunDir) -> list[str]:
+    teacher = run.checkpoint("teacher")
+    if not teacher.is_file():
+        return []
+    from safetensors.numpy import load_file
+
+    meta = read_metadata(teacher)
+    codebook = load_file(str(teacher))["codebook"]
+    signs = np.where(codebook >= 0, 1, -1)
+    tree = class_tree(signs, meta["class_names"])
+    plot_dendrogram(tree, meta["class_names"], run.path / TAXONOMY_PLOT)
+    return ["## Taxonomy of the classes (from the teacher's class codes)", "",
+            f"![class dendrogram]({TAXONOMY_PLOT})", "", "```", format_tree(tree, meta["class_names"]), "```", ""]
+
+
+def _quantize_section(quantize: dict[str, Any] | None) -> list[str]:
+    if not quantize:
+        return []
+    layers = quantize["layers"]
+    before = sum(layer["bytes_fp32"] for layer in layers)
+    after = sum(layer["bytes_packed"] for layer in layers)
+    rows = [f"| {la['name']} | {la['shape']} | {la['sparsity']:.3f} | {la['wp']:.4g} | {la['wn']:.4g} | "
+            f"{la['bytes_fp32']:,} | {la['bytes_packed']:,} |" for la in layers]
+    return ["## Ternary quantization", "",
+            f"{len(layers)} layers quantized: {before:,} bytes fp32 -> {after:,} bytes packed "
+            f"({before / max(after, 1):.1f}x smaller). Fine-tuned with losses {quantize.get('losses')}, "
+            f"teacher: {quantize.get('teacher')}.", "",
+            "| layer | shape | sparsity | Wp | Wn | bytes fp32 | bytes packed |", "|---|---|---|---|---|---|---|",
+            *rows, ""]
+
+
+def _commands(run: RunDir) -> list[str]:
+    path = shlex.quote(str(run.path))
+    return [f"hashdistill run {path}/recipe.yaml --out {path}-again",
+            f"hashdistill report {path}"]

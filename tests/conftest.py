@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny recipe on the synthetic dataset with timm's test-sized models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hashdistill.recipe import Recipe, recipe_from_dict
+
+TINY = {
+    "name": "tiny",
+    "device": "cpu",
+    "data": {"dataset": "synthetic", "image_size": 16, "batch_size": 32},
+    "teacher": {"backbone": "test_resnet", "bits": 8, "phase1": {"epochs": 2, "lr": 3e-3},
+                "phase2": {"epochs": 1, "lr": 1e-3}},
+    "student": {"model": "test_vit", "train": {"epochs": 2, "lr": 3e-3}},
+    "quantize": {"train": {"epochs": 1, "lr": 1e-4}},
+}
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_recipe() -> Recipe:
+    return recipe_from_dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run directory with a trained tiny teacher and student (trained once per test session)."""
+    from hashdistill.distill.student_stage import train_student
+    from hashdistill.distill.teacher_stage import train_teacher
+    from hashdistill.rundir import RunDir
+
+    recipe = recipe_from_dict(TINY)
+    run = RunDir(tmp_path_factory.mktemp("run"))
+    teacher = train_teacher(recipe, run, torch.device("cpu"))
+    student = train_student(recipe, run, torch.device("cpu"), teacher)
+    return {"recipe": recipe, "run": run, "teacher": teacher, "student": student}

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hashdistill.data import build_dataset
+from hashdistill.errors import UserError
+from hashdistill.recipe import DataConfig
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "digits", "fashion-mnist"])
+def test_splits_are_disjoint_and_shaped(dataset):
+    cfg = DataConfig(dataset=dataset, image_size=24, train_limit=None if dataset != "fashion-mnist" else 2000)
+    train, val, test = (build_dataset(cfg, s) for s in ("train", "val", "test"))
+    x, y = train[0]
+    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
+    assert len(val) > 0 and len(test) > 0
+    # grayscale repeated to 3 channels
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    assert 0 <= y < len(train.class_names)
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    cfg = DataConfig(dataset="digits")
+    a, b = build_dataset(cfg, "val"), build_dataset(cfg, "val")
+    assert torch.equal(a.images, b.images)
+    train = build_dataset(cfg, "train")
+    train_rows = {bytes(img.numpy()) for img in train.images}
+    assert not any(bytes(img.numpy()) in train_rows for img in a.images[:50])
+
+
+def test_ood_split_holds_only_heldout_classes():
+    cfg = DataConfig(dataset="fashion-mnist", in_classes=list(range(8)), ood_classes=[8, 9], test_limit=500)
+    test, ood = build_dataset(cfg, "test"), build_dataset(cfg, "ood_test")
+    assert test.class_names[-1] == "sneaker" and len(test.class_names) == 8
+    assert int(test.labels.max()) == 7 and bool((ood.labels == -1).all())
+    assert ood.class_names == ["bag", "ankle boot"]
+
+
+def test_missing_fashion_mnist_says_where_it_looked(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path)) as err:
+        build_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path)), "train")
+    assert "apt-get install dataset-fashion-mnist" in str(err.value)
+
+
+def test_corrupt_idx_file_is_a_user_error(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
+    for stem in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / stem).write_bytes(b"junk")
+    with pytest.raises(UserError, match="idx"):
+        build_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path)), "train")
+
+
+def test_imagefolder_skips_corrupt_images(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.2)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        train = build_dataset(cfg, "train")
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and train.class_names == ["cat", "dog"]
+
+
+def test_empty_imagefolder_is_a_user_error(tmp_path):
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(UserError, match="no readable images"):
+        build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), "train")
+
+
+def test_cifar_loader_refuses_code_in_pickles(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(UserError, match="not a CIFAR-10 batch"):
+        build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)), "train")
+    assert not (tmp_path / "pwned").exists()

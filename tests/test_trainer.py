@@ -1,0 +1,88 @@
+"""The one training loop: exact resume, NaN detection, best-on-validation selection."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hashdistill.checkpoint import read_metadata
+from hashdistill.data import build_dataset
+from hashdistill.recipe import DataConfig, OptimConfig
+from hashdistill.rundir import RunDir
+from hashdistill.trainer import TrainingDiverged, TrainTask, fit
+
+DATA = DataConfig(dataset="synthetic", image_size=16)
+
+
+def _task(epochs: int, lr: float = 1e-2, validate=None) -> TrainTask:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 4))
+
+    def loss(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x), y)
+
+    return TrainTask("toy", model, [{"params": list(model.parameters())}], OptimConfig(epochs=epochs, lr=lr),
+                     build_dataset(DATA, "train"), loss, batch_size=32, validate=validate)
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = _task(4)
+    fit(full, RunDir(tmp_path / "full"), torch.device("cpu"), seed=3)
+
+    # an interrupted run: killed during epoch 3 (after epoch 2's checkpoint), then resumed from scratch objects
+    calls = iter(range(100))
+
+    def interrupt_in_third_epoch(model):
+        if next(calls) == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_task(4, validate=interrupt_in_third_epoch), RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
+    resumed = _task(4)
+    fit(resumed, RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
+
+    for a, b in zip(_weights(full.model), _weights(resumed.model)):
+        assert torch.equal(a, b)
+    epochs = [r["epoch"] for r in RunDir(tmp_path / "cut").metrics()]
+    assert epochs == [0, 1, 2, 3]
+
+
+def test_finished_stage_is_not_retrained(tmp_path):
+    run = RunDir(tmp_path)
+    fit(_task(1), run, torch.device("cpu"), seed=0)
+    again = _task(1)
+    fit(again, run, torch.device("cpu"), seed=0)
+    assert len(run.metrics()) == 1
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path):
+    task = _task(2, lr=1e-2)
+    run = RunDir(tmp_path)
+    fit(task, run, torch.device("cpu"), seed=0)
+    before = (tmp_path / "checkpoints" / "toy-last.safetensors").read_bytes()
+
+    bad = _task(4)
+    bad.batch_loss = lambda m, batch: m(batch[0]).sum() * float("nan")
+    with pytest.raises(TrainingDiverged, match=r"epoch 3, step 1") as err:
+        fit(bad, run, torch.device("cpu"), seed=0)
+    assert "learning rate" in str(err.value)
+    assert (tmp_path / "checkpoints" / "toy-last.safetensors").read_bytes() == before
+
+
+def test_best_validation_epoch_is_kept(tmp_path):
+    scores = iter([0.5, 0.9, 0.1])
+    task = _task(3, validate=lambda m: {"val_score": next(scores)})
+    task.select = "val_score"
+    record = fit(task, RunDir(tmp_path), torch.device("cpu"), seed=0)
+    assert record["best_epoch"] == 1
+    assert read_metadata(tmp_path / "checkpoints" / "toy-best.safetensors")["epoch"] == 1
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["val_score"] for x in lines] == [0.5, 0.9, 0.1]
