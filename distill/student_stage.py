@@ -21,7 +21,7 @@ from hashdistill.errors import UserError
 from hashdistill.evaluate import torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe, StudentConfig
 from hashdistill.rundir import RunDir
-from hashdistill.trainer import TrainTask, fit, is_main_process
+from hashdistill.trainer import TrainTask, barrier, fit, is_main_process
 
 from .losses import NEEDS_TEACHER, LossInputs, weighted_loss
 from .models import STUDENT, TEACHER, HashStudent, load_model, model_meta
@@ -82,6 +82,7 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
                           training={name: record, "losses": weights, "temperature": cfg.temperature,
                                     "teacher": str(teacher_path)})
         save_checkpoint(path, student.state_dict(), meta)
+    barrier()
     return path
 
 

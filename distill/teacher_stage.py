@@ -19,7 +19,7 @@ from hashdistill.data import build_dataset, dataset_info
 from hashdistill.evaluate import labels_of, torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
-from hashdistill.trainer import TrainTask, fit, is_main_process
+from hashdistill.trainer import TrainTask, barrier, fit, is_main_process
 
 from .models import FLOAT, TEACHER, FloatClassifier, LLCTeacher, model_meta
 
@@ -69,6 +69,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
                           recipe_hash=recipe.digest(),
                           training={"phase1": phase1, "phase2": phase2})
         save_checkpoint(path, teacher.state_dict(), meta)
+    barrier()
     return path
 
 

@@ -129,23 +129,28 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from hashdistill.pipeline import STAGES, Pipeline, prepare_run_dir
     from hashdistill.recipe import load_recipe
+    from hashdistill.trainer import init_distributed, resolve_device
 
     recipe = load_recipe(args.recipe, args.set)
+    init_distributed(resolve_device(recipe.device))
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"--stages: unknown stage '{unknown[0]}'; stages: {', '.join(STAGES)}")
     run = prepare_run_dir(recipe, args.out, args.resume, args.force)
     result = Pipeline(recipe, run).run_all(stages)
-    print(f"report: {result['report']}")
+    if result["report"]:
+        print(f"report: {result['report']}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from hashdistill.distill.student_stage import train_student
     from hashdistill.pipeline import Pipeline, prepare_run_dir
     from hashdistill.recipe import load_recipe
+    from hashdistill.trainer import init_distributed, resolve_device
 
     recipe = load_recipe(args.recipe, args.set)
+    init_distributed(resolve_device(recipe.device))
     run = prepare_run_dir(recipe, args.out, args.resume, args.force)
     pipeline = Pipeline(recipe, run)
     run.save_recipe(recipe)

@@ -19,7 +19,7 @@ from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
-from hashdistill.trainer import is_main_process, resolve_device
+from hashdistill.trainer import barrier, is_main_process, resolve_device
 
 STAGES = ("teacher", "student", "quantize", "export", "index")
 INDEX_DIR = "index"
@@ -46,6 +46,9 @@ class Pipeline:
             started = time.perf_counter()
             done = getattr(self, f"stage_{stage.replace('-', '_')}")()
             _say(f"[{stage}] {'done' if done else 'already done, skipped'} ({time.perf_counter() - started:.0f} s)")
+        barrier()
+        if not is_main_process():
+            return {"report": None}
         from hashdistill.report import write_report
 
         return {"report": str(write_report(self.run))}
@@ -93,9 +96,10 @@ class Pipeline:
 
         path = self.run.path / self.recipe.export.file
         exported = not path.is_file()
-        if exported:
+        if exported and is_main_process():
             figures = export_checkpoint(self.run.checkpoint("ternary-student"), path, opset=self.recipe.export.opset)
             self.run.update_summary("export", figures)
+        barrier()
         self._evaluate_onnx("ternary student (ONNX)", path)
         return exported
 
@@ -103,7 +107,7 @@ class Pipeline:
         from hashdistill.export.index import build_index
 
         path = self.run.path / INDEX_DIR
-        if path.exists():
+        if path.exists() or not is_main_process():
             return False
         index = build_index(self.run.path / self.recipe.export.file, f"{self.recipe.data.dataset}:database", path,
                             data=self.recipe.data)
@@ -113,7 +117,7 @@ class Pipeline:
     # --- evaluation: one path for checkpoints and ONNX files ---------------------------------------
 
     def _evaluate_checkpoint(self, name: str, path: Path, database_from: str | None = None) -> None:
-        if name in self.run.summary().get("models", {}):
+        if not is_main_process() or name in self.run.summary().get("models", {}):
             return
         from hashdistill.export.loading import load_any_model
 
@@ -137,7 +141,7 @@ class Pipeline:
                      arch=meta["arch"], checkpoint=str(path))
 
     def _evaluate_onnx(self, name: str, path: Path) -> None:
-        if name in self.run.summary().get("models", {}):
+        if not is_main_process() or name in self.run.summary().get("models", {}):
             return
         import onnxruntime as ort
 
@@ -157,7 +161,7 @@ class Pipeline:
                      arch=edge.metadata.get("arch"), checkpoint=str(path))
 
     def _evaluate_float(self, path: Path) -> None:
-        if "float baseline" in self.run.summary().get("models", {}):
+        if not is_main_process() or "float baseline" in self.run.summary().get("models", {}):
             return
         from hashdistill.distill.models import load_model
 

@@ -79,6 +79,12 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op outside torchrun): stage outputs are written by rank 0 only."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[str, Any]:
     """Train ``task.model`` in place; returns the final record (validation metrics, wall time)."""
     rank, world = init_distributed(device)
@@ -196,8 +202,7 @@ def _restore(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer) -> 
 
 
 def _load_best(task: TrainTask, run: RunDir) -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     path = run.checkpoint(f"{task.name}-best")
     if path.is_file():
         tensors, _ = load_checkpoint(path)

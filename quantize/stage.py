@@ -23,7 +23,7 @@ from hashdistill.errors import UserError
 from hashdistill.evaluate import validation_accuracy
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
-from hashdistill.trainer import TrainTask, fit, is_main_process
+from hashdistill.trainer import TrainTask, barrier, fit, is_main_process
 
 from .ternary_checkpoint import save_ternary
 from .ttq import TTQConfig, latent_parameters, layer_report, scale_parameters, ternarize_
@@ -64,6 +64,7 @@ def quantize_student(student_path: str | Path, out_path: str | Path, recipe: Rec
     if is_main_process():
         save_ternary(out_path, student.cpu(), {**meta, "kind": TERNARY_KIND, "quantize": report,
                                                "source_checkpoint": str(student_path)})
+    barrier()
     return report
 
 

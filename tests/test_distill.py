@@ -1,0 +1,140 @@
+"""LLC teacher mechanics, distillation losses against hand-computed values, and the teacher cache."""
+
+import math
+
+import pytest
+import torch
+
+from hashdistill.distill.losses import LOSSES, LossInputs, weighted_loss
+from hashdistill.distill.models import HashStudent, LLCTeacher, load_model, sign_ste
+from hashdistill.errors import UserError
+
+
+def test_sign_ste_forward_and_identity_gradient():
+    x = torch.tensor([-2.0, -0.0, 0.0, 0.5], requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1.0, 1.0, 1.0, 1.0]  # sign(0) = +1
+    (y * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_teacher_class_logits_use_binarized_codebook():
+    teacher = LLCTeacher("test_resnet", bits=4, num_classes=3)
+    with torch.no_grad():
+        teacher.codebook.copy_(torch.tensor([[0.3, -0.2, 0.1, -0.9], [-0.1, -0.1, 0.2, 0.4], [0.0, 0.5, -0.5, 0.2]]))
+    z = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    expected = z @ torch.tensor([[1.0, -1, 1, -1], [-1, -1, 1, 1], [1, 1, -1, 1]]).t()
+    assert torch.allclose(teacher.class_logits(z), expected)
+    assert teacher.class_codes.tolist() == [[1, -1, 1, -1], [-1, -1, 1, 1], [1, 1, -1, 1]]
+
+
+def _inputs(**kw):
+    base = dict(student=torch.tensor([[1.0, -2.0]]), teacher=torch.tensor([[2.0, 0.0]]), labels=torch.tensor([1]),
+                class_codes=torch.tensor([[1.0, 1.0], [-1.0, 1.0]]), temperature=2.0)
+    return LossInputs(**{**base, **kw})
+
+
+def _sigmoid(v):
+    return 1 / (1 + math.exp(-v))
+
+
+def _bce(p, q):  # target q, prediction p
+    return -(q * math.log(p) + (1 - q) * math.log(1 - p))
+
+
+def test_bernoulli_kd_by_hand():
+    t = 2.0
+    bits = [_bce(_sigmoid(1.0 / t), _sigmoid(2.0 / t)), _bce(_sigmoid(-2.0 / t), _sigmoid(0.0 / t))]
+    assert LOSSES["bernoulli_kd"](_inputs()).item() == pytest.approx(t * t * sum(bits) / 2, rel=1e-6)
+
+
+def test_dth_mse_by_hand():
+    expected = ((_sigmoid(1.0) - _sigmoid(2.0)) ** 2 + (_sigmoid(-2.0) - _sigmoid(0.0)) ** 2) / 2
+    assert LOSSES["dth_mse"](_inputs()).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_code_bce_by_hand():
+    # label 1 -> class code (-1, +1) -> targets (0, 1)
+    expected = (_bce(_sigmoid(1.0), 0.0) + _bce(_sigmoid(-2.0), 1.0)) / 2
+    assert LOSSES["code_bce"](_inputs()).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dsh_by_hand():
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    labels = torch.tensor([0, 0, 1])
+    margin = 4.0  # 2k
+    d2 = {(0, 1): 4.0, (0, 2): 8.0, (1, 2): 4.0}
+    pair = [0.5 * d2[(0, 1)], 0.5 * max(margin - d2[(0, 2)], 0), 0.5 * max(margin - d2[(1, 2)], 0)]
+    expected = 2 * sum(pair) / 6  # every unordered pair counted twice over 6 ordered off-diagonal pairs
+    got = LOSSES["dsh"](LossInputs(z, None, labels, torch.ones(2, 2))).item()
+    assert got == pytest.approx(expected, rel=1e-6)  # |z| = 1: the regulariser is zero
+
+
+def test_weighted_loss_sums_and_skips_zero_weights():
+    batch = _inputs()
+    total = weighted_loss({"bernoulli_kd": 1.0, "code_bce": 0.5, "dth_mse": 0.0})(batch)
+    assert total.item() == pytest.approx(LOSSES["bernoulli_kd"](batch).item() + 0.5 * LOSSES["code_bce"](batch).item())
+
+
+def test_trained_teacher_and_student(trained_run):
+    teacher, meta = load_model(str(trained_run["teacher"]))
+    student, smeta = load_model(str(trained_run["student"]))
+    assert meta["kind"] == "teacher" and smeta["kind"] == "student"
+    assert isinstance(student, HashStudent) and student.bits == teacher.bits
+    assert torch.equal(student.class_codes, teacher.class_codes)  # the student decodes in the teacher's space
+    assert smeta["training"]["student"]["val_mhd_accuracy"] > 0.5  # 4 classes: well above chance
+    # model selection used the validation split; the test split is never read during training
+    stages = {r["stage"] for r in trained_run["run"].metrics()}
+    assert stages == {"teacher-phase1", "teacher-phase2", "student"}
+    assert all("test" not in key for r in trained_run["run"].metrics() for key in r)
+
+
+def test_teacher_cache_matches_online_teacher(trained_run, tiny_recipe):
+    from hashdistill.data import build_dataset
+    from hashdistill.distill.student_stage import build_student, distillation_batch_loss
+
+    teacher, _ = load_model(str(trained_run["teacher"]))
+    train = build_dataset(tiny_recipe.data, "train")
+    student = build_student(tiny_recipe.student, teacher)
+    cached = distillation_batch_loss(student, teacher, {"bernoulli_kd": 1.0}, tiny_recipe.student, train,
+                                     torch.device("cpu"), 64)
+    train.augment = True  # forces the online teacher; the items themselves stay un-augmented below
+    online = distillation_batch_loss(student, teacher, {"bernoulli_kd": 1.0}, tiny_recipe.student, train,
+                                     torch.device("cpu"), 64)
+    train.augment = False
+    index = torch.arange(8)
+    x = torch.stack([train[i][0] for i in index])
+    batch = [x, train.labels[index], index]
+    assert torch.allclose(cached(student, batch), online(student, batch), atol=1e-5)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(trained_run, tmp_path):
+    from hashdistill.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, meta = load_checkpoint(trained_run["teacher"])
+    save_checkpoint(tmp_path / "wrong-bits.safetensors", tensors, {**meta, "bits": 12})
+    with pytest.raises(UserError, match="bit width or architecture"):
+        load_model(str(tmp_path / "wrong-bits.safetensors"))
+    save_checkpoint(tmp_path / "wrong-arch.safetensors", tensors, {**meta, "arch": "resnet18"})
+    with pytest.raises(UserError, match="another architecture"):
+        load_model(str(tmp_path / "wrong-arch.safetensors"))
+
+
+def test_missing_codebook_is_never_silently_random(trained_run, tmp_path):
+    from hashdistill.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, meta = load_checkpoint(trained_run["teacher"])
+    del tensors["codebook"]
+    save_checkpoint(tmp_path / "no-codebook.safetensors", tensors, meta)
+    with pytest.raises(UserError, match="'codebook' is missing"):
+        load_model(str(tmp_path / "no-codebook.safetensors"))
+
+
+def test_teacher_for_other_data_is_refused(trained_run, tiny_recipe, tmp_path):
+    from hashdistill.distill.student_stage import train_student
+    from hashdistill.recipe import recipe_from_dict
+    from hashdistill.rundir import RunDir
+
+    other = recipe_from_dict({**tiny_recipe.to_dict(), "data": {**tiny_recipe.to_dict()["data"], "image_size": 24}})
+    with pytest.raises(UserError, match="image_size"):
+        train_student(other, RunDir(tmp_path), torch.device("cpu"), trained_run["teacher"])
