@@ -1,0 +1,166 @@
+"""Export figures: ONNX file sizes, CPU latency (onnxruntime vs PyTorch eager), parity, Hamming search speed.
+
+Models are UNTRAINED (random init, timm pretrained=False): file size and latency do not depend on
+the weights' values, and parity is still measured on real images. The teacher is an LLC ResNet50,
+the students a fp32 MobileNetV3-small and its ternary version (TTQ on every nn.Linear and the 1x1
+head conv; exported packed at opset 18 and as INT2 at opset 25). Latency is the median of several
+runs in this one process, so the ratios are comparable; search compares faiss IndexBinaryFlat with
+the numpy popcount baseline (hashdistill.codes) over random codes.
+
+    python benchmarks/export.py --out bench_out/export.json
+    python benchmarks/export.py --database 100000 --latency-runs 3    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from common import machine, print_table, write_json
+
+from hashdistill import codes
+from hashdistill.checkpoint import save_checkpoint
+from hashdistill.data import build_dataset, dataset_info
+from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher, model_meta
+from hashdistill.export.index import HashIndex
+from hashdistill.export.onnx_export import export_onnx
+from hashdistill.export.verify import measure_parity
+from hashdistill.quantize.ternary_checkpoint import save_ternary
+from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
+from hashdistill.recipe import DataConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_out/export.json")
+    parser.add_argument("--teacher", default="resnet50")
+    parser.add_argument("--student", default="mobilenetv3_small_100")
+    parser.add_argument("--bits", type=int, default=16)
+    parser.add_argument("--dataset", default="fashion-mnist", help="real images for parity (digits needs no files)")
+    parser.add_argument("--image-size", type=int, default=32, help="input size (the fashion-mnist recipe's)")
+    parser.add_argument("--parity-images", type=int, default=512)
+    parser.add_argument("--latency-runs", type=int, default=7, help="timed runs per measurement (median)")
+    parser.add_argument("--database", type=int, default=1_000_000, help="random codes in the search benchmark")
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--search-bits", default="16,64")
+    parser.add_argument("-k", type=int, default=10)
+    args = parser.parse_args()
+    started = time.time()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = benchmark_models(args, Path(tmp))
+    search = [benchmark_search(int(bits), args.database, args.queries, args.k, args.latency_runs)
+              for bits in args.search_bits.split(",")]
+    print_table(models, ["model", "opset", "checkpoint_bytes", "onnx_bytes", "ternary_layers", "identical_code_rate",
+                         "max_abs_logit_diff", "ort_ms_b1", "torch_ms_b1", "ort_ms_b64", "torch_ms_b64"])
+    print()
+    print_table(search, ["bits", "database", "queries", "k", "faiss_qps", "numpy_qps", "faiss_speedup"])
+    write_json(args.out, {"benchmark": "export", "machine": machine(), "wall_seconds": time.time() - started,
+                          "args": vars(args), "weights": "untrained (random init)", "models": models,
+                          "search": search})
+
+
+def benchmark_models(args: argparse.Namespace, folder: Path) -> list[dict]:
+    """Export teacher, fp32 student and ternary student; sizes, parity on real images, latencies."""
+    cfg = DataConfig(dataset=args.dataset, image_size=args.image_size)
+    test = build_dataset(cfg, "test")
+    images = torch.stack([test[i][0] for i in range(min(args.parity_images, len(test)))])
+    info = dataset_info(cfg)
+    extra = {"data": dataclasses.asdict(cfg), "recipe_hash": "benchmark"}
+    classes = len(info["class_names"])
+    teacher = LLCTeacher(args.teacher, args.bits, classes).eval()
+    student = HashStudent(args.student, args.bits, classes).eval()
+    student.codes.copy_(teacher.class_codes)
+    ternary = copy.deepcopy(student)
+    ternarize_(ternary, TTQConfig())
+    teacher_meta = model_meta(TEACHER, args.teacher, args.bits, info, **extra)
+    student_meta = model_meta(STUDENT, args.student, args.bits, info, **extra)
+    ternary_meta = {**student_meta, "kind": "ternary-student"}
+    save_checkpoint(folder / "teacher.safetensors", teacher.state_dict(), teacher_meta)
+    save_checkpoint(folder / "student.safetensors", student.state_dict(), student_meta)
+    save_ternary(folder / "ternary.safetensors", ternary, ternary_meta)
+    cases = [("teacher " + args.teacher, teacher, teacher_meta, "teacher", 18),
+             ("student " + args.student, student, student_meta, "student", 18),
+             ("ternary student", ternary, ternary_meta, "ternary", 18),
+             ("ternary student (INT2)", ternary, ternary_meta, "ternary", 25)]
+    rows = []
+    for name, model, meta, stem, opset in cases:
+        print(f"exporting {name} (opset {opset}) ...", flush=True)
+        path = export_onnx(model, meta, folder / f"{stem}-{opset}.onnx", opset=opset)
+        parity = measure_parity(path, model, images)
+        row = {"model": name, "opset": opset, "checkpoint_bytes": (folder / f"{stem}.safetensors").stat().st_size,
+               "onnx_bytes": parity["file_bytes"], "ternary_layers": len(ternary_layers(model)),
+               "ternary_encoding": parity["ternary_encoding"], "parity_images": parity["images"],
+               "identical_code_rate": parity["identical_code_rate"],
+               "max_abs_logit_diff": parity["max_abs_logit_diff"]}
+        rows.append({**row, **latencies(path, model, images, args.latency_runs)})
+    return rows
+
+
+def latencies(path: Path, model: torch.nn.Module, images: torch.Tensor, runs: int) -> dict[str, float]:
+    """Median ms per batch of 1 and 64 images: onnxruntime (CPU) and PyTorch eager, same inputs."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning would slow torch
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    figures = {}
+    for batch in (1, 64):
+        x = images[:batch] if len(images) >= batch else images[:1].expand(batch, -1, -1, -1).contiguous()
+        feed = {"images": x.numpy()}
+        figures[f"ort_ms_b{batch}"] = median_ms(partial(session.run, None, feed), runs)
+        with torch.no_grad():
+            figures[f"torch_ms_b{batch}"] = median_ms(partial(model, x), runs)
+    return figures
+
+
+def benchmark_search(bits: int, size: int, queries: int, k: int, runs: int) -> dict:
+    """Queries/s of an exhaustive top-k Hamming search: faiss IndexBinaryFlat vs numpy XOR + popcount."""
+    rng = np.random.default_rng(bits)
+    width = codes.packed_width(bits)
+    database = rng.integers(0, 256, (size, width), dtype=np.uint8)
+    query = rng.integers(0, 256, (queries, width), dtype=np.uint8)
+    if bits % 8:
+        database[:, -1] &= 0xFF << (8 - bits % 8) & 0xFF  # padding bits are zero in real codes
+        query[:, -1] &= 0xFF << (8 - bits % 8) & 0xFF
+    index = HashIndex(database, bits)
+    faiss_s = median_ms(lambda: index.search(query, k), max(1, runs // 2)) / 1000
+    numpy_s = median_ms(lambda: numpy_top_k(query, database, k), 1, warmup=0) / 1000
+    distances, _ = index.search(query[:5], k)
+    reference = np.sort(codes.hamming_distances(query[:5], database), axis=1)[:, :k]
+    assert (distances == reference).all(), "faiss and numpy disagree"
+    return {"bits": bits, "database": size, "queries": queries, "k": k, "faiss_qps": queries / faiss_s,
+            "numpy_qps": queries / numpy_s, "faiss_speedup": numpy_s / faiss_s}
+
+
+def numpy_top_k(query: np.ndarray, database: np.ndarray, k: int) -> np.ndarray:
+    """The baseline: hashdistill.codes' blockwise XOR + popcount, then a partial sort per query."""
+    top = np.empty((len(query), k), dtype=np.int64)
+    for start, block in codes.iter_hamming_rows(query, database):
+        part = np.argpartition(block, k - 1, axis=1)[:, :k]
+        order = np.argsort(np.take_along_axis(block, part, axis=1), axis=1, kind="stable")
+        top[start:start + len(block)] = np.take_along_axis(part, order, axis=1)
+    return top
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+if __name__ == "__main__":
+    main()

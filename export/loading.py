@@ -1,0 +1,29 @@
+"""Load any exportable checkpoint (teacher, student or ternary student) as a ready-to-run model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from hashdistill.checkpoint import load_checkpoint, read_metadata
+from hashdistill.distill.models import STUDENT, TEACHER, build_from_meta, load_model
+from hashdistill.errors import UserError
+from hashdistill.quantize.ternary_checkpoint import load_ternary_into
+
+TERNARY_STUDENT = "ternary-student"
+EXPORTABLE = (TEACHER, STUDENT, TERNARY_STUDENT)
+
+
+def load_any_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """A hash model in eval mode and its metadata; a float baseline or foreign file is a UserError."""
+    kind = read_metadata(path).get("kind")
+    if kind in (TEACHER, STUDENT):
+        return load_model(str(path), expect=(TEACHER, STUDENT))
+    if kind == TERNARY_STUDENT:
+        tensors, meta = load_checkpoint(path)
+        model = load_ternary_into(build_from_meta(meta), tensors, meta)
+        return model.eval(), meta
+    raise UserError(f"{path} holds a '{kind}' checkpoint; only {', '.join(EXPORTABLE)} checkpoints produce "
+                    "binary codes and can be exported or indexed")

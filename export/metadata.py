@@ -1,0 +1,134 @@
+"""The ONNX file's ``metadata_props``: what an edge device needs besides the graph (numpy only).
+
+The exporter writes these keys and the runtime reads them back; keeping both sides here means a
+key can never be renamed on one side only. Every value is a string (ONNX's rule); lists and the
+class codebook are JSON. The codebook is stored packed, one hex string per class, in THE bit order
+of :mod:`hashdistill.codes` (bit j -> byte j // 8, position 7 - j % 8, MSB first).
+
+Pre-processing is NOT in the graph: the ``images`` input is already resized and normalised. The
+``preprocessing`` key describes the steps and ``input_size`` / ``mean`` / ``std`` parametrise them,
+so the runtime (or any other client) can reproduce them exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hashdistill import codes
+from hashdistill.errors import UserError
+
+FORMAT = "hashdistill-edge-model"
+FORMAT_VERSION = "1"
+BIT_ORDER = "msb-first"
+INPUT, CODES, LOGITS = "images", "codes", "logits"
+JSON_KEYS = ("class_codebook", "class_names", "mean", "std", "data", "ternary_layers")
+INT_KEYS = ("bits", "input_size", "channels")
+REQUIRED = ("format_version", "bits", "class_codebook", "class_names", "input_size", "mean", "std", "channels",
+            "bit_order")
+
+
+def preprocessing_text(size: int) -> str:
+    """Human-readable pre-processing, stored in the file because the graph does not do it."""
+    return (f"not in the graph: decode to RGB uint8 (grayscale repeated to 3 channels), bilinear resize to "
+            f"{size}x{size} (PIL), scale to [0, 1] by /255, subtract 'mean' and divide by 'std' per channel, "
+            f"NCHW float32 -> input '{INPUT}' [batch, 3, {size}, {size}]")
+
+
+def build_props(meta: dict[str, Any], class_codes: np.ndarray, *, ternary_layers: list[str],
+                ternary_encoding: str) -> dict[str, str]:
+    """metadata_props for a model with checkpoint metadata ``meta`` and ±1 class codes (L, k)."""
+    class_codes = np.asarray(class_codes)
+    size = int(meta["input_size"])
+    data = meta.get("data") or {}
+    return {
+        "hashdistill_format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bits": str(int(class_codes.shape[1])),
+        "class_codebook": json.dumps([row.tobytes().hex() for row in codes.pack_codes(class_codes)]),
+        "class_names": json.dumps(list(meta["class_names"])),
+        "input_size": str(size),
+        "mean": json.dumps([float(v) for v in meta["mean"]]),
+        "std": json.dumps([float(v) for v in meta["std"]]),
+        "channels": "3",
+        "bit_order": BIT_ORDER,
+        "kind": str(meta.get("kind", "")),
+        "arch": str(meta.get("arch", "")),
+        "dataset": str(data.get("dataset", "")),
+        "data": json.dumps(data, sort_keys=True),
+        "hashdistill_version": str(meta.get("hashdistill_version", "")),
+        "recipe_hash": str(meta.get("recipe_hash", "")),
+        "preprocessing": preprocessing_text(size),
+        "ternary_layers": json.dumps(ternary_layers),
+        "ternary_encoding": ternary_encoding,
+    }
+
+
+@dataclass(frozen=True)
+class EdgeMetadata:
+    """Validated metadata of an exported model."""
+
+    bits: int
+    class_codes: np.ndarray
+    class_names: list[str]
+    input_size: int
+    mean: np.ndarray
+    std: np.ndarray
+    props: dict[str, str]
+
+    @property
+    def digest(self) -> str:
+        """Short stable hash of all metadata (identifies the exported model in an index)."""
+        canonical = json.dumps(self.props, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The training recipe's data section (empty if the checkpoint did not record it)."""
+        return json.loads(self.props.get("data") or "{}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """All metadata with JSON and integer values decoded (``data`` is the recipe's data section)."""
+        decoded: dict[str, Any] = dict(self.props)
+        for key in JSON_KEYS:
+            if key in decoded:
+                decoded[key] = json.loads(decoded[key] or "null")
+        for key in INT_KEYS:
+            decoded[key] = int(decoded[key])
+        return decoded
+
+
+def parse_props(props: dict[str, str], source: str) -> EdgeMetadata:
+    """Validate ``metadata_props`` read from ``source``; anything not ours or damaged is a UserError."""
+    if props.get("hashdistill_format") != FORMAT:
+        raise UserError(f"{source} is an ONNX model but not a hashdistill export (no '{FORMAT}' metadata); "
+                        "export one with `hashdistill export`")
+    missing = [key for key in REQUIRED if key not in props]
+    if missing:
+        raise UserError(f"{source}: hashdistill metadata is incomplete (missing {', '.join(missing)})")
+    if props["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{source}: export format version {props['format_version']} is not supported "
+                        f"(this hashdistill reads version {FORMAT_VERSION})")
+    if props["bit_order"] != BIT_ORDER:
+        raise UserError(f"{source}: unsupported bit order '{props['bit_order']}' (expected {BIT_ORDER})")
+    try:
+        bits, size = int(props["bits"]), int(props["input_size"])
+        rows = json.loads(props["class_codebook"])
+        class_codes = np.array([np.frombuffer(bytes.fromhex(row), np.uint8) for row in rows], dtype=np.uint8)
+        names = [str(n) for n in json.loads(props["class_names"])]
+        mean = np.array(json.loads(props["mean"]), dtype=np.float32)
+        std = np.array(json.loads(props["std"]), dtype=np.float32)
+        for key in ("data", "ternary_layers"):
+            json.loads(props.get(key) or "null")
+        int(props["channels"])
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{source}: hashdistill metadata is corrupt ({exc})") from None
+    width = codes.packed_width(bits)
+    if class_codes.shape != (len(names), width) or mean.shape != (3,) or std.shape != (3,) or size < 1:
+        raise UserError(f"{source}: hashdistill metadata is inconsistent (codebook {class_codes.shape} for "
+                        f"{len(names)} classes of {bits} bits, mean {mean.shape}, std {std.shape})")
+    return EdgeMetadata(bits, class_codes, names, size, mean, std, dict(props))

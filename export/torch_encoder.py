@@ -1,0 +1,47 @@
+"""Encode images with a PyTorch checkpoint, through the same pre-processing as the edge runtime.
+
+Used to index a database with the model itself (for example the teacher) instead of an ONNX file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hashdistill import codes
+
+from .images import ImageLike, preprocess
+from .loading import load_any_model
+
+
+class CheckpointEncoder:
+    """Packed codes from a checkpoint's model (CPU, eval mode), batch by batch."""
+
+    def __init__(self, path: str | os.PathLike, batch_size: int = 64):
+        self.path = Path(path)
+        self.model, self.meta = load_any_model(self.path)
+        self.batch_size = batch_size
+        self.bits = int(self.model.bits)
+        self.input_size = int(self.meta["input_size"])
+        self.training_data = self.meta.get("data") or {}
+
+    def describe(self) -> dict[str, str]:
+        """Path, kind, architecture and a hash of the checkpoint metadata."""
+        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"path": str(self.path.resolve()), "kind": str(self.meta.get("kind", "")),
+                "arch": str(self.meta.get("arch", "")), "hash": digest}
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[ImageLike]) -> np.ndarray:
+        parts = []
+        for start in range(0, len(items), self.batch_size):
+            batch = preprocess(items[start:start + self.batch_size], self.input_size, self.meta["mean"],
+                               self.meta["std"])
+            parts.append(codes.pack_codes(self.model(torch.from_numpy(batch)).float().numpy()))
+        return np.concatenate(parts)

@@ -1,0 +1,113 @@
+"""Check an exported file against the PyTorch model it came from, and the one-call checkpoint export.
+
+Parity is measured on real images: random inputs exercise a network far from where it is used,
+and codes flip only for logits near zero, which real data decides.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from hashdistill import codes
+from hashdistill.errors import UserError
+
+from .loading import load_any_model
+from .onnx_export import export_onnx
+from .runtime import EdgeModel
+
+MIN_IDENTICAL_CODE_RATE = 0.999
+DEFAULT_VERIFY_IMAGES = 512
+
+
+def verify_export(onnx_path: str | os.PathLike, model: nn.Module, images: torch.Tensor,
+                  batch_size: int = 64) -> dict[str, Any]:
+    """onnx.checker, then onnxruntime (CPU) vs PyTorch on ``images`` (normalised [N, 3, S, S]).
+
+    Returns the figures of :func:`measure_parity`; raises a UserError when fewer than 99.9% of the
+    images get identical codes.
+    """
+    path = Path(onnx_path)
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, OSError) as exc:
+        raise UserError(f"{path} fails the ONNX checker: {exc}") from None
+    figures = measure_parity(path, model, images, batch_size)
+    rate = figures["identical_code_rate"]
+    if rate < MIN_IDENTICAL_CODE_RATE:
+        raise UserError(f"{path}: onnxruntime and PyTorch codes agree on only {rate:.2%} of {len(images)} images "
+                        f"(need {MIN_IDENTICAL_CODE_RATE:.1%}; max |logit diff| {figures['max_abs_logit_diff']:.3g})")
+    return figures
+
+
+def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: torch.Tensor,
+                   batch_size: int = 64) -> dict[str, Any]:
+    """identical_code_rate and max_abs_logit_diff of onnxruntime vs PyTorch, file_bytes, the image count and
+    the ternary layer count and encoding read back from the file. Never raises on a mismatch."""
+    if len(images) == 0:
+        raise UserError("verification needs at least one image")
+    path = Path(onnx_path)
+    edge = EdgeModel(path)
+    model.eval()
+    device = next(model.parameters()).device
+    same, max_diff = 0, 0.0
+    with torch.no_grad():
+        for batch in torch.split(images.float().cpu(), batch_size):
+            onnx_codes, onnx_logits = edge.run(batch.numpy())
+            torch_logits = model(batch.to(device)).float().cpu().numpy()
+            same += int((onnx_codes == codes.pack_codes(torch_logits)).all(axis=1).sum())
+            max_diff = max(max_diff, float(np.abs(onnx_logits - torch_logits).max()))
+    metadata = edge.metadata
+    return {"images": len(images), "identical_code_rate": same / len(images), "max_abs_logit_diff": max_diff,
+            "file_bytes": path.stat().st_size, "ternary_layers": len(metadata["ternary_layers"]),
+            "ternary_encoding": metadata["ternary_encoding"]}
+
+
+def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = 18,
+                      images: torch.Tensor | None = None, force: bool = False,
+                      ternary_encoding: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint, export it and verify the file; the file appears only if verification passes.
+
+    ``images``: normalised [N, 3, S, S]; default: up to 512 images of the checkpoint's test split.
+    Returns the figures to print (sizes, parity, timings).
+    """
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path} already exists; pass --force to overwrite it")
+    model, meta = load_any_model(checkpoint_path)
+    if images is None:
+        images = reference_images(meta)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+        staged = Path(tmp) / out_path.name
+        start = time.perf_counter()
+        export_onnx(model, meta, staged, opset=opset, ternary_encoding=ternary_encoding)
+        seconds = time.perf_counter() - start
+        figures = verify_export(staged, model, images)
+        os.replace(staged, out_path)
+    return {"checkpoint": str(checkpoint_path), "onnx": str(out_path), "kind": meta.get("kind"),
+            "arch": meta.get("arch"), "bits": int(model.bits), "opset": opset, "export_seconds": seconds, **figures}
+
+
+def reference_images(meta: dict[str, Any], limit: int = DEFAULT_VERIFY_IMAGES) -> torch.Tensor:
+    """Up to ``limit`` normalised images of the test split the checkpoint's recipe describes."""
+    from hashdistill.data import build_dataset
+    from hashdistill.recipe import DataConfig
+
+    if not isinstance(meta.get("data"), dict):
+        raise UserError("the checkpoint does not record its dataset; pass verification images explicitly")
+    try:
+        cfg = DataConfig(**meta["data"])
+    except TypeError as exc:
+        raise UserError(f"the checkpoint's data section is not a valid recipe data section ({exc})") from None
+    dataset = build_dataset(cfg, "test")
+    count = min(limit, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(count)])

@@ -1,0 +1,204 @@
+"""ONNX export: parity with PyTorch, ternary layers kept packed, metadata, atomic and refusing writes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from test_export_support import BITS, DATA, checkpoints, exported
+
+from hashdistill import codes
+from hashdistill.data import build_dataset
+from hashdistill.distill.models import HashStudent
+from hashdistill.errors import UserError
+from hashdistill.export.graph import edge_graph
+from hashdistill.export.loading import load_any_model
+from hashdistill.export.onnx_export import check_ternary_packed, export_onnx
+from hashdistill.export.runtime import EdgeModel
+from hashdistill.export.verify import verify_export
+from hashdistill.quantize.packing import packed_size
+from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "export-artefacts"
+
+
+@pytest.fixture(scope="session")
+def ckpts(root):
+    return checkpoints(root)
+
+
+@pytest.mark.parametrize(("which", "opset"), [("teacher", 18), ("student", 18), ("ternary", 18), ("ternary", 25)])
+def test_export_matches_pytorch_on_real_images(root, which, opset):
+    path, figures = exported(root, which, opset)
+    assert path.is_file() and figures["file_bytes"] == path.stat().st_size
+    assert figures["identical_code_rate"] == 1.0
+    assert figures["max_abs_logit_diff"] < 1e-4
+    assert figures["images"] == len(build_dataset(DATA, "test"))
+    assert (figures["ternary_layers"] > 0) == (which == "ternary")
+
+
+def test_in_graph_packing_follows_the_codes_module_on_new_batch_sizes(root, ckpts):
+    path, _ = exported(root, "student")
+    model, _ = load_any_model(ckpts.student)
+    edge = EdgeModel(path)
+    for batch in (1, 7):
+        images = torch.randn(batch, 3, DATA.image_size, DATA.image_size, generator=torch.Generator().manual_seed(batch))
+        packed, logits = edge.run(images.numpy())
+        assert packed.dtype == np.uint8 and packed.shape == (batch, codes.packed_width(BITS))
+        assert logits.dtype == np.float32 and logits.shape == (batch, BITS)
+        np.testing.assert_array_equal(packed, codes.pack_codes(logits))
+        with torch.no_grad():
+            np.testing.assert_array_equal(packed, codes.pack_codes(model(images).numpy()))
+
+
+def test_odd_bit_widths_pad_the_last_byte_with_zeros(tmp_path, ckpts):
+    _, meta = load_any_model(ckpts.student)
+    model = HashStudent("test_vit", 11, 4).eval()
+    path = export_onnx(model, {**meta, "bits": 11}, tmp_path / "odd.onnx")
+    images = torch.randn(5, 3, DATA.image_size, DATA.image_size)
+    packed, _ = EdgeModel(path).run(images.numpy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(packed, codes.pack_codes(model(images).numpy()))
+    assert not (packed[:, -1] & 0b11111).any()  # 11 bits: the last 5 bits of byte 2 are padding
+
+
+def test_ternary_layers_stay_packed_at_opset_18(root, ckpts):
+    path, _ = exported(root, "ternary", 18)
+    model, meta = load_any_model(ckpts.ternary)
+    proto = onnx.load(path)
+    initializers = {t.name: t for t in proto.graph.initializer}
+    for name, layer in ternary_layers(model).items():
+        packed = initializers[f"model.{name}.packed"]
+        assert packed.data_type == onnx.TensorProto.UINT8
+        assert math.prod(packed.dims) == packed_size(layer.weight.numel())
+        assert f"model.{name}.weight" not in initializers
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"BitShift", "BitwiseAnd", "Gather"} <= ops
+    assert json.loads(EdgeModel(path).meta.props["ternary_layers"]) == list(meta["ternary_layers"])
+
+
+def test_ternary_layers_are_int2_at_opset_25(root, ckpts):
+    path, figures = exported(root, "ternary", 25)
+    model, _ = load_any_model(ckpts.ternary)
+    proto = onnx.load(path)
+    initializers = {t.name: t for t in proto.graph.initializer}
+    for name, layer in ternary_layers(model).items():
+        int2 = initializers[f"model.{name}.codes"]
+        assert int2.data_type == onnx.TensorProto.INT2
+        assert len(int2.raw_data) == packed_size(layer.weight.numel())
+        values = numpy_helper.to_array(int2).astype(np.int8)
+        assert set(np.unique(values)) <= {-1, 0, 1}
+    assert {"DequantizeLinear", "Where"} <= {node.op_type for node in proto.graph.node}
+    assert figures["ternary_encoding"] == "int2"
+
+
+def test_ternary_export_is_much_smaller_when_linear_layers_dominate(tmp_path, ckpts):
+    _, meta = load_any_model(ckpts.student)
+    torch.manual_seed(1)
+    model = HashStudent("test_vit", 4096, 4).eval()  # hash head 64 x 4096 plus the ViT's own Linears
+    fp32 = export_onnx(model, {**meta, "bits": 4096}, tmp_path / "fp32.onnx")
+    ternarize_(model, TTQConfig())
+    ternary_weights = sum(m.weight.numel() for m in ternary_layers(model).values())
+    ternary = export_onnx(model, {**meta, "bits": 4096}, tmp_path / "ternary.onnx")
+    fp32_bytes, ternary_bytes = fp32.stat().st_size, ternary.stat().st_size
+    # Each ternary weight costs 2 bits instead of 32: at least 3.5 of its 4 bytes must be gone from the file.
+    assert fp32_bytes - ternary_bytes > 3.5 * ternary_weights
+    assert ternary_bytes < fp32_bytes / 3
+    images = torch.stack([build_dataset(DATA, "test")[i][0] for i in range(32)])
+    assert verify_export(ternary, model, images)["identical_code_rate"] == 1.0
+
+
+@pytest.mark.parametrize("opset", [18, 25])
+def test_ternary_1x1_conv_head_exports(tmp_path, ckpts, opset):
+    _, meta = load_any_model(ckpts.student)
+    torch.manual_seed(2)
+    model = HashStudent("test_efficientnet", BITS, 4).eval()
+    assert "backbone.conv_head" in ternarize_(model)
+    path = export_onnx(model, {**meta, "arch": "test_efficientnet"}, tmp_path / "conv.onnx", opset=opset)
+    images = torch.stack([build_dataset(DATA, "test")[i][0] for i in range(32)])
+    figures = verify_export(path, model, images)
+    assert figures["identical_code_rate"] == 1.0 and figures["ternary_layers"] == 2
+
+
+def test_a_folded_ternary_weight_is_detected(ckpts):
+    model, _ = load_any_model(ckpts.ternary)
+    wrapper, sizes = edge_graph(model, BITS, "packed")
+    name, numel = next(iter(sizes.items()))
+    proto = onnx.ModelProto()
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros(numel, np.float32), "folded"))
+    with pytest.raises(RuntimeError, match="folded back to fp32"):
+        check_ternary_packed(proto, wrapper, sizes)
+    genuine = onnx.ModelProto()
+    genuine.graph.initializer.append(numpy_helper.from_array(np.zeros(numel, np.float32), "model.hash_head.bias"))
+    check_ternary_packed(genuine, wrapper, sizes)  # a real float parameter of that size is fine
+
+
+def test_metadata_round_trip(root, ckpts):
+    path, _ = exported(root, "teacher")
+    model, meta = load_any_model(ckpts.teacher)
+    edge = EdgeModel(path)
+    assert edge.bits == BITS and edge.input_size == meta["input_size"] == DATA.image_size
+    assert edge.class_names == meta["class_names"]
+    np.testing.assert_allclose(edge.meta.mean, meta["mean"], rtol=1e-6)
+    np.testing.assert_allclose(edge.meta.std, meta["std"], rtol=1e-6)
+    np.testing.assert_array_equal(edge.class_codes, codes.pack_codes(model.class_codes.numpy()))
+    props = edge.meta.props
+    assert props["bit_order"] == "msb-first" and props["channels"] == "3"
+    assert (props["kind"], props["arch"], props["recipe_hash"]) == ("teacher", "test_resnet", "0123456789abcdef")
+    assert props["hashdistill_version"] == meta["hashdistill_version"]
+    assert "not in the graph" in props["preprocessing"] and json.loads(props["data"])["dataset"] == "synthetic"
+    assert edge.training_data == meta["data"]
+    decoded = edge.metadata
+    assert decoded["data"] == meta["data"] and decoded["bits"] == BITS and decoded["class_names"] == meta["class_names"]
+    assert decoded["ternary_layers"] == [] and decoded["ternary_encoding"] == "none"
+
+
+def test_export_refuses_to_overwrite_without_force(tmp_path, ckpts):
+    from hashdistill.export.verify import export_checkpoint
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"keep me")
+    model, meta = load_any_model(ckpts.student)
+    with pytest.raises(UserError, match="already exists"):
+        export_onnx(model, meta, target)
+    with pytest.raises(UserError, match="already exists"):
+        export_checkpoint(ckpts.student, target)
+    assert target.read_bytes() == b"keep me"
+
+
+def test_bad_opset_and_encoding_are_user_errors(tmp_path, ckpts):
+    model, meta = load_any_model(ckpts.student)
+    with pytest.raises(UserError, match="opset 17"):
+        export_onnx(model, meta, tmp_path / "a.onnx", opset=17)
+    with pytest.raises(UserError, match="int2"):
+        export_onnx(model, meta, tmp_path / "a.onnx", opset=18, ternary_encoding="int2")
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_verification_leaves_no_file(tmp_path, ckpts, monkeypatch):
+    from hashdistill.export import verify
+
+    monkeypatch.setattr(verify, "MIN_IDENTICAL_CODE_RATE", 1.01)
+    with pytest.raises(UserError, match="agree on only"):
+        verify.export_checkpoint(ckpts.student, tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_any_model_kinds(ckpts, tmp_path):
+    for path, kind in ((ckpts.teacher, "teacher"), (ckpts.student, "student"), (ckpts.ternary, "ternary-student")):
+        model, meta = load_any_model(path)
+        assert meta["kind"] == kind and not model.training
+    assert ternary_layers(load_any_model(ckpts.ternary)[0])
+    with pytest.raises(UserError, match="'float' checkpoint"):
+        load_any_model(ckpts.float_baseline)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError):
+        load_any_model(tmp_path / "junk.safetensors")
