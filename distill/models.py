@@ -40,13 +40,19 @@ def create_backbone(name: str, pretrained: bool = False) -> nn.Module:
                         "or make the Hugging Face hub reachable.") from None
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of a timm backbone's pooled output: models with a conv head (mobilenetv3, lcnet) emit
+    ``head_hidden_size`` features, not ``num_features``."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
 class LLCTeacher(nn.Module):
     """LLC: timm backbone -> bias-free projection P to k bits, plus a latent class codebook W (L x k)."""
 
     def __init__(self, backbone: str, bits: int, num_classes: int, pretrained: bool = False):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained)
-        self.hash_head = nn.Linear(self.backbone.num_features, bits, bias=False)
+        self.hash_head = nn.Linear(feature_dim(self.backbone), bits, bias=False)
         self.codebook = nn.Parameter(torch.randn(num_classes, bits) * 0.1)
 
     @property
@@ -72,7 +78,7 @@ class HashStudent(nn.Module):
     def __init__(self, backbone: str, bits: int, num_classes: int, pretrained: bool = False):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained)
-        self.hash_head = nn.Linear(self.backbone.num_features, bits)
+        self.hash_head = nn.Linear(feature_dim(self.backbone), bits)
         self.register_buffer("codes", torch.ones(num_classes, bits))
 
     @property
@@ -96,7 +102,7 @@ class FloatClassifier(nn.Module):
     def __init__(self, backbone: str, num_classes: int, pretrained: bool = False):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained)
-        self.classifier = nn.Linear(self.backbone.num_features, num_classes)
+        self.classifier = nn.Linear(feature_dim(self.backbone), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(x))
@@ -110,20 +116,48 @@ def model_meta(kind: str, arch: str, bits: int | None, data_info: dict[str, Any]
             **data_info, "hashdistill_version": __version__, **extra}
 
 
+# The tensor that holds each kind's class codebook (rows = classes, columns = bits for the hash models).
+CODEBOOK_TENSORS = {TEACHER: "codebook", STUDENT: "codes", "ternary-student": "codes", FLOAT: "classifier.weight"}
+
+
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
-    """An untrained model of the architecture a checkpoint's metadata describes (no hub access)."""
-    kind, arch = meta.get("kind"), meta.get("arch")
-    try:
-        num_classes = int(meta["num_classes"])
-        if kind == TEACHER:
-            return LLCTeacher(arch, int(meta["bits"]), num_classes)
-        if kind in (STUDENT, "ternary-student"):
-            return HashStudent(arch, int(meta["bits"]), num_classes)
-        if kind == FLOAT:
-            return FloatClassifier(arch, num_classes)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"checkpoint metadata is incomplete or corrupt ({exc!r})") from None
-    raise UserError(f"checkpoint kind '{kind}' is not a hashdistill model (expected teacher, student or float)")
+    """An untrained model of the architecture a checkpoint's metadata describes (no hub access).
+
+    The metadata comes from a file the user hands us: the architecture must be a registered timm name
+    (timm would fetch an ``hf-hub:`` or read a ``local-dir:`` name) and the counts must be in range.
+    """
+    kind, arch, bits, num_classes = (meta.get(key) for key in ("kind", "arch", "bits", "num_classes"))
+    if not isinstance(kind, str) or kind not in CODEBOOK_TENSORS:
+        raise UserError(f"checkpoint kind '{kind}' is not a hashdistill model (expected teacher, student or float)")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise UserError(f"checkpoint metadata names the architecture {arch!r}, which is not a timm model name")
+    if not _is_count(num_classes) or (kind != FLOAT and not (_is_count(bits) and bits <= 1024)):
+        raise UserError(f"checkpoint metadata is incomplete or corrupt (num_classes {num_classes!r}, bits {bits!r})")
+    if kind == TEACHER:
+        return LLCTeacher(arch, bits, num_classes)
+    if kind == FLOAT:
+        return FloatClassifier(arch, num_classes)
+    return HashStudent(arch, bits, num_classes)
+
+
+def check_class_codebook(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: Any) -> None:
+    """The class codebook tensor must have the recorded shape, checked before a model of that size is built."""
+    kind = meta.get("kind")
+    if not isinstance(kind, str) or kind not in CODEBOOK_TENSORS:
+        return  # build_from_meta refuses it
+    name = CODEBOOK_TENSORS[kind]
+    if name not in tensors:
+        raise UserError(f"{source}: tensor '{name}' is missing (checkpoint of another architecture?)")
+    shape = tuple(tensors[name].shape)
+    columns_ok = kind == FLOAT or shape[1:] == (meta.get("bits"),)
+    if len(shape) != 2 or shape[0] != meta.get("num_classes") or not columns_ok:
+        raise UserError(f"{source}: tensor '{name}' has shape {shape}, but the metadata records "
+                        f"{meta.get('num_classes')!r} classes and {meta.get('bits')!r} bits "
+                        "(another bit width or architecture?)")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def load_model(path: str, expect: tuple[str, ...] = (TEACHER, STUDENT, FLOAT)) -> tuple[nn.Module, dict[str, Any]]:
@@ -131,6 +165,7 @@ def load_model(path: str, expect: tuple[str, ...] = (TEACHER, STUDENT, FLOAT)) -
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") not in expect:
         raise UserError(f"{path} holds a '{meta.get('kind')}' checkpoint; this command takes: {', '.join(expect)}")
+    check_class_codebook(meta, tensors, path)
     model = build_from_meta(meta)
     load_state_strict(model, tensors, path)
     return model.eval(), meta

@@ -138,3 +138,11 @@ def test_teacher_for_other_data_is_refused(trained_run, tiny_recipe, tmp_path):
     other = recipe_from_dict({**tiny_recipe.to_dict(), "data": {**tiny_recipe.to_dict()["data"], "image_size": 24}})
     with pytest.raises(UserError, match="image_size"):
         train_student(other, RunDir(tmp_path), torch.device("cpu"), trained_run["teacher"])
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv3_small_100", "lcnet_050", "test_vit", "regnetx_002"])
+def test_hash_models_build_on_any_timm_backbone(backbone):
+    student = HashStudent(backbone, bits=12, num_classes=3)
+    teacher = LLCTeacher(backbone, bits=12, num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    assert student(x).shape == (2, 12) and teacher(x).shape == (2, 12)
