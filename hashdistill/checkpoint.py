@@ -63,6 +63,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
+        if _looks_pickled(path):
+            raise UserError(f"{path} is a pickle (torch.save) file, not a safetensors checkpoint: hashdistill never "
+                            "unpickles a file it is handed, because unpickling can run arbitrary code") from None
         raise UserError(f"{path} is not a hashdistill checkpoint (not a readable safetensors file: {exc})") from None
     if METADATA_KEY not in header:
         raise UserError(f"{path} is a safetensors file but not a hashdistill checkpoint (no '{METADATA_KEY}' metadata)")
@@ -105,6 +108,18 @@ def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     if extra:
         raise UserError(f"{source}: unexpected tensor '{extra[0]}' (checkpoint of another architecture?)")
     model.load_state_dict(tensors)
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A zip archive (torch.save) or a pickle of protocol 2-5, not a (damaged) safetensors file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _existing(path: str | os.PathLike) -> Path:

@@ -8,24 +8,45 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hashdistill.errors import UserError
+
+if TYPE_CHECKING:
+    from hashdistill.rundir import RunDir
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that temporary files are cleaned up on the way out."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return args.handler(args) or 0
     except UserError as exc:
         print(f"hashdistill: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hashdistill: interrupted; resume a run with --resume <run dir>", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        print(f"hashdistill: {what}; resume a run with --resume <run dir>", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="recipe whose data/eval sections to use (default: the checkpoint's own)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--force", action="store_true", help="overwrite the --json file")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("quantize", help="ternarize a student checkpoint and fine-tune it (TTQ)")
@@ -96,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("taxonomy", help="print the class tree of a checkpoint's class codes, write a dendrogram")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", default="taxonomy.png", help="dendrogram PNG (default: taxonomy.png)")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(handler=cmd_taxonomy)
 
     p = sub.add_parser("report", help="regenerate report.md of a run directory from its saved figures")
@@ -138,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if unknown:
         raise UserError(f"--stages: unknown stage '{unknown[0]}'; stages: {', '.join(STAGES)}")
     run = prepare_run_dir(recipe, args.out, args.resume, args.force)
-    result = Pipeline(recipe, run).run_all(stages)
+    with _discard_if_nothing_saved(run, fresh=not args.resume):
+        result = Pipeline(recipe, run).run_all(stages)
     if result["report"]:
         print(f"report: {result['report']}")
 
@@ -152,16 +176,17 @@ def cmd_distill(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.set)
     init_distributed(resolve_device(recipe.device))
     run = prepare_run_dir(recipe, args.out, args.resume, args.force)
-    pipeline = Pipeline(recipe, run)
-    run.save_recipe(recipe)
-    teacher = args.teacher
-    if teacher is None:
-        pipeline.stage_teacher()
-        teacher = run.checkpoint("teacher")
-    elif not Path(teacher).is_file():
-        raise UserError(f"teacher checkpoint not found: {teacher}")
-    name = "student-labels-only" if args.labels_only else "student"
-    path = train_student(recipe, run, pipeline.device, teacher, labels_only=args.labels_only, name=name)
+    with _discard_if_nothing_saved(run, fresh=not args.resume):
+        pipeline = Pipeline(recipe, run)
+        run.save_recipe(recipe)
+        teacher = args.teacher
+        if teacher is None:
+            pipeline.stage_teacher()
+            teacher = run.checkpoint("teacher")
+        elif not Path(teacher).is_file():
+            raise UserError(f"teacher checkpoint not found: {teacher}")
+        name = "student-labels-only" if args.labels_only else "student"
+        path = train_student(recipe, run, pipeline.device, teacher, labels_only=args.labels_only, name=name)
     print(f"student checkpoint: {path}")
 
 
@@ -170,12 +195,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from hashdistill.recipe import load_recipe, recipe_from_dict
     from hashdistill.trainer import resolve_device
 
+    if args.json:
+        _fresh_output(args.json, args.force)
     path = Path(args.model)
     if path.suffix == ".onnx":
+        from hashdistill.codes import unpack_codes
         from hashdistill.export.runtime import EdgeModel
 
         edge = EdgeModel(str(path))
-        meta, class_codes, encoder = edge.metadata, edge.class_codes, onnx_encoder(str(path))
+        # the file stores the class codebook packed; the metrics take it as +-1 signs, like a model's
+        meta, class_codes = edge.metadata, unpack_codes(edge.class_codes, edge.bits)
+        encoder = onnx_encoder(str(path))
         data = edge.metadata.get("data")
     else:
         from hashdistill.export.loading import load_any_model
@@ -225,9 +255,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             apply_override(raw, override)
         recipe = recipe_from_dict(raw)
     work = output.with_name(f".{output.name}.work")
-    report = quantize_student(args.checkpoint, output, recipe, RunDir(work), resolve_device(recipe.device),
-                              args.teacher)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt may have trained with other settings
+    try:
+        report = quantize_student(args.checkpoint, output, recipe, RunDir(work), resolve_device(recipe.device),
+                                  args.teacher)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     before = sum(la["bytes_fp32"] for la in report["layers"])
     after = sum(la["bytes_packed"] for la in report["layers"])
     for layer in report["layers"]:
@@ -268,6 +301,7 @@ def cmd_taxonomy(args: argparse.Namespace) -> None:
     from hashdistill.checkpoint import load_checkpoint
     from hashdistill.taxonomy import bit_splits, class_tree, format_tree, plot_dendrogram
 
+    _fresh_output(args.output, args.force)
     tensors, meta = load_checkpoint(args.checkpoint)
     codes = tensors.get("codebook", tensors.get("codes"))
     if codes is None or "class_names" not in meta:
@@ -288,6 +322,17 @@ def cmd_report(args: argparse.Namespace) -> None:
     if not (Path(args.run_dir) / SUMMARY_FILE).is_file():
         raise UserError(f"{args.run_dir} is not a run directory (no {SUMMARY_FILE})")
     print(f"report: {write_report(RunDir(args.run_dir, writer=False))}")
+
+
+@contextmanager
+def _discard_if_nothing_saved(run: RunDir, fresh: bool) -> Iterator[None]:
+    """A new run that stops on a user error before writing any checkpoint leaves no directory behind."""
+    try:
+        yield
+    except UserError:
+        if fresh and run.writer and not any(run.checkpoints.glob("*.safetensors")):
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
 
 
 def _fresh_output(path: str, force: bool) -> Path:

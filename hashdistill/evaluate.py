@@ -8,6 +8,7 @@ OOD recipes add the held-out classes (``ood_val`` tunes the max-softmax baseline
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,10 +37,12 @@ class EvalSplits:
 
     @classmethod
     def build(cls, cfg: DataConfig) -> EvalSplits:
-        train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-        train.augment = False
+        """``data.train_limit`` shortens training only: the database is always the whole training set."""
+        whole = dataclasses.replace(cfg, train_limit=None, augment=False)
         ood = bool(cfg.ood_classes)
-        return cls(test=build_dataset(cfg, "test"), database=ConcatDataset([train, val]), val=val,
+        val = build_dataset(whole, "val")
+        database = ConcatDataset([build_dataset(whole, "train"), val])
+        return cls(test=build_dataset(cfg, "test"), database=database, val=val,
                    ood_val=build_dataset(cfg, "ood_val") if ood else None,
                    ood_test=build_dataset(cfg, "ood_test") if ood else None)
 

@@ -44,14 +44,15 @@ def load_image(path: Path, size: int) -> np.ndarray:
     """Read an image as RGB uint8 [size, size, 3] (bilinear resize), as the edge runtime does."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB").resize((size, size), Image.BILINEAR))
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB").resize((size, size), Image.BILINEAR))
+    except OSError as exc:  # the scan's checks are cheap, not a full decode: damage can still show up here
+        raise UserError(f"cannot read image {path}: {exc}") from None
 
 
 def scan_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str], int]:
     """Readable image paths with class indices (sorted class folder names) and the count skipped."""
-    from PIL import Image, UnidentifiedImageError
-
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -62,10 +63,7 @@ def scan_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str], i
         for path in sorted((folder / name).rglob("*")):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                with Image.open(path) as img:
-                    img.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            if not _readable(path):
                 skipped += 1
                 continue
             paths.append(path)
@@ -75,6 +73,23 @@ def scan_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str], i
     if skipped:
         warnings.warn(f"{folder}: skipped {skipped} unreadable image(s)", stacklevel=2)
     return paths, labels, classes, skipped
+
+
+def _readable(path: Path) -> bool:
+    """PIL's cheap integrity check, plus the end-of-image marker a truncated JPEG lacks (verify() skips JPEG)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            is_jpeg = img.format == "JPEG"
+            img.verify()
+        if is_jpeg:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - 64))
+                return fh.read().rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+    return True
 
 
 def build_imagefolder_split(cfg: DataConfig, split: str) -> ImageFileDataset:

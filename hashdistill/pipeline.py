@@ -7,6 +7,7 @@ imported lazily: the kernel does not depend on them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hashdistill import codes
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
 from hashdistill.recipe import Recipe
@@ -22,7 +24,7 @@ from hashdistill.rundir import RunDir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
 
 STAGES = ("teacher", "student", "quantize", "export", "index")
-INDEX_DIR = "index"
+INDEX_FILE = "index.npz"
 
 
 class Pipeline:
@@ -65,7 +67,7 @@ class Pipeline:
         float_path = self.run.checkpoint(FLOAT_FILE)
         if float_path.is_file():
             self._evaluate_float(float_path)
-        self._evaluate_checkpoint("teacher", path)
+        self.evaluate_checkpoint("teacher", path)
         return trained
 
     def stage_student(self) -> bool:
@@ -75,8 +77,8 @@ class Pipeline:
         trained = not path.is_file()
         if trained:
             train_student(self.recipe, self.run, self.device, self.run.checkpoint("teacher"))
-        self._evaluate_checkpoint("student", path)
-        self._evaluate_checkpoint("student -> teacher db", path, database_from="teacher")
+        self.evaluate_checkpoint("student", path)
+        self.evaluate_checkpoint("student -> teacher db", path, database_from="teacher")
         return trained
 
     def stage_quantize(self) -> bool:
@@ -88,7 +90,7 @@ class Pipeline:
             report = quantize_student(self.run.checkpoint("student"), path, self.recipe, self.run, self.device)
             self.run.update_summary("quantize", {"layers": report["layers"], "losses": report["losses"],
                                                  "teacher": report["teacher"]})
-        self._evaluate_checkpoint("ternary student", path)
+        self.evaluate_checkpoint("ternary student", path)
         return trained
 
     def stage_export(self) -> bool:
@@ -106,17 +108,18 @@ class Pipeline:
     def stage_index(self) -> bool:
         from hashdistill.export.index import build_index
 
-        path = self.run.path / INDEX_DIR
+        path = self.run.path / INDEX_FILE
         if path.exists() or not is_main_process():
             return False
+        whole = dataclasses.replace(self.recipe.data, train_limit=None, augment=False)  # the whole database
         index = build_index(self.run.path / self.recipe.export.file, f"{self.recipe.data.dataset}:database", path,
-                            data=self.recipe.data)
+                            data=whole)
         self.run.update_summary("index", {"path": str(path), "size": len(index), "bits": index.bits})
         return True
 
     # --- evaluation: one path for checkpoints and ONNX files ---------------------------------------
 
-    def _evaluate_checkpoint(self, name: str, path: Path, database_from: str | None = None) -> None:
+    def evaluate_checkpoint(self, name: str, path: Path, database_from: str | None = None) -> None:
         if not is_main_process() or name in self.run.summary().get("models", {}):
             return
         from hashdistill.export.loading import load_any_model
@@ -149,7 +152,8 @@ class Pipeline:
 
         edge = EdgeModel(str(path))
         logits = encode_splits(onnx_encoder(str(path), self.recipe.data.eval_batch_size), self.splits)
-        figures = code_metrics(logits, self.splits, edge.class_codes.astype(np.float32), self.recipe.eval)
+        class_codes = codes.unpack_codes(edge.class_codes, edge.bits).astype(np.float32)  # stored packed
+        figures = code_metrics(logits, self.splits, class_codes, self.recipe.eval)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
         def forward(images: np.ndarray) -> object:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from hashdistill.errors import UserError
 RECIPE_FILE_NAME = "recipe.yaml"  # the resolved recipe inside a run directory
 DATASETS = ("fashion-mnist", "digits", "imagefolder", "cifar10", "synthetic")
 LOSS_NAMES = ("bernoulli_kd", "dth_mse", "code_bce", "dsh")
+# PyYAML follows YAML 1.1, where a float needs a dot: it reads `lr: 3e-4` as the string '3e-4'. Such text is
+# accepted for float fields (and only text that is a plain decimal number: not 'nan' or 'inf').
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass
@@ -153,6 +157,9 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")  # torch/numpy seeds are derived from it
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -201,8 +208,14 @@ def _locate(name_or_path: str) -> Path:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:  # one line: the problem and where, without PyYAML's multi-line excerpt
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML: {exc.problem or exc.context}{where}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a recipe (its YAML is nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read recipe ({exc})") from None
     if raw is None:
@@ -218,7 +231,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise UserError(f"--set expects field=value (for example teacher.bits=24), got '{override}'")
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = text
     node = raw
     parts = key.split(".")
@@ -230,11 +243,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-class _FieldError(Exception):
-    """A value out of range, raised in ``__post_init__``; re-raised as UserError with the full field path."""
+class _FieldError(UserError):
+    """A value out of range, raised in ``__post_init__``; the loader re-raises it with the full field path.
+
+    A UserError itself, so a config built directly (``DataConfig(**checkpoint_meta["data"])``) fails cleanly too.
+    """
 
     def __init__(self, name: str, rule: str):
-        super().__init__(name, rule)
+        super().__init__(f"recipe field '{name}': {rule}")
         self.name, self.rule = name, rule
 
 
@@ -286,8 +302,13 @@ def _convert_scalar(value: Any, annotation: type, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        try:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value):
+                return float(value)
+        except OverflowError:
+            raise UserError(f"recipe field '{where}': the value is too large for a number") from None
     elif annotation is str:
         if isinstance(value, str):
             return value

@@ -117,9 +117,12 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
             with autocast:
                 loss = task.batch_loss(wrapped, batch)
             if not torch.isfinite(loss):
+                last = run.checkpoint(f"{task.name}-last")
+                kept = f"The last good checkpoint is kept: {last}" if last.is_file() else \
+                    "No checkpoint of this stage had been written yet"
                 raise TrainingDiverged(
                     f"stage '{task.name}': the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. "
-                    f"The last good checkpoint is kept in {run.checkpoints}. Try a lower learning rate "
+                    f"{kept}. Try a lower learning rate "
                     f"(now {task.optim.lr}), a longer warmup (warmup_epochs) or check the input data.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -178,12 +181,14 @@ def _save_state(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer, 
     if not is_main_process():
         return
     weights = {f"model.{k}": v for k, v in task.model.state_dict().items()}
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
-    save_checkpoint(run.checkpoint(f"{task.name}-last"), {**weights, **optim_tensors},
-                    {"kind": "train-state", "stage": task.name, "state": state, "optimizer": optim_meta})
+    # The best model first: a kill between the two writes then replays this epoch on resume. The other order
+    # would resume past an epoch whose best model was never saved and end with an older one.
     if is_best:
         save_checkpoint(run.checkpoint(f"{task.name}-best"), weights, {"kind": "train-best", "stage": task.name,
                                                                         "epoch": state["epoch"]})
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+    save_checkpoint(run.checkpoint(f"{task.name}-last"), {**weights, **optim_tensors},
+                    {"kind": "train-state", "stage": task.name, "state": state, "optimizer": optim_meta})
 
 
 def _restore(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
