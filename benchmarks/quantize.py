@@ -1,0 +1,68 @@
+"""Trained ternary quantization of a distilled student on Fashion-MNIST.
+
+For each threshold t in the sweep: ternarize the student's fully connected layers, fine-tune under
+the distillation loss from the teacher, and report sparsity, bytes of the quantized layers (fp32
+vs 2-bit packed + scales), mAP and MHD accuracy against the fp32 student, measured in the same run.
+
+    python benchmarks/quantize.py --student-run bench_out/distill/lcnet_050 --out bench_out/quantize.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from common import machine, print_table, recipe, write_json
+
+from hashdistill.pipeline import Pipeline
+from hashdistill.quantize.stage import quantize_student
+from hashdistill.rundir import RunDir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student-run", default="bench_out/distill/lcnet_050",
+                        help="run dir holding checkpoints/student and checkpoints/teacher")
+    parser.add_argument("--out", default="bench_out/quantize.json")
+    parser.add_argument("--thresholds", default="0.02,0.05,0.1,0.2")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--overrides", default="teacher.backbone=resnet18,teacher.bits=16,data.train_limit=12000,"
+                        "student.model=lcnet_050", help="recipe overrides matching the student run")
+    args = parser.parse_args()
+    source = RunDir(Path(args.student_run))
+    started = time.time()
+    fp32 = source.summary()["models"]["student"]
+    rows = []
+    for t in (float(v) for v in args.thresholds.split(",")):
+        r = recipe("fashion-mnist", [*args.overrides.split(","), f"quantize.threshold={t}",
+                                     f"quantize.train.epochs={args.epochs}"])
+        work = RunDir(source.path / f"ttq-t{t}")
+        out = work.checkpoint("ternary-student")
+        if not out.is_file():
+            report = quantize_student(source.checkpoint("student"), out, r, work, torch.device("cpu"),
+                                      source.checkpoint("teacher"))
+            work.update_summary("quantize", report)
+        layers = work.summary()["quantize"]["layers"]
+        Pipeline(r, work).evaluate_checkpoint("ternary student", out)
+        q = work.summary()["models"]["ternary student"]
+        numel = sum(layer["bytes_fp32"] / 4 for layer in layers)
+        rows.append({"t": t, "layers": len(layers),
+                     "sparsity": sum(la["sparsity"] * la["bytes_fp32"] / 4 for la in layers) / numel,
+                     "bytes_fp32": sum(la["bytes_fp32"] for la in layers),
+                     "bytes_packed": sum(la["bytes_packed"] for la in layers),
+                     "map": q["map"], "map_drop_points": 100 * (fp32["map"] - q["map"]),
+                     "mhd_acc": q["mhd_accuracy"], "mhd_drop_points": 100 * (fp32["mhd_accuracy"] - q["mhd_accuracy"]),
+                     "checkpoint_bytes": q["file_bytes"]})
+        rows[-1]["compression"] = rows[-1]["bytes_fp32"] / rows[-1]["bytes_packed"]
+    print(f"fp32 student: mAP {fp32['map']:.4f}, MHD accuracy {fp32['mhd_accuracy']:.4f}")
+    print_table(rows, ["t", "layers", "sparsity", "compression", "map", "map_drop_points", "mhd_acc",
+                       "mhd_drop_points"])
+    write_json(args.out, {"benchmark": "quantize", "machine": machine(), "args": vars(args),
+                          "fp32": {"map": fp32["map"], "mhd_acc": fp32["mhd_accuracy"]}, "rows": rows,
+                          "wall_seconds": time.time() - started})
+
+
+if __name__ == "__main__":
+    main()

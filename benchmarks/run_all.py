@@ -1,0 +1,152 @@
+"""Run every benchmark and rewrite BENCHMARKS.md from their JSON output (no figure is typed by hand).
+
+    python benchmarks/run_all.py                 # run all benchmarks, then write BENCHMARKS.md
+    python benchmarks/run_all.py --render-only   # rewrite BENCHMARKS.md from bench_out/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from common import git_commit, machine
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+QUICKSTART = ["hashdistill", "run", "quickstart", "--out", "bench_out/quickstart", "--force"]
+BENCHMARKS = {  # name -> command (run from the repository root), in dependency order
+    "quickstart": QUICKSTART,
+    "teacher": [sys.executable, "benchmarks/teacher.py", "--out", "bench_out/teacher.json"],
+    "distill": [sys.executable, "benchmarks/distill.py", "--out", "bench_out/distill.json"],
+    "quantize": [sys.executable, "benchmarks/quantize.py", "--out", "bench_out/quantize.json"],
+    "export": [sys.executable, "benchmarks/export.py", "--out", "bench_out/export.json"],
+}
+
+
+def run(name: str) -> None:
+    started = time.time()
+    subprocess.run(BENCHMARKS[name], cwd=ROOT, check=True)
+    if name == "quickstart":
+        summary = json.loads((ROOT / "bench_out/quickstart/summary.json").read_text())
+        payload = {"benchmark": "quickstart", "machine": machine(), "wall_seconds": time.time() - started,
+                   "models": {n: {k: v for k, v in m.items() if k != "pr_curve"} for n, m in summary["models"].items()}}
+        (ROOT / "bench_out/quickstart.json").write_text(json.dumps(payload, indent=2))
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = ROOT / "bench_out" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[str]:
+    out = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(fmt(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    return out
+
+
+def command(name: str) -> str:
+    return " ".join(Path(part).name if part == sys.executable else part for part in BENCHMARKS[name]).replace(
+        "python3", "python")
+
+
+def section_quickstart(data: dict[str, Any]) -> list[str]:
+    rows = [{"model": n, **m} for n, m in data["models"].items()]
+    return [f"Whole pipeline wall time: **{data['wall_seconds']:.0f} s** (target: under 300 s on a 2-core CPU).", "",
+            *table(rows, [("model", "model"), ("params", "params"), ("file_bytes", "file bytes"),
+                          ("latency_ms_b64", "CPU ms (b=64)"), ("map", "mAP"), ("map_tie_aware", "mAP tie-aware"),
+                          ("precision_at_radius", "P@r2"), ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc")])]
+
+
+def section_teacher(data: dict[str, Any]) -> list[str]:
+    args = data["args"]
+    lines = [f"Backbone `{args['backbone']}` at {args['image_size']} px, {args['epochs']} epochs each for the float "
+             f"baseline and for each LLC phase, trained on {args['train_limit']:,} images; queries = 10k test images, "
+             "database = the whole 60k training set.", "",
+             *table([{**r, "float_s": r["float"]["wall_seconds"], "teacher_s": r["teacher"]["wall_seconds"],
+                      "gap": 100 * (r["float_acc"] - r["mhd_acc"])} for r in data["rows"]],
+                    [("bits", "bits"), ("float_acc", "float acc"), ("mhd_acc", "MHD acc"), ("gap", "gap (points)"),
+                     ("ed_acc", "ED acc"), ("map", "mAP"), ("map_tie_aware", "mAP tie-aware"), ("p_at_r2", "P@r2"),
+                     ("float_s", "float train s"), ("teacher_s", "LLC train s")])]
+    if data.get("ood"):
+        ood = data["ood"]
+        lines += ["", "OOD (train on classes 0-7, hold out 8-9), 16 bits:", "",
+                  *table([{"detector": "exact match, no threshold", **ood["exact_match"], "ood_samples_used": 0},
+                          {"detector": "max softmax, tuned threshold", **ood["msp_baseline"]}],
+                         [("detector", "detector"), ("tpr", "TPR"), ("fpr", "FPR"), ("auroc", "AUROC"),
+                          ("ood_samples_used", "OOD samples used")])]
+    return lines
+
+
+def section_distill(data: dict[str, Any]) -> list[str]:
+    lines = table(data["rows"], [("student", "student"), ("params", "params"),
+                                 ("param_ratio", "teacher/student params"), ("flops", "FLOPs"), ("map", "mAP"),
+                                 ("map_vs_teacher", "mAP / teacher"),
+                                 ("labels_only_map", "labels-only mAP"), ("mhd_acc", "MHD acc"),
+                                 ("labels_only_mhd_acc", "labels-only MHD"), ("asymmetric_map", "mAP vs teacher db"),
+                                 ("latency_ms_b64", "CPU ms b=64"), ("throughput_ratio", "distill/student-only img/s")])
+    if data.get("sweep"):
+        lines += ["", f"What makes distillation pay (student `{data['sweep_student']}`):", "",
+                  *table(data["sweep"], [("setting", "setting"), ("map", "mAP"), ("mhd_acc", "MHD acc")])]
+    return lines
+
+
+def section_quantize(data: dict[str, Any]) -> list[str]:
+    return [f"fp32 student: mAP {fmt(data['fp32']['map'])}, MHD accuracy {fmt(data['fp32']['mhd_acc'])}.", "",
+            *table(data["rows"], [("t", "t"), ("layers", "layers"), ("sparsity", "sparsity"),
+                                  ("compression", "fp32/packed bytes"), ("map", "mAP"),
+                                  ("map_drop_points", "mAP drop (points)"), ("mhd_acc", "MHD acc"),
+                                  ("mhd_drop_points", "MHD drop (points)")])]
+
+
+def section_export(data: dict[str, Any]) -> list[str]:
+    return ["```", json.dumps({k: v for k, v in data.items() if k not in ("machine", "args")}, indent=2), "```"]
+
+
+SECTIONS = {"quickstart": section_quickstart, "teacher": section_teacher, "distill": section_distill,
+            "quantize": section_quantize, "export": section_export}
+
+
+def render() -> Path:
+    lines = ["# Benchmarks", "",
+             "Written by `python benchmarks/run_all.py` from the JSON each benchmark wrote (bench_out/*.json); "
+             f"figures are never edited by hand. Generated {date.today()} at commit {git_commit()}.", ""]
+    for name, render_section in SECTIONS.items():
+        data = load(name)
+        lines += [f"## {name}", "", f"Command: `{command(name)}`", ""]
+        if data is None:
+            lines += ["Not run yet.", ""]
+            continue
+        lines += [f"Machine: {data['machine']}. Wall time: {data['wall_seconds']:.0f} s.", ""]
+        lines += [*render_section(data), ""]
+    path = ROOT / "BENCHMARKS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--only", help="comma-separated benchmarks to run (default: all)")
+    args = parser.parse_args()
+    if not args.render_only:
+        for name in (args.only.split(",") if args.only else BENCHMARKS):
+            run(name)
+    print(f"wrote {render()}")
+
+
+if __name__ == "__main__":
+    main()
