@@ -8,15 +8,14 @@ then scaled to [0, 1] and normalised with the model's mean/std in float32, as th
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from hashdistill.errors import UserError
+from hashdistill.imagefiles import scan_image_files
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ImageLike = str | os.PathLike | np.ndarray
 
 
@@ -65,33 +64,9 @@ def preprocess(items: Sequence[ImageLike], size: int, mean: np.ndarray, std: np.
 def scan_folder(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
     """Image paths, labels and class names: class sub-folders give labels, a plain folder gives -1.
 
-    Unreadable files are skipped with one warning (the rule of ``hashdistill.imagefolder``).
+    Damaged files are skipped and counted (the rule of :mod:`hashdistill.imagefiles`).
     """
-    from PIL import Image, UnidentifiedImageError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder not found: {folder}")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    groups = [(i, sorted((folder / name).rglob("*"))) for i, name in enumerate(classes)] if classes \
-        else [(-1, sorted(folder.iterdir()))]
-    paths, labels, skipped = [], [], 0
-    for label, candidates in groups:
-        for path in candidates:
-            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    img.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                skipped += 1
-                continue
-            paths.append(path)
-            labels.append(label)
-    if not paths:
-        raise UserError(f"{folder} holds no readable images ({skipped} unreadable skipped)")
-    if skipped:
-        warnings.warn(f"{folder}: skipped {skipped} unreadable image(s)", stacklevel=2)
+    paths, labels, classes, _ = scan_image_files(folder, allow_unlabelled=True)
     return paths, np.array(labels, dtype=np.int64), classes
 
 

@@ -104,14 +104,16 @@ def load_index(path: str | os.PathLike) -> HashIndex:
         raise
     except Exception as exc:  # zipfile, zlib and numpy raise a variety of errors on damaged files
         raise UserError(f"{path} is not a readable hashdistill index (truncated or corrupt?): {exc}") from None
-    if int(fields["version"]) != FORMAT_VERSION:
-        raise UserError(f"{path}: index format version {int(fields['version'])} is not supported")
     try:
+        if int(fields["version"]) != FORMAT_VERSION:
+            raise UserError(f"{path}: index format version {int(fields['version'])} is not supported")
         model = json.loads(str(fields["model"]))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: index metadata is corrupt ({exc})") from None
-    return HashIndex(fields["codes"], int(fields["bits"]), fields["ids"], fields["labels"],
-                     fields["paths"].tolist(), fields["label_names"].tolist(), model)
+        if not isinstance(model, dict):
+            raise ValueError("the model record is not a JSON object")
+        return HashIndex(fields["codes"], int(fields["bits"]), fields["ids"], fields["labels"],
+                         fields["paths"].tolist(), fields["label_names"].tolist(), model)
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:  # fields of the wrong type or shape
+        raise UserError(f"{path}: index contents are corrupt ({exc})") from None
 
 
 def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from hashdistill.checkpoint import load_checkpoint, read_metadata
-from hashdistill.distill.models import STUDENT, TEACHER, build_from_meta, load_model
+from hashdistill.distill.models import STUDENT, TEACHER, build_from_meta, check_class_codebook, load_model
 from hashdistill.errors import UserError
 from hashdistill.quantize.ternary_checkpoint import load_ternary_into
 
@@ -23,6 +23,7 @@ def load_any_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         return load_model(str(path), expect=(TEACHER, STUDENT))
     if kind == TERNARY_STUDENT:
         tensors, meta = load_checkpoint(path)
+        check_class_codebook(meta, tensors, path)  # before a model of the recorded size is built
         model = load_ternary_into(build_from_meta(meta), tensors, meta)
         return model.eval(), meta
     raise UserError(f"{path} holds a '{kind}' checkpoint; only {', '.join(EXPORTABLE)} checkpoints produce "

@@ -89,7 +89,7 @@ class EdgeMetadata:
     @property
     def data(self) -> dict[str, Any]:
         """The training recipe's data section (empty if the checkpoint did not record it)."""
-        return json.loads(self.props.get("data") or "{}")
+        return json.loads(self.props.get("data") or "null") or {}
 
     def as_dict(self) -> dict[str, Any]:
         """All metadata with JSON and integer values decoded (``data`` is the recipe's data section)."""
@@ -122,8 +122,10 @@ def parse_props(props: dict[str, str], source: str) -> EdgeMetadata:
         names = [str(n) for n in json.loads(props["class_names"])]
         mean = np.array(json.loads(props["mean"]), dtype=np.float32)
         std = np.array(json.loads(props["std"]), dtype=np.float32)
-        for key in ("data", "ternary_layers"):
-            json.loads(props.get(key) or "null")
+        for key, kind in (("data", dict), ("ternary_layers", list)):
+            value = json.loads(props.get(key) or "null")
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"'{key}' is not a JSON {kind.__name__}")
         int(props["channels"])
     except (ValueError, TypeError) as exc:
         raise UserError(f"{source}: hashdistill metadata is corrupt ({exc})") from None

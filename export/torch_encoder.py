@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from hashdistill import codes
+from hashdistill.errors import UserError
 
 from .images import ImageLike, preprocess
 from .loading import load_any_model
@@ -29,7 +30,10 @@ class CheckpointEncoder:
         self.batch_size = batch_size
         self.bits = int(self.model.bits)
         self.input_size = int(self.meta["input_size"])
-        self.training_data = self.meta.get("data") or {}
+        data = self.meta.get("data") or {}
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: checkpoint metadata is corrupt (its 'data' section is not a mapping)")
+        self.training_data = data
 
     def describe(self) -> dict[str, str]:
         """Path, kind, architecture and a hash of the checkpoint metadata."""

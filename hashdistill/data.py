@@ -32,7 +32,6 @@ FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "~/.cache/hashdistill
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SPLIT_SEED = 1234  # the validation carve-out is fixed, independent of the recipe's seed
 
 

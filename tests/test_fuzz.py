@@ -277,8 +277,6 @@ def _check_metadata(meta: Any) -> None:
     assert data is None or isinstance(data, dict)
 
 
-@pytest.mark.xfail(strict=True, reason="export/metadata.py: parse_props accepts a 'data' value that is JSON but not "
-                   "an object (e.g. '0'); EdgeMetadata.data returns it and export/sources.py calls .get() on it")
 @fuzz(400)
 @given(st.data())
 def test_parsed_onnx_metadata_decodes(real_props, data):
@@ -337,8 +335,6 @@ arrays = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="export/index.py: load_index converts fields with int() / np.asarray without "
-                   "checking them, so e.g. version='null' or paths=1.5 raise ValueError / TypeError")
 @fuzz(200)
 @given(st.data())
 def test_index_reader_with_fuzzed_fields(real_index, work, data):

@@ -19,7 +19,7 @@ from hashdistill.data import build_dataset
 from hashdistill.errors import UserError
 from hashdistill.export.loading import load_any_model
 from hashdistill.export.runtime import EdgeModel
-from hashdistill.imagefolder import load_image
+from hashdistill.imagefiles import load_image
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,79 @@
+"""Image files on disk, with numpy and PIL only: the training data and the torch-free edge runtime share
+one rule for what counts as an image, how damaged files are skipped and how an image is read.
+
+Rule for damaged files: when a folder is scanned, files PIL cannot identify or verify (and JPEGs
+without their end-of-image marker, which ``verify()`` does not check) are skipped and counted in
+one warning; a folder with no readable image is a :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from hashdistill.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An image file as RGB uint8 [size, size, 3], resized bilinearly with PIL."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB").resize((size, size), Image.BILINEAR))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:  # damage can still show up at full decode
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def is_readable_image(path: Path) -> bool:
+    """PIL's cheap integrity check, plus the end-of-image marker a truncated JPEG lacks."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            is_jpeg = img.format == "JPEG"
+            img.verify()
+        if is_jpeg:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - 64))
+                return fh.read().rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False
+                     ) -> tuple[list[Path], list[int], list[str], int]:
+    """Readable image paths, labels, class names and the number skipped.
+
+    Class sub-folders (sorted by name) give labels; a folder without sub-folders gives label -1
+    when ``allow_unlabelled``, else it is an error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes and not allow_unlabelled:
+        raise UserError(f"{folder} has no class sub-folders (expected {folder}/<class name>/<images>)")
+    groups = [(i, sorted((folder / name).rglob("*"))) for i, name in enumerate(classes)] if classes \
+        else [(-1, sorted(folder.iterdir()))]
+    paths, labels, skipped = [], [], 0
+    for label, candidates in groups:
+        for path in candidates:
+            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not is_readable_image(path):
+                skipped += 1
+                continue
+            paths.append(path)
+            labels.append(label)
+    if not paths:
+        raise UserError(f"{folder} holds no readable images ({skipped} unreadable skipped)")
+    if skipped:
+        warnings.warn(f"{folder}: skipped {skipped} unreadable image(s)", stacklevel=2)
+    return paths, labels, classes, skipped
