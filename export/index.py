@@ -21,10 +21,10 @@ import faiss
 import numpy as np
 
 from hashdistill import codes
+from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 from hashdistill.recipe import DataConfig
 
-from .atomic import atomic_write_bytes
 from .images import ImageLike
 from .sources import collect_images, open_encoder
 

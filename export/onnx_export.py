@@ -27,9 +27,9 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 
-from .atomic import atomic_write_bytes
 from .graph import CUSTOM_TRANSLATIONS, INT2, PACKED, EdgeGraph, edge_graph
 from .metadata import CODES, INPUT, LOGITS, build_props
 

@@ -224,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     figures = code_metrics(encode_splits(encoder, splits), splits, class_codes.astype("float32"), recipe.eval)
     _print_figures(figures)
     if args.json:
-        from hashdistill.checkpoint import atomic_write_text
+        from hashdistill.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(figures, indent=2, default=float))
 

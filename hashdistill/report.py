@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from hashdistill.checkpoint import atomic_write_text, read_metadata
+from hashdistill.atomic import atomic_write_text
+from hashdistill.checkpoint import read_metadata
 from hashdistill.errors import UserError
 from hashdistill.plots import plot_pr_curves
 from hashdistill.rundir import REPORT_FILE, RunDir

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hashdistill.checkpoint import atomic_write_text
+from hashdistill.atomic import atomic_write_text
 from hashdistill.errors import UserError
 from hashdistill.recipe import RECIPE_FILE_NAME, Recipe, dump_recipe
 

@@ -195,7 +195,7 @@ def test_sigkill_mid_write_keeps_old_checkpoint(tmp_path):
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from hashdistill.checkpoint import atomic_write\n"
+        "from hashdistill.atomic import atomic_write\n"
         "def die(tmp):\n"
         "    Path(tmp).write_bytes(b'partial')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
