@@ -40,3 +40,16 @@ def trained_run(tmp_path_factory):
     teacher = train_teacher(recipe, run, torch.device("cpu"))
     student = train_student(recipe, run, torch.device("cpu"), teacher)
     return {"recipe": recipe, "run": run, "teacher": teacher, "student": student}
+
+
+@pytest.fixture(scope="session")
+def export_root(tmp_path_factory):
+    """Where the export tests keep their checkpoints and ONNX files (built once per session)."""
+    return tmp_path_factory.getbasetemp() / "export-artefacts"
+
+
+@pytest.fixture(scope="session")
+def student_onnx(export_root):
+    from test_export_support import exported
+
+    return exported(export_root, "student")[0]

@@ -26,18 +26,13 @@ from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
 
 
 @pytest.fixture(scope="session")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "export-artefacts"
-
-
-@pytest.fixture(scope="session")
-def ckpts(root):
-    return checkpoints(root)
+def ckpts(export_root):
+    return checkpoints(export_root)
 
 
 @pytest.mark.parametrize(("which", "opset"), [("teacher", 18), ("student", 18), ("ternary", 18), ("ternary", 25)])
-def test_export_matches_pytorch_on_real_images(root, which, opset):
-    path, figures = exported(root, which, opset)
+def test_export_matches_pytorch_on_real_images(export_root, which, opset):
+    path, figures = exported(export_root, which, opset)
     assert path.is_file() and figures["file_bytes"] == path.stat().st_size
     assert figures["identical_code_rate"] == 1.0
     assert figures["max_abs_logit_diff"] < 1e-4
@@ -45,8 +40,8 @@ def test_export_matches_pytorch_on_real_images(root, which, opset):
     assert (figures["ternary_layers"] > 0) == (which == "ternary")
 
 
-def test_in_graph_packing_follows_the_codes_module_on_new_batch_sizes(root, ckpts):
-    path, _ = exported(root, "student")
+def test_in_graph_packing_follows_the_codes_module_on_new_batch_sizes(export_root, ckpts):
+    path, _ = exported(export_root, "student")
     model, _ = load_any_model(ckpts.student)
     edge = EdgeModel(path)
     for batch in (1, 7):
@@ -70,8 +65,8 @@ def test_odd_bit_widths_pad_the_last_byte_with_zeros(tmp_path, ckpts):
     assert not (packed[:, -1] & 0b11111).any()  # 11 bits: the last 5 bits of byte 2 are padding
 
 
-def test_ternary_layers_stay_packed_at_opset_18(root, ckpts):
-    path, _ = exported(root, "ternary", 18)
+def test_ternary_layers_stay_packed_at_opset_18(export_root, ckpts):
+    path, _ = exported(export_root, "ternary", 18)
     model, meta = load_any_model(ckpts.ternary)
     proto = onnx.load(path)
     initializers = {t.name: t for t in proto.graph.initializer}
@@ -85,8 +80,8 @@ def test_ternary_layers_stay_packed_at_opset_18(root, ckpts):
     assert json.loads(EdgeModel(path).meta.props["ternary_layers"]) == list(meta["ternary_layers"])
 
 
-def test_ternary_layers_are_int2_at_opset_25(root, ckpts):
-    path, figures = exported(root, "ternary", 25)
+def test_ternary_layers_are_int2_at_opset_25(export_root, ckpts):
+    path, figures = exported(export_root, "ternary", 25)
     model, _ = load_any_model(ckpts.ternary)
     proto = onnx.load(path)
     initializers = {t.name: t for t in proto.graph.initializer}
@@ -141,8 +136,8 @@ def test_a_folded_ternary_weight_is_detected(ckpts):
     check_ternary_packed(genuine, wrapper, sizes)  # a real float parameter of that size is fine
 
 
-def test_metadata_round_trip(root, ckpts):
-    path, _ = exported(root, "teacher")
+def test_metadata_round_trip(export_root, ckpts):
+    path, _ = exported(export_root, "teacher")
     model, meta = load_any_model(ckpts.teacher)
     edge = EdgeModel(path)
     assert edge.bits == BITS and edge.input_size == meta["input_size"] == DATA.image_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from test_export_support import BITS, DATA, checkpoints, exported
+from test_export_support import BITS, DATA, checkpoints
 
 from hashdistill import codes
 from hashdistill.data import build_dataset
@@ -13,16 +13,6 @@ from hashdistill.errors import UserError
 from hashdistill.export.index import HashIndex, build_index, load_index, search_images
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.recipe import DataConfig
-
-
-@pytest.fixture(scope="session")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "export-artefacts"
-
-
-@pytest.fixture(scope="session")
-def student_onnx(root):
-    return exported(root, "student")[0]
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +39,8 @@ def test_faiss_distances_match_the_numpy_reference(bits):
     np.testing.assert_array_equal(np.take_along_axis(reference, ids - 1000, axis=1), distances)
 
 
-def test_teacher_index_persists_and_answers_student_queries(root, student_onnx, tmp_path):
-    ckpts = checkpoints(root)
+def test_teacher_index_persists_and_answers_student_queries(export_root, student_onnx, tmp_path):
+    ckpts = checkpoints(export_root)
     path = tmp_path / "teacher.npz"
     index = build_index(ckpts.teacher, "synthetic:database", path)
     database = build_dataset(DATA, "train"), build_dataset(DATA, "val")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from PIL import Image
-from test_export_support import DATA, checkpoints, exported
+from test_export_support import DATA, checkpoints
 
 from hashdistill import codes
 from hashdistill.data import build_dataset
@@ -20,16 +20,6 @@ from hashdistill.errors import UserError
 from hashdistill.export.loading import load_any_model
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.imagefiles import load_image
-
-
-@pytest.fixture(scope="session")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "export-artefacts"
-
-
-@pytest.fixture(scope="session")
-def student_onnx(root):
-    return exported(root, "student")[0]
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +56,8 @@ def test_preprocess_reads_files_like_the_imagefolder_dataset(student_onnx, tmp_p
     np.testing.assert_array_equal(single[0], batch[0])
 
 
-def test_encode_classify_and_ood_agree_with_pytorch(root, student_onnx, test_split):
-    model, _ = load_any_model(checkpoints(root).student)
+def test_encode_classify_and_ood_agree_with_pytorch(export_root, student_onnx, test_split):
+    model, _ = load_any_model(checkpoints(export_root).student)
     edge = EdgeModel(student_onnx)
     images = _uint8_images(test_split, 40)
     with torch.no_grad():
