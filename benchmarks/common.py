@@ -40,16 +40,23 @@ def run_stages(recipe: Recipe, folder: Path, stages: tuple[str, ...]) -> dict[st
     return run.summary()
 
 
+MODEL_NAMES = {"teacher": "teacher", "float-baseline": "float baseline"}  # checkpoint stem -> summary name
+
+
 def share_checkpoints(source: Path, target: Path, stems: tuple[str, ...]) -> None:
     """Copy finished stage checkpoints (and, once, their figures) into another run so it skips redoing them."""
     (target / "checkpoints").mkdir(parents=True, exist_ok=True)
     for stem in stems:
         for path in (source / "checkpoints").glob(f"{stem}*.safetensors"):
             shutil.copy2(path, target / "checkpoints" / path.name)
-    source_summary, target_summary = RunDir(source, writer=False).summary(), RunDir(target)
-    if not target_summary.summary() and "models" in source_summary:
-        shared = {n: m for n, m in source_summary["models"].items() if n in ("teacher", "float baseline")}
-        target_summary.update_summary("models", shared)
+    figures = RunDir(source, writer=False).summary().get("models", {})
+    target_run = RunDir(target)
+    models = target_run.summary().get("models", {})
+    for stem in stems:  # only the figures of the very models copied
+        name = MODEL_NAMES[stem]
+        if name in figures and name not in models:
+            models[name] = figures[name]
+    target_run.update_summary("models", models)
 
 
 def epochs_and_seconds(run_dir: Path, stages: tuple[str, ...]) -> dict[str, float]:

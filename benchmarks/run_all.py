@@ -130,7 +130,10 @@ def render() -> Path:
         if data is None:
             lines += ["Not run yet.", ""]
             continue
-        lines += [f"Machine: {data['machine']}. Wall time: {data['wall_seconds']:.0f} s.", ""]
+        lines += [f"Machine: {data['machine']}. Wall time of the command: {data['wall_seconds']:.0f} s (models "
+                  "already trained in its work folder are reused, not retrained; training times come from "
+                  "metrics.jsonl).",
+                  ""]
         lines += [*render_section(data), ""]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines))
