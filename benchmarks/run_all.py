@@ -140,6 +140,47 @@ def render() -> Path:
     return path
 
 
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def headline() -> list[str]:
+    """The README's headline: each stage's key figure on Fashion-MNIST, from the benchmark JSON."""
+    teacher, distill, quantize, export, quick = (load(n) for n in ("teacher", "distill", "quantize", "export",
+                                                                      "quickstart"))
+    rows = []
+    if teacher:
+        k16 = next((r for r in teacher["rows"] if r["bits"] == 16), None)
+        if k16:
+            rows.append(("LLC teacher, 16 bits", f"MHD accuracy {fmt(k16['mhd_acc'])} vs float "
+                         f"{fmt(k16['float_acc'])}; mAP {fmt(k16['map'])}"))
+        if teacher.get("ood"):
+            ex, msp = teacher["ood"]["exact_match"], teacher["ood"]["msp_baseline"]
+            rows.append(("OOD, no threshold", f"exact match TPR {fmt(ex['tpr'])} / FPR {fmt(ex['fpr'])} with 0 OOD "
+                         f"samples vs max-softmax TPR {fmt(msp['tpr'])} / FPR {fmt(msp['fpr'])} with "
+                         f"{msp['ood_samples_used']}"))
+    for row in (distill or {}).get("rows", []):
+        rows.append((f"student {row['student']}", f"{row['param_ratio']:.1f}x fewer parameters, mAP {fmt(row['map'])} "
+                     f"({row['map_vs_teacher']:.3f} x teacher; labels only {fmt(row['labels_only_map'])})"))
+    if quantize:
+        best = min(quantize["rows"], key=lambda r: abs(r["t"] - 0.05))
+        rows.append((f"ternary student (t={best['t']})", f"FC layers {best['compression']:.1f}x smaller, mAP drop "
+                     f"{best['map_drop_points']:.2f} points, MHD drop {best['mhd_drop_points']:.2f} points"))
+    if quick:
+        machine_name = quick["machine"].split(" (")[0]
+        rows.append(("quickstart, whole pipeline", f"{quick['wall_seconds']:.0f} s on {machine_name}"))
+    if not rows:
+        return ["Not measured yet: run `python benchmarks/run_all.py`."]
+    return ["| stage | result |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], "",
+            "Details, commands and machine: [BENCHMARKS.md](BENCHMARKS.md)."]
+
+
+def update_readme() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(HEADLINE_START) + len(HEADLINE_START), text.index(HEADLINE_END)
+    readme.write_text(text[:start] + "\n" + "\n".join(headline()) + "\n" + text[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render-only", action="store_true")
@@ -149,6 +190,7 @@ def main() -> None:
         for name in (args.only.split(",") if args.only else BENCHMARKS):
             run(name)
     print(f"wrote {render()}")
+    update_readme()
 
 
 if __name__ == "__main__":
