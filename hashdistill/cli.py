@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="recipe whose data/eval sections to use (default: the checkpoint's own)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--force", action="store_true", help="overwrite the --json file")
+    p.add_argument("--plot", help="also draw the precision-recall curve (by Hamming radius) to this PNG")
+    p.add_argument("--force", action="store_true", help="overwrite the --json / --plot files")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("quantize", help="ternarize a student checkpoint and fine-tune it (TTQ)")
@@ -195,8 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from hashdistill.recipe import load_recipe, recipe_from_dict
     from hashdistill.trainer import resolve_device
 
-    if args.json:
-        _fresh_output(args.json, args.force)
+    for output in (args.json, args.plot):
+        if output:
+            _fresh_output(output, args.force)
     path = Path(args.model)
     if path.suffix == ".onnx":
         from hashdistill.codes import unpack_codes
@@ -227,6 +229,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from hashdistill.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(figures, indent=2, default=float))
+    if args.plot:
+        from hashdistill.plots import plot_pr_curves
+
+        print(f"precision-recall curve: {plot_pr_curves({path.name: figures['pr_curve']}, args.plot)}")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -81,7 +81,9 @@ def test_taxonomy_command(finished_run, tmp_path):
 def test_eval_command_on_checkpoint_and_onnx(finished_run, tmp_path):
     for model in (finished_run["out"] / "checkpoints" / "student.safetensors", finished_run["out"] / "model.onnx"):
         figures_path = tmp_path / f"{model.name}.json"
-        done = hashdistill("eval", str(model), "--json", str(figures_path))
+        plot_path = tmp_path / f"{model.name}.png"
+        done = hashdistill("eval", str(model), "--json", str(figures_path), "--plot", str(plot_path))
         assert done.returncode == 0, done.stderr
         figures = json.loads(figures_path.read_text())
+        assert plot_path.stat().st_size > 1000
         assert {"map", "map_tie_aware", "mhd_accuracy", "ed_accuracy", "precision_at_radius"} <= figures.keys()
