@@ -23,7 +23,8 @@ from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
 
-STAGES = ("teacher", "student", "quantize", "export", "index")
+STAGES = ("teacher", "bits-sweep", "student", "quantize", "export", "index")
+SWEEP_DIR = "bits-sweep"
 INDEX_FILE = "index.npz"
 
 
@@ -69,6 +70,28 @@ class Pipeline:
             self._evaluate_float(float_path)
         self.evaluate_checkpoint("teacher", path)
         return trained
+
+    def stage_bits_sweep(self) -> bool:
+        """Teachers at the other code lengths of ``teacher.bits_sweep``, each in its own sub-run."""
+        from hashdistill.distill.teacher_stage import TEACHER_FILE, train_teacher
+
+        done = self.run.summary().get("bits_sweep", {})
+        todo = [k for k in self.recipe.teacher.bits_sweep if str(k) not in done and k != self.recipe.teacher.bits]
+        for bits in todo:
+            recipe = dataclasses.replace(self.recipe, teacher=dataclasses.replace(self.recipe.teacher, bits=bits,
+                                                                                  bits_sweep=[]))
+            sub = RunDir(self.run.path / SWEEP_DIR / f"k{bits}", writer=is_main_process())
+            if not sub.checkpoint(TEACHER_FILE).is_file():
+                train_teacher(recipe, sub, self.device)
+            Pipeline(recipe, sub).evaluate_checkpoint("teacher", sub.checkpoint(TEACHER_FILE))
+            if is_main_process():
+                done[str(bits)] = _sweep_row(sub.summary()["models"]["teacher"])
+                self.run.update_summary("bits_sweep", done)
+        teacher = self.run.summary().get("models", {}).get("teacher")
+        if self.recipe.teacher.bits_sweep and teacher and is_main_process():
+            done[str(self.recipe.teacher.bits)] = _sweep_row(teacher)
+            self.run.update_summary("bits_sweep", done)
+        return bool(todo)
 
     def stage_student(self) -> bool:
         from hashdistill.distill.student_stage import train_student
@@ -192,6 +215,11 @@ class Pipeline:
         self.run.update_summary("models", models)
         shown = {k: round(v, 4) for k, v in figures.items() if isinstance(v, float)}
         _say(f"  {name}: {shown}")
+
+
+def _sweep_row(figures: dict[str, Any]) -> dict[str, Any]:
+    keys = ("bits", "mhd_accuracy", "ed_accuracy", "map", "map_tie_aware", "precision_at_radius")
+    return {key: figures[key] for key in keys}
 
 
 def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: bool) -> RunDir:

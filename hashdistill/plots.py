@@ -35,3 +35,29 @@ def plot_pr_curves(curves: dict[str, dict], path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     return path
+
+
+def plot_bits_sweep(rows: list[dict], path: str | Path) -> Path:
+    """Accuracy and mAP against the code length, one point per teacher of the sweep."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(rows, key=lambda r: r["bits"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bits = [r["bits"] for r in rows]
+    for key, label in (("mhd_accuracy", "MHD accuracy"), ("ed_accuracy", "ED accuracy"), ("map", "mAP")):
+        ax.plot(bits, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(bits, [str(b) for b in bits])
+    ax.set_xlabel("bits")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Teacher: code length vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    return path

@@ -86,9 +86,11 @@ class TeacherConfig:
     phase1: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
     phase2: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
     label_smoothing: float = 0.1
+    bits_sweep: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(1 <= self.bits <= 1024, "bits", "must be in [1, 1024]")
+        _check(all(1 <= k <= 1024 for k in self.bits_sweep), "bits_sweep", "every bit width must be in [1, 1024]")
         _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
 
 

@@ -15,11 +15,11 @@ import numpy as np
 from hashdistill.atomic import atomic_write_text
 from hashdistill.checkpoint import read_metadata
 from hashdistill.errors import UserError
-from hashdistill.plots import plot_pr_curves
+from hashdistill.plots import plot_bits_sweep, plot_pr_curves
 from hashdistill.rundir import REPORT_FILE, RunDir
 from hashdistill.taxonomy import class_tree, format_tree, plot_dendrogram
 
-PR_PLOT, TAXONOMY_PLOT = "pr_curves.png", "taxonomy.png"
+PR_PLOT, TAXONOMY_PLOT, BITS_PLOT = "pr_curves.png", "taxonomy.png", "bits_sweep.png"
 COLUMNS = [("bits", "bits"), ("params", "params"), ("file_bytes", "file bytes"), ("latency_ms_b1", "CPU ms (b=1)"),
            ("latency_ms_b64", "CPU ms (b=64)"), ("map", "mAP"), ("map_tie_aware", "mAP (tie-aware)"),
            ("precision_at_radius", "P@r2"), ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc"),
@@ -37,6 +37,7 @@ def write_report(run: RunDir) -> Path:
     if curves:
         plot_pr_curves(curves, run.path / PR_PLOT)
         lines += ["## Precision-recall by Hamming radius", "", f"![precision-recall curves]({PR_PLOT})", ""]
+    lines += _bits_sweep_section(run, summary.get("bits_sweep"))
     lines += _ood_section(models)
     lines += _taxonomy_section(run)
     lines += _quantize_section(summary.get("quantize"))
@@ -64,6 +65,17 @@ def _cell(value: Any) -> str:
     if isinstance(value, int) and value >= 10_000:
         return f"{value:,}"
     return str(value)
+
+
+def _bits_sweep_section(run: RunDir, sweep: dict[str, dict[str, Any]] | None) -> list[str]:
+    if not sweep or len(sweep) < 2:
+        return []
+    rows = sorted(sweep.values(), key=lambda r: r["bits"])
+    plot_bits_sweep(rows, run.path / BITS_PLOT)
+    table = [f"| {r['bits']} | {r['mhd_accuracy']:.4f} | {r['ed_accuracy']:.4f} | {r['map']:.4f} | "
+             f"{r['map_tie_aware']:.4f} | {r['precision_at_radius']:.4f} |" for r in rows]
+    return ["## Code length vs accuracy (teachers of the bits sweep)", "", f"![bits vs accuracy]({BITS_PLOT})", "",
+            "| bits | MHD acc | ED acc | mAP | mAP tie-aware | P@r2 |", "|---|---|---|---|---|---|", *table, ""]
 
 
 def _ood_section(models: dict[str, dict[str, Any]]) -> list[str]:

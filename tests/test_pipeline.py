@@ -18,7 +18,7 @@ def hashdistill(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipeline")
     recipe = folder / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(TINY))
+    recipe.write_text(yaml.safe_dump({**TINY, "teacher": {**TINY["teacher"], "bits_sweep": [4, 8]}}))
     out = folder / "run"
     done = hashdistill("run", str(recipe), "--out", str(out))
     assert done.returncode == 0, done.stderr[-4000:]
@@ -37,7 +37,10 @@ def test_every_stage_ran_and_was_evaluated(finished_run):
         assert models["ternary student (ONNX)"][key] == pytest.approx(models["ternary student"][key], abs=1e-3), key
     assert summary["export"]["identical_code_rate"] >= 0.999
     assert summary["index"]["size"] == 400  # the whole synthetic training set (train + val)
-    for stage in ("[teacher] done", "[student] done", "[quantize] done", "[export] done", "[index] done"):
+    assert sorted(summary["bits_sweep"]) == ["4", "8"]  # the recipe's own 8 bits plus one extra teacher
+    assert summary["bits_sweep"]["8"]["map"] == models["teacher"]["map"]
+    for stage in ("[teacher] done", "[bits-sweep] done", "[student] done", "[quantize] done", "[export] done",
+                  "[index] done"):
         assert stage in finished_run["stdout"]
 
 
@@ -45,7 +48,7 @@ def test_report_is_complete_and_regenerates(finished_run):
     out = finished_run["out"]
     report = (out / "report.md").read_text()
     for piece in ("| teacher |", "| ternary student (ONNX) |", "](pr_curves.png)", "](taxonomy.png)",
-                  "## Ternary quantization", "## Reproduce"):
+                  "## Ternary quantization", "## Reproduce", "](bits_sweep.png)", "| 4 |"):
         assert piece in report
     assert (out / "pr_curves.png").stat().st_size > 1000 and (out / "taxonomy.png").stat().st_size > 1000
     (out / "report.md").unlink()
@@ -62,7 +65,7 @@ def test_existing_run_needs_resume_or_force(finished_run):
 def test_resume_skips_finished_stages(finished_run):
     done = hashdistill("run", str(finished_run["recipe"]), "--resume", str(finished_run["out"]))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("already done, skipped") == 5
+    assert done.stdout.count("already done, skipped") == 6
 
 
 def test_resume_with_another_recipe_is_refused(finished_run):
