@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -21,11 +22,12 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 QUICKSTART = ["hashdistill", "run", "quickstart", "--out", "bench_out/quickstart", "--force"]
 BENCHMARKS = {  # name -> command (run from the repository root), in dependency order
-    "quickstart": QUICKSTART,
-    "teacher": [sys.executable, "benchmarks/teacher.py", "--out", "bench_out/teacher.json"],
-    "distill": [sys.executable, "benchmarks/distill.py", "--out", "bench_out/distill.json"],
-    "quantize": [sys.executable, "benchmarks/quantize.py", "--out", "bench_out/quantize.json"],
+    "distill": [sys.executable, "benchmarks/distill.py", "--out", "bench_out/distill.json",
+                "--sweep", "kd T=4|kd T=2 + code_bce + augment (teacher online)"],
+    "quantize": [sys.executable, "benchmarks/quantize.py", "--out", "bench_out/quantize.json", "--epochs", "1"],
+    "teacher": [sys.executable, "benchmarks/teacher.py", "--out", "bench_out/teacher.json", "--bits", "8,16"],
     "export": [sys.executable, "benchmarks/export.py", "--out", "bench_out/export.json"],
+    "quickstart": QUICKSTART,
 }
 
 
@@ -59,8 +61,7 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[st
 
 
 def command(name: str) -> str:
-    return " ".join(Path(part).name if part == sys.executable else part for part in BENCHMARKS[name]).replace(
-        "python3", "python")
+    return shlex.join("python" if part == sys.executable else part for part in BENCHMARKS[name])
 
 
 def section_quickstart(data: dict[str, Any]) -> list[str]:
