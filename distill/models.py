@@ -19,6 +19,7 @@ from hashdistill.checkpoint import load_checkpoint, load_state_strict
 from hashdistill.errors import UserError
 
 TEACHER, STUDENT, FLOAT = "teacher", "student", "float"
+TERNARY = "ternary-student"  # a student whose FC layers are ternarized (written by hashdistill.quantize)
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +93,6 @@ class HashStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hash_head(self.backbone(x))
 
-    def class_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.codes.t()
 
 
 class FloatClassifier(nn.Module):

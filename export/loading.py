@@ -8,12 +8,11 @@ from typing import Any
 from torch import nn
 
 from hashdistill.checkpoint import load_checkpoint, read_metadata
-from hashdistill.distill.models import STUDENT, TEACHER, build_from_meta, check_class_codebook, load_model
+from hashdistill.distill.models import STUDENT, TEACHER, TERNARY, build_from_meta, check_class_codebook, load_model
 from hashdistill.errors import UserError
 from hashdistill.quantize.ternary_checkpoint import load_ternary_into
 
-TERNARY_STUDENT = "ternary-student"
-EXPORTABLE = (TEACHER, STUDENT, TERNARY_STUDENT)
+EXPORTABLE = (TEACHER, STUDENT, TERNARY)
 
 
 def load_any_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
@@ -21,7 +20,7 @@ def load_any_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     kind = read_metadata(path).get("kind")
     if kind in (TEACHER, STUDENT):
         return load_model(str(path), expect=(TEACHER, STUDENT))
-    if kind == TERNARY_STUDENT:
+    if kind == TERNARY:
         tensors, meta = load_checkpoint(path)
         check_class_codebook(meta, tensors, path)  # before a model of the recorded size is built
         model = load_ternary_into(build_from_meta(meta), tensors, meta)

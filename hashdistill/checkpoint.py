@@ -63,13 +63,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
-def expect_kind(meta: dict[str, Any], path: str | os.PathLike, *kinds: str) -> None:
-    """Raise a :class:`UserError` unless the checkpoint's ``kind`` is one of ``kinds``."""
-    kind = meta.get("kind")
-    if kind not in kinds:
-        raise UserError(f"{path} is a '{kind}' checkpoint; expected one of: {', '.join(kinds)}")
-
-
 def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Any) -> None:
     """Load weights, naming the first missing, unexpected or wrongly shaped tensor on mismatch."""
     expected = model.state_dict()

@@ -135,7 +135,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _stages() -> tuple[str, ...]:
-    from hashdistill.pipeline import STAGES
+    from hashdistill.rundir import STAGES  # not the pipeline: building the parser must not import torch
 
     return STAGES
 
@@ -151,8 +151,9 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from hashdistill.pipeline import STAGES, Pipeline, prepare_run_dir
+    from hashdistill.pipeline import Pipeline, prepare_run_dir
     from hashdistill.recipe import load_recipe
+    from hashdistill.rundir import STAGES
     from hashdistill.trainer import init_distributed, resolve_device
 
     recipe = load_recipe(args.recipe, args.set)
@@ -193,7 +194,6 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits, onnx_encoder, torch_encoder
-    from hashdistill.recipe import load_recipe, recipe_from_dict
     from hashdistill.trainer import resolve_device
 
     for output in (args.json, args.plot):
@@ -216,12 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         device = resolve_device("auto")
         class_codes, encoder = model.class_codes.cpu().numpy(), torch_encoder(model, device)
         data = meta.get("data")
-    if args.recipe:
-        recipe = load_recipe(args.recipe, args.set)
-    elif data:
-        recipe = recipe_from_dict({"data": data})
-    else:
-        raise UserError(f"{path} records no dataset; pass --recipe to say which data to evaluate on")
+    recipe = _recipe_for(path, args.recipe, {"data": data} if data else None, args.set)
     splits = EvalSplits.build(recipe.data)
     figures = code_metrics(encode_splits(encoder, splits), splits, class_codes.astype("float32"), recipe.eval)
     _print_figures(figures)
@@ -238,7 +233,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from hashdistill.checkpoint import read_metadata
     from hashdistill.quantize.stage import quantize_student
-    from hashdistill.recipe import apply_override, load_recipe, recipe_from_dict
     from hashdistill.rundir import RunDir
     from hashdistill.trainer import resolve_device
 
@@ -251,15 +245,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         overrides.append(f"quantize.target_sparsity={args.target_sparsity}")
     if args.epochs is not None:
         overrides.append(f"quantize.train.epochs={args.epochs}")
-    if args.recipe:
-        recipe = load_recipe(args.recipe, overrides)
-    else:
-        if "data" not in meta:
-            raise UserError(f"{args.checkpoint} records no dataset; pass --recipe")
-        raw: dict[str, Any] = {"data": meta["data"]}
-        for override in overrides:
-            apply_override(raw, override)
-        recipe = recipe_from_dict(raw)
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    own = {"data": meta["data"], "student": {key: training[key] for key in ("losses", "temperature")
+                                             if key in training}} if "data" in meta else None
+    recipe = _recipe_for(Path(args.checkpoint), args.recipe, own, overrides)  # fine-tune under the student's loss
     work = output.with_name(f".{output.name}.work")
     shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt may have trained with other settings
     try:
@@ -302,9 +291,9 @@ def cmd_index_search(args: argparse.Namespace) -> None:
 
 
 def cmd_taxonomy(args: argparse.Namespace) -> None:
-    import numpy as np
 
     from hashdistill.checkpoint import load_checkpoint
+    from hashdistill.codes import to_signs
     from hashdistill.taxonomy import bit_splits, class_tree, format_tree, plot_dendrogram
 
     _fresh_output(args.output, args.force)
@@ -312,7 +301,7 @@ def cmd_taxonomy(args: argparse.Namespace) -> None:
     codes = tensors.get("codebook", tensors.get("codes"))
     if codes is None or "class_names" not in meta:
         raise UserError(f"{args.checkpoint} has no class codebook (a teacher or student checkpoint has one)")
-    signs = np.where(codes.numpy() >= 0, 1, -1)
+    signs = to_signs(codes.numpy())
     tree = class_tree(signs, meta["class_names"])
     print(format_tree(tree, meta["class_names"]))
     print("\nbit splits (+1 side | -1 side):")
@@ -339,6 +328,20 @@ def _discard_if_nothing_saved(run: RunDir, fresh: bool) -> Iterator[None]:
         if fresh and run.writer and not any(run.checkpoints.glob("*.safetensors")):
             shutil.rmtree(run.path, ignore_errors=True)
         raise
+
+
+def _recipe_for(source: Path, recipe: str | None, recorded: dict[str, Any] | None, overrides: list[str]):
+    """The --recipe given, else the sections the checkpoint recorded; --set overrides apply to either."""
+    from hashdistill.recipe import apply_override, load_recipe, recipe_from_dict
+
+    if recipe:
+        return load_recipe(recipe, overrides)
+    if recorded is None:
+        raise UserError(f"{source} records no dataset; pass --recipe to say which data to use")
+    raw = json.loads(json.dumps(recorded))  # a deep copy the overrides may change
+    for override in overrides:
+        apply_override(raw, override)
+    return recipe_from_dict(raw)
 
 
 def _fresh_output(path: str, force: bool) -> Path:

@@ -9,6 +9,7 @@ OOD recipes add the held-out classes (``ood_val`` tunes the max-softmax baseline
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ def torch_encoder(model: nn.Module, device: torch.device, batch_size: int = 256)
     def encode(dataset: Dataset) -> np.ndarray:
         model.eval().to(device)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        quiet = not _is_tty()
+        quiet = not sys.stderr.isatty()
         outputs = [model(x.to(device)).float().cpu() for x, *_ in tqdm(loader, desc="encode", disable=quiet,
                                                                          leave=False)]
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
@@ -113,11 +114,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
-
-def _is_tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
 
 
 def onnx_encoder(path: str, batch_size: int = 256) -> Encoder:

@@ -8,6 +8,7 @@ no readable image is an error.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +41,29 @@ class ImageFileDataset(Dataset):
         return (tensor - self.mean) / self.std, int(self.labels[index])
 
 
+def train_folder(cfg: DataConfig) -> Path:
+    """``root/train`` if it exists, else ``root``: the images train and val are carved from (the database)."""
+    if not cfg.root:
+        raise UserError("data.dataset=imagefolder needs data.root (a folder with train/<class>/ images)")
+    root = Path(cfg.root).expanduser()
+    return root / "train" if (root / "train").is_dir() else root
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(folder: Path) -> tuple[list[Path], list[int], list[str], int]:
+    """One verification pass per folder and process: every split of a run reads the same scan."""
+    return scan_image_files(folder)
+
+
 def build_imagefolder_split(cfg: DataConfig, split: str) -> ImageFileDataset:
     if split.startswith("ood"):
         raise UserError("OOD splits are not supported for data.dataset=imagefolder; "
                         "hold classes out in separate folders")
-    if not cfg.root:
-        raise UserError("data.dataset=imagefolder needs data.root (a folder with train/<class>/ images)")
+    paths, labels, classes, _ = _scan(train_folder(cfg))
     root = Path(cfg.root).expanduser()
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    paths, labels, classes, _ = scan_image_files(train_dir)
     index = np.arange(len(paths))
     if split == "test" and (root / "test").is_dir():
-        paths, labels, test_classes, _ = scan_image_files(root / "test")
+        paths, labels, test_classes, _ = _scan(root / "test")
         if test_classes != classes:
             raise UserError(f"{root}/test has classes {test_classes}, but train has {classes}")
         index = np.arange(len(paths))

@@ -7,6 +7,7 @@ imported lazily: the kernel does not depend on them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -20,10 +21,9 @@ from hashdistill import codes
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
 from hashdistill.recipe import Recipe
-from hashdistill.rundir import RunDir
+from hashdistill.rundir import STAGES, RunDir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
 
-STAGES = ("teacher", "bits-sweep", "student", "quantize", "export", "index")
 SWEEP_DIR = "bits-sweep"
 INDEX_FILE = "index.npz"
 
@@ -48,6 +48,7 @@ class Pipeline:
         for stage in stages:
             started = time.perf_counter()
             done = getattr(self, f"stage_{stage.replace('-', '_')}")()
+            barrier()  # rank 0 evaluates and exports alone; the others wait here, not inside the next fit
             _say(f"[{stage}] {'done' if done else 'already done, skipped'} ({time.perf_counter() - started:.0f} s)")
         barrier()
         if not is_main_process():
@@ -134,9 +135,14 @@ class Pipeline:
         path = self.run.path / INDEX_FILE
         if path.exists() or not is_main_process():
             return False
-        whole = dataclasses.replace(self.recipe.data, train_limit=None, augment=False)  # the whole database
-        index = build_index(self.run.path / self.recipe.export.file, f"{self.recipe.data.dataset}:database", path,
-                            data=whole)
+        data = dataclasses.replace(self.recipe.data, train_limit=None, augment=False)  # the whole database
+        if data.dataset == "imagefolder":  # the database is the training folder's image files
+            from hashdistill.imagefolder import train_folder
+
+            images = str(train_folder(data))
+        else:
+            images = f"{data.dataset}:database"
+        index = build_index(self.run.path / self.recipe.export.file, images, path, data=data)
         self.run.update_summary("index", {"path": str(path), "size": len(index), "bits": index.bits})
         return True
 
@@ -156,9 +162,11 @@ class Pipeline:
             self._teacher_database = logits["database"]
         figures = code_metrics(logits, self.splits, model.class_codes.cpu().numpy(), self.recipe.eval)
 
+        cpu_model = copy.deepcopy(model).cpu()  # the report's latencies are CPU figures, also on GPU machines
+
         @torch.no_grad()
         def forward(images: np.ndarray) -> object:
-            return model(torch.from_numpy(images).to(self.device))
+            return cpu_model(torch.from_numpy(images))
 
         self._record(name, figures, params=sum(p.numel() for p in model.parameters()),
                      file_bytes=os.path.getsize(path),
@@ -238,13 +246,17 @@ def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: 
                             "resume with the same recipe and --set overrides, or start a new run")
         return RunDir(path, writer=is_main_process())
     path = Path(out) if out else Path(recipe.output_dir) / recipe.name
+    if not is_main_process():  # rank 0 checks, clears and creates the directory
+        barrier()
+        return RunDir(path, writer=False)
     if path.exists() and any(path.iterdir()):
         if not force:
             raise UserError(f"run directory {path} already exists: pass --resume {path} to continue it, "
                             "--force to start over, or --out to choose another")
-        if is_main_process():
-            shutil.rmtree(path)
-    return RunDir(path, writer=is_main_process())
+        shutil.rmtree(path)
+    run = RunDir(path)
+    barrier()
+    return run
 
 
 def _say(message: str) -> None:

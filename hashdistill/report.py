@@ -10,10 +10,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hashdistill.atomic import atomic_write_text
 from hashdistill.checkpoint import read_metadata
+from hashdistill.codes import to_signs
 from hashdistill.errors import UserError
 from hashdistill.plots import plot_bits_sweep, plot_pr_curves
 from hashdistill.rundir import REPORT_FILE, RunDir
@@ -106,7 +105,7 @@ def _taxonomy_section(run: RunDir) -> list[str]:
 
     meta = read_metadata(teacher)
     codebook = load_file(str(teacher))["codebook"]
-    signs = np.where(codebook >= 0, 1, -1)
+    signs = to_signs(codebook)
     tree = class_tree(signs, meta["class_names"])
     plot_dendrogram(tree, meta["class_names"], run.path / TAXONOMY_PLOT)
     return ["## Taxonomy of the classes (from the teacher's class codes)", "",

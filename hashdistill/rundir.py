@@ -14,6 +14,7 @@ from hashdistill.atomic import atomic_write_text
 from hashdistill.errors import UserError
 from hashdistill.recipe import RECIPE_FILE_NAME, Recipe, dump_recipe
 
+STAGES = ("teacher", "bits-sweep", "student", "quantize", "export", "index")  # in the order a run does them
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"

@@ -116,7 +116,7 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
             batch = [t.to(device, non_blocking=True) for t in batch]
             with autocast:
                 loss = task.batch_loss(wrapped, batch)
-            if not torch.isfinite(loss):
+            if not _finite_on_every_rank(loss, world):
                 last = run.checkpoint(f"{task.name}-last")
                 kept = f"The last good checkpoint is kept: {last}" if last.is_file() else \
                     "No checkpoint of this stage had been written yet"
@@ -141,6 +141,14 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
         _save_state(task, run, optimizer, state, is_best=state["best_epoch"] == epoch)
     _load_best(task, run)
     return state["final"]
+
+
+def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
+    """Under DDP every rank must stop together: one rank raising alone would leave the others in all-reduce."""
+    finite = torch.isfinite(loss.detach()).float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def _advance(state: dict[str, Any], record: dict[str, Any], task: TrainTask) -> dict[str, Any]:

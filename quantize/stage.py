@@ -17,7 +17,7 @@ import torch
 from hashdistill.checkpoint import read_metadata
 from hashdistill.data import build_dataset
 from hashdistill.distill.losses import NEEDS_TEACHER
-from hashdistill.distill.models import STUDENT, TEACHER, load_model
+from hashdistill.distill.models import STUDENT, TEACHER, TERNARY, load_model
 from hashdistill.distill.student_stage import IndexedDataset, check_same_data, distillation_batch_loss
 from hashdistill.errors import UserError
 from hashdistill.evaluate import validation_accuracy
@@ -27,8 +27,6 @@ from hashdistill.trainer import TrainTask, barrier, fit, is_main_process
 
 from .ternary_checkpoint import save_ternary
 from .ttq import TTQConfig, latent_parameters, layer_report, scale_parameters, ternarize_
-
-TERNARY_KIND = "ternary-student"
 
 
 def ttq_config(recipe: Recipe) -> TTQConfig:
@@ -62,7 +60,7 @@ def quantize_student(student_path: str | Path, out_path: str | Path, recipe: Rec
               "teacher": str(teacher_path or meta.get("training", {}).get("teacher")) if teacher else None,
               "training": record, "config": dataclasses.asdict(recipe.quantize)}
     if is_main_process():
-        save_ternary(out_path, student.cpu(), {**meta, "kind": TERNARY_KIND, "quantize": report,
+        save_ternary(out_path, student.cpu(), {**meta, "kind": TERNARY, "quantize": report,
                                                "source_checkpoint": str(student_path)})
     barrier()
     return report
