@@ -1,14 +1,20 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from hashdistill.data import build_dataset
+from hashdistill.data import FASHION_MNIST_DIRS, build_dataset
 from hashdistill.errors import UserError
 from hashdistill.recipe import DataConfig
 
+needs_fashion_mnist = pytest.mark.skipif(
+    not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (.ci/run does)")
 
-@pytest.mark.parametrize("dataset", ["synthetic", "digits", "fashion-mnist"])
+
+@pytest.mark.parametrize("dataset", ["synthetic", "digits", pytest.param("fashion-mnist", marks=needs_fashion_mnist)])
 def test_splits_are_disjoint_and_shaped(dataset):
     cfg = DataConfig(dataset=dataset, image_size=24, train_limit=None if dataset != "fashion-mnist" else 2000)
     train, val, test = (build_dataset(cfg, s) for s in ("train", "val", "test"))
@@ -29,6 +35,7 @@ def test_validation_split_is_fixed_and_disjoint():
     assert not any(bytes(img.numpy()) in train_rows for img in a.images[:50])
 
 
+@needs_fashion_mnist
 def test_ood_split_holds_only_heldout_classes():
     cfg = DataConfig(dataset="fashion-mnist", in_classes=list(range(8)), ood_classes=[8, 9], test_limit=500)
     test, ood = build_dataset(cfg, "test"), build_dataset(cfg, "ood_test")
