@@ -5,49 +5,50 @@ from pathlib import Path
 from hashdistill.errors import UserError
 
 
+def _axes(path: str | Path):
+    """A fresh Agg figure (no pyplot state) and its axes; the caller draws, :func:`_save` writes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig, ax, path: str | Path, title: str) -> Path:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    return Path(path)
+
+
 def plot_pr_curves(curves: dict[str, dict], path: str | Path) -> Path:
     """Several models' Hamming-radius PR curves on one PNG, one line per model name.
 
     Each curve is the ``"pr_curve"`` dict of :func:`hashdistill.metrics.retrieval_metrics`.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not curves:
         raise UserError("plot_pr_curves needs at least one curve")
     for name, curve in curves.items():
         if not {"precision", "recall"} <= set(curve) or len(curve["precision"]) != len(curve["recall"]):
             raise UserError(f"curve {name!r} needs 'precision' and 'recall' lists of equal length")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(6, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes(path)
     for name, curve in curves.items():
         ax.plot(curve["recall"], curve["precision"], marker=".", label=name)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.set_title("Precision-recall by Hamming radius")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return _save(fig, ax, path, "Precision-recall by Hamming radius")
 
 
 def plot_bits_sweep(rows: list[dict], path: str | Path) -> Path:
     """Accuracy and mAP against the code length, one point per teacher of the sweep."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows = sorted(rows, key=lambda r: r["bits"])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(6, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes(path)
     bits = [r["bits"] for r in rows]
     for key, label in (("mhd_accuracy", "MHD accuracy"), ("ed_accuracy", "ED accuracy"), ("map", "mAP")):
         ax.plot(bits, [r[key] for r in rows], marker="o", label=label)
@@ -55,9 +56,4 @@ def plot_bits_sweep(rows: list[dict], path: str | Path) -> Path:
     ax.set_xticks(bits, [str(b) for b in bits])
     ax.set_xlabel("bits")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Teacher: code length vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return _save(fig, ax, path, "Teacher: code length vs accuracy")
