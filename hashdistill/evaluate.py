@@ -70,10 +70,14 @@ def torch_encoder(model: nn.Module, device: torch.device, batch_size: int = 256)
 
 
 def encode_splits(encode: Encoder, splits: EvalSplits, database: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Logits of every split; pass ``database`` to reuse (or substitute) the database codes."""
-    out = {"test": encode(splits.test), "val": encode(splits.val),
-           "database": encode(splits.database) if database is None else database}
+    """Logits of every split the metrics read; pass ``database`` to reuse (or substitute) the database codes.
+
+    ``val`` is only needed by the OOD baseline; the database ends with the val split (see
+    :meth:`EvalSplits.build`), so its codes are sliced from there rather than encoded twice.
+    """
+    out = {"test": encode(splits.test), "database": encode(splits.database) if database is None else database}
     if splits.ood_test is not None:
+        out["val"] = out["database"][-len(splits.val):] if database is None else encode(splits.val)
         out["ood_val"], out["ood_test"] = encode(splits.ood_val), encode(splits.ood_test)
     return out
 
