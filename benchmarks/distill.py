@@ -18,11 +18,20 @@ from pathlib import Path
 
 import torch
 from common import machine, print_table, recipe, run_stages, share_checkpoints, write_json
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from hashdistill.data import build_dataset
 from hashdistill.distill.models import load_model
-from hashdistill.distill.student_stage import train_student
+from hashdistill.distill.student_stage import (
+    LABELS_ONLY,
+    IndexedDataset,
+    build_student,
+    distillation_batch_loss,
+    train_student,
+)
 from hashdistill.pipeline import Pipeline
+from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
 
 SWEEP = {
@@ -47,6 +56,54 @@ def images_per_s(run: RunDir, stage: str) -> float:
     return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
 
+def paired_throughput(r: Recipe, teacher_path: Path, rounds: int = 7, steps: int = 15) -> dict:
+    """Training images/s of distillation (cached teacher) vs a student-only step, interleaved in one process.
+
+    Two epochs run minutes apart on a shared machine measure the neighbours as much as the code, so
+    the two kinds of step alternate in short blocks (order flipped every round) over the same data
+    loader settings and the ratio is taken per round; its median is reported. The one-off cost of
+    filling the cache (one teacher pass over the training set) is reported beside it.
+    """
+    device = torch.device("cpu")
+    teacher, _ = load_model(str(teacher_path))
+    teacher.eval().requires_grad_(False)
+    train = build_dataset(r.data, "train")
+    steppers = {}
+    for mode, weights in (("distill", r.student.losses), ("student_only", LABELS_ONLY)):
+        torch.manual_seed(r.seed)
+        student = build_student(r.student, teacher)
+        started = time.perf_counter()
+        loss = distillation_batch_loss(student, teacher, weights, r.student, train, device, r.data.eval_batch_size)
+        setup = time.perf_counter() - started
+        optimizer = torch.optim.AdamW(student.parameters(), lr=r.student.train.lr)
+        loader = DataLoader(IndexedDataset(train), batch_size=r.data.batch_size, shuffle=True, drop_last=True)
+        steppers[mode] = (student.train(), loss, optimizer, loader, setup)
+
+    def block(mode: str) -> float:
+        student, loss, optimizer, loader, _ = steppers[mode]
+        batches = iter(loader)
+        started, seen = time.perf_counter(), 0
+        for _ in range(steps):
+            batch = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss(student, batch).backward()
+            optimizer.step()
+            seen += len(batch[0])
+        return seen / (time.perf_counter() - started)
+
+    block("distill"), block("student_only")  # warm-up
+    rates = {"distill": [], "student_only": []}
+    for i in range(rounds):
+        for mode in (("distill", "student_only") if i % 2 == 0 else ("student_only", "distill")):
+            rates[mode].append(block(mode))
+    ratios = [d / s for d, s in zip(rates["distill"], rates["student_only"])]
+    return {"distill_img_s": statistics.median(rates["distill"]),
+            "student_only_img_s": statistics.median(rates["student_only"]),
+            "throughput_ratio": statistics.median(ratios), "throughput_ratios": ratios,
+            "cache_fill_seconds": steppers["distill"][4],
+            "student_only_epoch_seconds": len(train) / statistics.median(rates["student_only"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-run", default="bench_out/teacher/k16", help="run dir with checkpoints/teacher")
@@ -59,10 +116,12 @@ def main() -> None:
                         help="must match the teacher run's data and bits")
     parser.add_argument("--sweep", default="kd T=1|kd T=4|kd T=2 + code_bce + augment (teacher online)",
                         help=f"'|'-separated names from: {' | '.join(SWEEP)}; or ''")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every student run, e.g. student.temperature=4 (repeatable)")
     args = parser.parse_args()
     teacher_run, work = Path(args.teacher_run), Path(args.work)
     base = [*args.teacher_overrides.split(","), f"data.train_limit={args.train_limit}",
-            f"student.train.epochs={args.epochs}"]
+            f"student.train.epochs={args.epochs}", *args.set]
     started = time.time()
     rows = []
     for name in args.students.split(","):
@@ -92,9 +151,9 @@ def main() -> None:
                      "teacher_map": teacher["map"], "teacher_mhd_acc": teacher["mhd_accuracy"],
                      "latency_ms_b64": models["student"]["latency_ms_b64"],
                      "teacher_latency_ms_b64": teacher["latency_ms_b64"],
-                     "distill_img_s": images_per_s(run, "student"),
-                     "student_only_img_s": images_per_s(run, "student-labels-only")})
-        rows[-1]["throughput_ratio"] = rows[-1]["distill_img_s"] / rows[-1]["student_only_img_s"]
+                     "epoch_img_s": {"distill": images_per_s(run, "student"),
+                                     "student_only": images_per_s(run, "student-labels-only")},
+                     **paired_throughput(r, run.checkpoint("teacher"))})
     print_table(rows, ["student", "params", "param_ratio", "map", "map_vs_teacher", "labels_only_map", "mhd_acc",
                        "labels_only_mhd_acc", "asymmetric_map", "throughput_ratio"])
     sweep_rows = []

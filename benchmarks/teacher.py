@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the float baseline and of each LLC phase")
     parser.add_argument("--train-limit", type=int, default=12000)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--skip-ood", action="store_true")
+    parser.add_argument("--ood-bits", default="16,32", help="bit widths of the OOD table; '' skips it")
     args = parser.parse_args()
     work = Path(args.work)
     common = [f"teacher.backbone={args.backbone}", f"data.train_limit={args.train_limit}",
@@ -49,17 +49,22 @@ def main() -> None:
                      "float": epochs_and_seconds(first, ("float-baseline",)),
                      "teacher": epochs_and_seconds(folder, ("teacher-phase1", "teacher-phase2"))})
     print_table(rows, ["bits", "float_acc", "mhd_acc", "ed_acc", "map", "map_tie_aware", "p_at_r2"])
-    ood = None
-    if not args.skip_ood:
-        folder = work / "ood-k16"
-        summary = run_stages(recipe("fashion-mnist-ood", [*common, "teacher.bits=16"]), folder, ("teacher",))
+    ood, first = [], None
+    for bits in (int(b) for b in args.ood_bits.split(",") if b):
+        folder = work / f"ood-k{bits}"
+        if first is not None:
+            share_checkpoints(first, folder, ("float-baseline",))
+        summary = run_stages(recipe("fashion-mnist-ood", [*common, f"teacher.bits={bits}"]), folder, ("teacher",))
+        first = first or folder
         teacher = summary["models"]["teacher"]
-        ood = {"exact_match": teacher["ood"]["exact_match"], "msp_baseline": teacher["ood"]["msp_baseline"],
-               "mhd_acc_in_distribution": teacher["mhd_accuracy"],
-               "teacher": epochs_and_seconds(folder, ("float-baseline", "teacher-phase1", "teacher-phase2"))}
-        print_table([{"detector": "exact match (no threshold)", **ood["exact_match"], "ood_samples_used": 0},
-                     {"detector": "max softmax (tuned)", **ood["msp_baseline"]}],
-                    ["detector", "tpr", "fpr", "auroc", "ood_samples_used"])
+        ood.append({"bits": bits, "exact_match": teacher["ood"]["exact_match"],
+                    "msp_baseline": teacher["ood"]["msp_baseline"], "mhd_acc_in_distribution": teacher["mhd_accuracy"],
+                    "float": epochs_and_seconds(first, ("float-baseline",)),
+                    "teacher": epochs_and_seconds(folder, ("teacher-phase1", "teacher-phase2"))})
+    print_table([{"bits": r["bits"], "detector": name, **r[key]} for r in ood
+                 for name, key in (("exact match", "exact_match"), ("max softmax, tuned", "msp_baseline"))],
+                ["bits", "detector", "tpr", "fpr", "youden_j", "auroc", "tpr_at_exact_match_fpr",
+                 "samples_to_match_exact_match"])
     write_json(args.out, {"benchmark": "teacher", "machine": machine(), "args": vars(args), "rows": rows, "ood": ood,
                           "wall_seconds": time.time() - started})
 

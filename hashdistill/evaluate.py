@@ -97,11 +97,9 @@ def code_metrics(logits: dict[str, np.ndarray], splits: EvalSplits, class_codes:
                                                             test_labels)
     result["bits"] = bits
     if "ood_test" in logits:
-        result["ood"] = {
-            "exact_match": metrics.ood_exact_match(packed["test"], packed["ood_test"], packed_classes),
-            "msp_baseline": metrics.ood_msp_baseline(*(softmax(logits[s] @ class_codes.T)
-                                                       for s in ("val", "ood_val", "test", "ood_test"))),
-        }
+        exact = metrics.ood_exact_match(packed["test"], packed["ood_test"], packed_classes)
+        class_logits = (logits[s] @ class_codes.T for s in ("val", "ood_val", "test", "ood_test"))
+        result["ood"] = {"exact_match": exact, "msp_baseline": metrics.ood_msp_baseline(*class_logits, exact)}
     return result
 
 
@@ -112,12 +110,6 @@ def validation_accuracy(model: nn.Module, dataset: Dataset, device: torch.device
     labels = labels_of(dataset)
     return {"val_mhd_accuracy": metrics.classification_accuracy(codes.mhd_decode(packed, classes), labels),
             "val_ed_accuracy": metrics.classification_accuracy(codes.ed_decode(packed, classes), labels)}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
 
 
 def onnx_encoder(path: str, batch_size: int = 256) -> Encoder:

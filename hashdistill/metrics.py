@@ -121,48 +121,74 @@ def ood_exact_match(id_codes: np.ndarray, ood_codes: np.ndarray, class_codes: np
     ood_dist = _min_class_distance(ood_codes, class_codes, "ood_codes")
     scores = np.concatenate([id_dist, ood_dist])
     is_ood = np.concatenate([np.zeros(len(id_dist)), np.ones(len(ood_dist))])
-    return {
-        "tpr": float(np.mean(ood_dist > 0)),
-        "fpr": float(np.mean(id_dist > 0)),
-        "auroc": float(roc_auc_score(is_ood, scores)),
-        "n_id": len(id_dist),
-        "n_ood": len(ood_dist),
-    }
+    tpr, fpr = float(np.mean(ood_dist > 0)), float(np.mean(id_dist > 0))
+    return {"tpr": tpr, "fpr": fpr, "youden_j": tpr - fpr, "auroc": float(roc_auc_score(is_ood, scores)),
+            "n_id": len(id_dist), "n_ood": len(ood_dist)}
 
 
-def ood_msp_baseline(
-    val_id_probs: np.ndarray, val_ood_probs: np.ndarray, test_id_probs: np.ndarray, test_ood_probs: np.ndarray
-) -> dict:
-    """Max-softmax-probability baseline: score = 1 - max prob, threshold tuned on held-out samples.
+TUNING_SAMPLE_SIZES = (2, 4, 6, 10, 20, 40, 100, 200, 400, 1000, 2000, 4000, 10000)
 
-    Unlike exact matching, it needs OOD samples: the threshold maximises Youden's J = TPR - FPR on the
-    validation ID/OOD sets (ties: the highest threshold); an input is flagged when score >= threshold.
+
+def ood_msp_baseline(val_id_logits: np.ndarray, val_ood_logits: np.ndarray, test_id_logits: np.ndarray,
+                     test_ood_logits: np.ndarray, exact_match: dict | None = None, draws: int = 50,
+                     seed: int = 0) -> dict:
+    """Max-softmax-probability baseline on class logits, its threshold tuned on held-out samples.
+
+    The score is -log(max softmax) = log1p(sum_{j != top} exp(l_j - l_top)) in float64: the same
+    ranking as 1 - MSP, without the float32 softmax rounding confident inputs to exactly 1.0 (which
+    would tie most of them and hand the baseline a coarse threshold). The threshold maximises
+    Youden's J = TPR - FPR on the held-out ID/OOD sets (ties: the highest); an input is flagged when
+    its score is >= the threshold, i.e. when its MSP <= ``max_prob_threshold``.
+
+    Unlike exact matching the baseline needs OOD samples. Given ``exact_match`` (from
+    :func:`ood_exact_match` on the same test sets) it also reports the baseline's TPR at exact
+    match's FPR, and how many held-out samples (half ID, half OOD, ``draws`` random draws each) its
+    threshold needs before its mean test J reaches exact match's: ``None`` when it never does.
     """
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score, roc_curve
 
-    sets = [val_id_probs, val_ood_probs, test_id_probs, test_ood_probs]
-    names = ["val_id_probs", "val_ood_probs", "test_id_probs", "test_ood_probs"]
-    val_id, val_ood, test_id, test_ood = (_msp_score(p, name) for p, name in zip(sets, names))
-    if len({np.shape(p)[1] for p in sets}) != 1:
-        raise UserError(
-            f"all probability arrays must have the same number of classes, got {[np.shape(p) for p in sets]}"
-        )
+    sets = [val_id_logits, val_ood_logits, test_id_logits, test_ood_logits]
+    names = ["val_id_logits", "val_ood_logits", "test_id_logits", "test_ood_logits"]
+    val_id, val_ood, test_id, test_ood = (_msp_score(z, name) for z, name in zip(sets, names))
+    if len({np.shape(z)[1] for z in sets}) != 1:
+        raise UserError(f"all logit arrays must have the same number of classes, got {[np.shape(z) for z in sets]}")
 
-    candidates = np.unique(np.concatenate([val_id, val_ood]))
-    tpr = 1.0 - np.searchsorted(np.sort(val_ood), candidates, side="left") / len(val_ood)
-    fpr = 1.0 - np.searchsorted(np.sort(val_id), candidates, side="left") / len(val_id)
-    j = tpr - fpr
-    threshold = float(candidates[np.flatnonzero(j == j.max())[-1]])
+    threshold, val_j = _youden_threshold(val_id, val_ood)
+    sorted_test = np.sort(test_id), np.sort(test_ood)
     scores = np.concatenate([test_id, test_ood])
     is_ood = np.concatenate([np.zeros(len(test_id)), np.ones(len(test_ood))])
-    return {
-        "threshold": threshold,
-        "tpr": float(np.mean(test_ood >= threshold)),
-        "fpr": float(np.mean(test_id >= threshold)),
-        "auroc": float(roc_auc_score(is_ood, scores)),
-        "val_youden_j": float(j.max()),
-        "ood_samples_used": len(val_ood),
-    }
+    tpr, fpr = float(np.mean(test_ood >= threshold)), float(np.mean(test_id >= threshold))
+    result = {"max_prob_threshold": float(np.exp(-threshold)), "tpr": tpr, "fpr": fpr, "youden_j": tpr - fpr,
+              "auroc": float(roc_auc_score(is_ood, scores)), "val_youden_j": val_j,
+              "ood_samples_used": len(val_ood), "id_samples_used": len(val_id)}
+    if exact_match is not None:
+        roc_fpr, roc_tpr, _ = roc_curve(is_ood, scores)
+        result["tpr_at_exact_match_fpr"] = float(np.interp(exact_match["fpr"], roc_fpr, roc_tpr))
+        rng = np.random.default_rng(seed)
+        curve = []
+        for n in (n for n in TUNING_SAMPLE_SIZES if n // 2 <= min(len(val_id), len(val_ood))):
+            draws_j = [_youden_at(*sorted_test, _youden_threshold(rng.choice(val_id, n // 2, replace=False),
+                                                                  rng.choice(val_ood, n // 2, replace=False))[0])
+                       for _ in range(draws)]
+            curve.append([n, float(np.mean(draws_j))])
+        result["tuning_curve"] = curve
+        result["samples_to_match_exact_match"] = next((n for n, j in curve if j >= exact_match["youden_j"]), None)
+    return result
+
+
+def _youden_threshold(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[float, float]:
+    """The highest score threshold that maximises TPR - FPR on these samples, and that maximum."""
+    candidates = np.unique(np.concatenate([id_scores, ood_scores]))
+    j = _youden_at(np.sort(id_scores), np.sort(ood_scores), candidates)
+    best = np.flatnonzero(j == j.max())[-1]
+    return float(candidates[best]), float(j[best])
+
+
+def _youden_at(sorted_id: np.ndarray, sorted_ood: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
+    """J(t) = P(OOD score >= t) - P(ID score >= t), vectorised over thresholds."""
+    tpr = 1.0 - np.searchsorted(sorted_ood, thresholds, side="left") / len(sorted_ood)
+    fpr = 1.0 - np.searchsorted(sorted_id, thresholds, side="left") / len(sorted_id)
+    return tpr - fpr
 
 
 class _Tables:
@@ -294,8 +320,13 @@ def _min_class_distance(codes: np.ndarray, class_codes: np.ndarray, name: str) -
     return out
 
 
-def _msp_score(probs: np.ndarray, name: str) -> np.ndarray:
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2 or len(probs) == 0:
-        raise UserError(f"{name} must be a non-empty (n, classes) probability array, got shape {probs.shape}")
-    return 1.0 - probs.max(axis=1)
+def _msp_score(logits: np.ndarray, name: str) -> np.ndarray:
+    """-log(max softmax) of each row, exact in float64 down to margins of ~700 nats."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or len(logits) == 0 or logits.shape[1] < 2:
+        raise UserError(f"{name} must be a non-empty (n, classes >= 2) logit array, got shape {logits.shape}")
+    if not np.isfinite(logits).all():
+        raise UserError(f"{name} contains NaN or infinite logits")
+    others = np.exp(logits - logits.max(axis=1, keepdims=True))
+    others[np.arange(len(others)), logits.argmax(axis=1)] = 0.0
+    return np.log1p(others.sum(axis=1))

@@ -216,18 +216,54 @@ def test_ood_exact_match():
         ood_exact_match(id_codes, ood_codes[:0], classes)
 
 
-def test_ood_msp_baseline_tunes_on_validation_only():
-    def probs(max_probs):
-        p = np.asarray(max_probs, dtype=float)
-        return np.stack([p, 1 - p], axis=1)
+def _two_class_logits(max_probs):
+    """Logits whose softmax is [p, 1 - p], so -log(max softmax) = -log(p) for p >= 0.5."""
+    p = np.asarray(max_probs, dtype=float)
+    return np.log(np.stack([p, 1 - p], axis=1))
 
-    val_id, val_ood = probs([0.9, 0.8]), probs([0.5, 0.6])  # scores 0.1, 0.2 vs 0.5, 0.4
-    test_id, test_ood = probs([0.95, 0.55, 0.7]), probs([0.5, 0.65])  # scores .05 .45 .3 vs .5 .35
+
+def test_ood_msp_baseline_tunes_on_validation_only():
+    val_id, val_ood = _two_class_logits([0.9, 0.8]), _two_class_logits([0.5, 0.6])
+    test_id, test_ood = _two_class_logits([0.95, 0.55, 0.7]), _two_class_logits([0.5, 0.65])
     res = ood_msp_baseline(val_id, val_ood, test_id, test_ood)
-    assert res["threshold"] == pytest.approx(0.4)  # J = 1 at 0.4 (and the highest such threshold)
+    assert res["max_prob_threshold"] == pytest.approx(0.6)  # J = 1 when MSP <= 0.6 (the strictest such rule)
     assert res["tpr"] == pytest.approx(1 / 2)
     assert res["fpr"] == pytest.approx(1 / 3)
+    assert res["youden_j"] == pytest.approx(1 / 2 - 1 / 3)
     assert res["auroc"] == pytest.approx(5 / 6)  # test scores only: 5 of 6 (OOD, ID) pairs ordered
     assert res["ood_samples_used"] == 2
+    assert "samples_to_match_exact_match" not in res  # only with an exact-match result to compare against
     with pytest.raises(UserError):
-        ood_msp_baseline(val_id, val_ood, test_id, np.ones((2, 3)) / 3)
+        ood_msp_baseline(val_id, val_ood, test_id, np.zeros((2, 3)))
+    with pytest.raises(UserError):
+        ood_msp_baseline(val_id, val_ood, test_id, np.full((2, 2), np.nan))
+
+
+def test_ood_msp_baseline_ranks_inputs_float32_softmax_would_tie():
+    # Margins of 40 and 50 nats both give max softmax == 1.0 in float32 (and 40+ in float64):
+    # the -log(MSP) score keeps them apart, so the baseline can still separate ID from OOD.
+    def margin(values):
+        return np.stack([np.asarray(values, dtype=float), np.zeros(len(values))], axis=1)
+
+    ident, ood = margin([50.0, 52.0, 55.0]), margin([40.0, 41.0])
+    res = ood_msp_baseline(ident, ood, ident, ood)
+    assert (res["tpr"], res["fpr"], res["auroc"]) == (1.0, 0.0, 1.0)
+
+
+def test_ood_msp_baseline_compares_with_exact_match():
+    rng = np.random.default_rng(0)
+    val_id, test_id = _two_class_logits(rng.uniform(0.7, 1.0, 400)), _two_class_logits(rng.uniform(0.7, 1.0, 400))
+    val_ood, test_ood = _two_class_logits(rng.uniform(0.5, 0.8, 400)), _two_class_logits(rng.uniform(0.5, 0.8, 400))
+
+    def compare(exact_j, exact_fpr=0.0):
+        return ood_msp_baseline(val_id, val_ood, test_id, test_ood, {"youden_j": exact_j, "fpr": exact_fpr})
+
+    weak, strong = compare(-1.0), compare(1.01)
+    assert weak["samples_to_match_exact_match"] == 2  # any tuned threshold beats a detector with J = -1
+    assert strong["samples_to_match_exact_match"] is None  # no threshold reaches J > 1
+    sizes, mean_j = zip(*weak["tuning_curve"])
+    assert sizes[0] == 2 and sizes[-1] <= 800
+    assert mean_j[-1] > mean_j[0]  # more tuning samples, a better threshold
+    # MSP in [0.7, 0.8] is ambiguous; at zero FPR (MSP < 0.7 only) the OOD inputs caught are those below 0.7
+    assert compare(0.0, 0.0)["tpr_at_exact_match_fpr"] == pytest.approx(np.mean(test_ood[:, 0] < np.log(0.7)),
+                                                                       abs=0.01)

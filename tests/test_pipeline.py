@@ -90,3 +90,23 @@ def test_eval_command_on_checkpoint_and_onnx(finished_run, tmp_path):
         figures = json.loads(figures_path.read_text())
         assert plot_path.stat().st_size > 1000
         assert {"map", "map_tie_aware", "mhd_accuracy", "ed_accuracy", "precision_at_radius"} <= figures.keys()
+
+
+def test_ood_recipe_reports_exact_match_beside_the_tuned_baseline(tmp_path):
+    from hashdistill.pipeline import Pipeline
+    from hashdistill.recipe import recipe_from_dict
+    from hashdistill.rundir import RunDir
+
+    recipe = recipe_from_dict({**TINY, "data": {**TINY["data"], "in_classes": [0, 1, 2], "ood_classes": [3]}})
+    run = RunDir(tmp_path / "run")
+    Pipeline(recipe, run).run_all(("teacher",))
+    ood = run.summary()["models"]["teacher"]["ood"]
+    exact, msp = ood["exact_match"], ood["msp_baseline"]
+    assert exact["n_ood"] > 0 and msp["ood_samples_used"] > 0  # OOD test images; OOD train images tune MSP
+    for detector in (exact, msp):
+        assert 0 <= detector["fpr"] <= 1 and 0 <= detector["tpr"] <= 1
+        assert detector["youden_j"] == pytest.approx(detector["tpr"] - detector["fpr"])
+    assert 0 <= msp["tpr_at_exact_match_fpr"] <= 1
+    assert [n for n, _ in msp["tuning_curve"]][:3] == [2, 4, 6]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Out-of-distribution detection" in report and "held-out samples MSP needs" in report
