@@ -34,13 +34,17 @@ from hashdistill.pipeline import Pipeline
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
 
-SWEEP = {
+STUDENTS = {  # label -> recipe overrides; any other label is a timm model name
+    # resnet18 at a third of its width (and ~1/10 of its parameters): the teacher's own family
+    "resnet18-thin": ["student.model=resnet18", "student.model_kwargs={channels: [20, 40, 80, 160]}"],
+}
+
+SWEEP = {  # label -> recipe overrides on top of the benchmark's own (--set)
     "kd T=1": ["student.temperature=1", "student.losses={bernoulli_kd: 1.0}"],
-    "kd T=4": ["student.temperature=4", "student.losses={bernoulli_kd: 1.0}"],
-    "kd T=2 + code_bce": ["student.temperature=2", "student.losses={bernoulli_kd: 1.0, code_bce: 0.5}"],
+    "kd T=2": ["student.temperature=2", "student.losses={bernoulli_kd: 1.0}"],
+    "kd T=2 + code_bce 0.5": ["student.temperature=2", "student.losses={bernoulli_kd: 1.0, code_bce: 0.5}"],
     "dth_mse": ["student.losses={dth_mse: 1.0}"],
-    "kd T=2 + code_bce + augment (teacher online)": ["data.augment=true",
-                                                    "student.losses={bernoulli_kd: 1.0, code_bce: 0.5}"],
+    "augment, teacher online": ["data.augment=true"],
 }
 
 
@@ -109,13 +113,15 @@ def main() -> None:
     parser.add_argument("--teacher-run", default="bench_out/teacher/k16", help="run dir with checkpoints/teacher")
     parser.add_argument("--out", default="bench_out/distill.json")
     parser.add_argument("--work", default="bench_out/distill")
-    parser.add_argument("--students", default="regnetx_002,lcnet_050")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--students", default="resnet18-thin,lcnet_075",
+                        help=f"comma-separated timm names or presets ({', '.join(STUDENTS)})")
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--train-limit", type=int, default=12000)
     parser.add_argument("--teacher-overrides", default="teacher.backbone=resnet18,teacher.bits=16",
                         help="must match the teacher run's data and bits")
-    parser.add_argument("--sweep", default="kd T=1|kd T=4|kd T=2 + code_bce + augment (teacher online)",
+    parser.add_argument("--sweep", default="|".join(SWEEP),
                         help=f"'|'-separated names from: {' | '.join(SWEEP)}; or ''")
+    parser.add_argument("--sweep-student", default=None, help="the student of the sweep (default: the first)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every student run, e.g. student.temperature=4 (repeatable)")
     args = parser.parse_args()
@@ -127,7 +133,7 @@ def main() -> None:
     for name in args.students.split(","):
         folder = work / name
         share_checkpoints(teacher_run, folder, ("teacher",))
-        r = recipe("fashion-mnist", [*base, f"student.model={name}"])
+        r = recipe("fashion-mnist", [*base, *STUDENTS.get(name, [f"student.model={name}"])])
         summary = run_stages(r, folder, ("teacher", "student"))
         run = RunDir(folder)
         labels_path = run.checkpoint("student-labels-only")
@@ -157,11 +163,12 @@ def main() -> None:
     print_table(rows, ["student", "params", "param_ratio", "map", "map_vs_teacher", "labels_only_map", "mhd_acc",
                        "labels_only_mhd_acc", "asymmetric_map", "throughput_ratio"])
     sweep_rows = []
-    sweep_student = args.students.split(",")[-1]
+    sweep_student = args.sweep_student or args.students.split(",")[0]
     for label in [s.strip() for s in args.sweep.split("|") if s.strip()]:
         folder = work / f"sweep-{sweep_student}-{label.replace(' ', '_').replace('=', '').replace(',', '')}"
         share_checkpoints(teacher_run, folder, ("teacher",))
-        r = recipe("fashion-mnist", [*base, f"student.model={sweep_student}", *SWEEP[label]])
+        r = recipe("fashion-mnist", [*base, *STUDENTS.get(sweep_student, [f"student.model={sweep_student}"]),
+                                     *SWEEP[label]])
         summary = run_stages(r, folder, ("teacher", "student"))
         sweep_rows.append({"setting": label, "map": summary["models"]["student"]["map"],
                            "mhd_acc": summary["models"]["student"]["mhd_accuracy"]})

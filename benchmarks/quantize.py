@@ -4,7 +4,7 @@ For each threshold t in the sweep: ternarize the student's fully connected layer
 the distillation loss from the teacher, and report sparsity, bytes of the quantized layers (fp32
 vs 2-bit packed + scales), mAP and MHD accuracy against the fp32 student, measured in the same run.
 
-    python benchmarks/quantize.py --student-run bench_out/distill/lcnet_050 --out bench_out/quantize.json
+    python benchmarks/quantize.py --student-run bench_out/distill/lcnet_075 --out bench_out/quantize.json
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from hashdistill.rundir import RunDir
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--student-run", default="bench_out/distill/lcnet_050",
+    parser.add_argument("--student-run", default="bench_out/distill/lcnet_075",
                         help="run dir holding checkpoints/student and checkpoints/teacher")
     parser.add_argument("--out", default="bench_out/quantize.json")
     parser.add_argument("--thresholds", default="0.02,0.05,0.1,0.2")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--overrides", default="teacher.backbone=resnet18,teacher.bits=16,data.train_limit=12000,"
-                        "student.model=lcnet_050", help="recipe overrides matching the student run")
+                        "student.model=lcnet_075", help="recipe overrides matching the student run")
     args = parser.parse_args()
     source = RunDir(Path(args.student_run))
     started = time.time()

@@ -4,7 +4,7 @@ Every hash model maps a normalised image batch to real-valued code logits ``z`` 
 (B, k); the binary code is ``sign(z)`` with sign(0) = +1. Each carries the ±1 class codebook it
 decodes with (``class_codes``), so evaluation, quantization and export need nothing else.
 A model is rebuilt from its checkpoint metadata with :func:`build_from_meta`, which is why the
-metadata records the timm name, bit width and class count.
+metadata records the timm name (and a student's extra timm arguments), bit width and class count.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from hashdistill.checkpoint import load_checkpoint, load_state_strict
 from hashdistill.errors import UserError
+from hashdistill.recipe import unsafe_model_kwargs
 
 TEACHER, STUDENT, FLOAT = "teacher", "student", "float"
 TERNARY = "ternary-student"  # a student whose FC layers are ternarized (written by hashdistill.quantize)
@@ -28,10 +29,20 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (hard - x).detach()
 
 
-def create_backbone(name: str, pretrained: bool = False) -> nn.Module:
-    """A timm model without classifier (``num_classes=0``); a bad name is a user error."""
+def create_backbone(name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``); a bad name or argument is a user error.
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. resnet ``channels`` for a thin student); they
+    may come from an untrusted checkpoint, so arguments that make timm read files are refused.
+    """
+    model_kwargs = model_kwargs or {}
+    if not isinstance(model_kwargs, dict) or unsafe_model_kwargs(model_kwargs):
+        raise UserError(f"timm model arguments {model_kwargs!r} are not allowed (hashdistill sets them, or timm "
+                        "would read files with them)")
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"timm model '{name}' does not take the arguments {model_kwargs!r}: {exc}") from None
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise UserError(f"unknown timm model '{name}' (see timm.list_models())") from None
@@ -76,9 +87,10 @@ class LLCTeacher(nn.Module):
 class HashStudent(nn.Module):
     """Any timm backbone plus a linear hash head to the teacher's k bits, decoding with its codebook."""
 
-    def __init__(self, backbone: str, bits: int, num_classes: int, pretrained: bool = False):
+    def __init__(self, backbone: str, bits: int, num_classes: int, pretrained: bool = False,
+                 model_kwargs: dict[str, Any] | None = None):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, model_kwargs)
         self.hash_head = nn.Linear(feature_dim(self.backbone), bits)
         self.register_buffer("codes", torch.ones(num_classes, bits))
 
@@ -136,7 +148,7 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
         return LLCTeacher(arch, bits, num_classes)
     if kind == FLOAT:
         return FloatClassifier(arch, num_classes)
-    return HashStudent(arch, bits, num_classes)
+    return HashStudent(arch, bits, num_classes, model_kwargs=meta.get("arch_kwargs"))
 
 
 def check_class_codebook(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: Any) -> None:

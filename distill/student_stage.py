@@ -44,7 +44,7 @@ class IndexedDataset(Dataset):
 
 def build_student(cfg: StudentConfig, teacher: nn.Module) -> HashStudent:
     """A student with the teacher's bit width and a copy of its class codebook."""
-    student = HashStudent(cfg.model, teacher.bits, teacher.class_codes.shape[0], cfg.pretrained)
+    student = HashStudent(cfg.model, teacher.bits, teacher.class_codes.shape[0], cfg.pretrained, cfg.model_kwargs)
     student.codes.copy_(teacher.class_codes)
     return student
 
@@ -78,7 +78,7 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
     if is_main_process():
         meta = model_meta(STUDENT, cfg.model, teacher.bits,
                           {k: teacher_meta[k] for k in ("class_names", "mean", "std", "input_size")},
-                          data=dataclasses.asdict(data), recipe_hash=recipe.digest(),
+                          arch_kwargs=cfg.model_kwargs, data=dataclasses.asdict(data), recipe_hash=recipe.digest(),
                           training={name: record, "losses": weights, "temperature": cfg.temperature,
                                     "teacher": str(teacher_path)})
         save_checkpoint(path, student.state_dict(), meta)

@@ -58,6 +58,7 @@ def build_props(meta: dict[str, Any], class_codes: np.ndarray, *, ternary_layers
         "bit_order": BIT_ORDER,
         "kind": str(meta.get("kind", "")),
         "arch": str(meta.get("arch", "")),
+        "arch_kwargs": json.dumps(meta.get("arch_kwargs") or {}, sort_keys=True),
         "dataset": str(data.get("dataset", "")),
         "data": json.dumps(data, sort_keys=True),
         "hashdistill_version": str(meta.get("hashdistill_version", "")),

@@ -94,10 +94,23 @@ class TeacherConfig:
         _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
 
 
+# timm.create_model arguments a recipe or a checkpoint may not set: hashdistill sets them itself, or
+# timm would read files or reach the hub with them (a checkpoint's metadata is untrusted input).
+_RESERVED_MODEL_KWARGS = ("num_classes", "features_only", "pretrained", "checkpoint", "cache", "path", "file", "url",
+                          "hub")
+
+
+def unsafe_model_kwargs(kwargs: dict[str, Any]) -> str | None:
+    """The first key of ``kwargs`` that must not reach ``timm.create_model``, or None."""
+    return next((k for k in kwargs if any(word in k.lower() for word in _RESERVED_MODEL_KWARGS)), None)
+
+
 @dataclass
 class StudentConfig:
     model: str = "mobilenetv3_small_100"
     pretrained: bool = False
+    # Extra ``timm.create_model`` arguments, e.g. a thin resnet18: {channels: [20, 40, 80, 160]}.
+    model_kwargs: dict[str, int | float | bool | str | list[int | float]] = field(default_factory=dict)
     train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
     losses: dict[str, float] = field(default_factory=lambda: {"bernoulli_kd": 1.0, "code_bce": 0.5})
     temperature: float = 2.0
@@ -105,6 +118,8 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", "must be > 0")
+        bad = unsafe_model_kwargs(self.model_kwargs)
+        _check(not bad, "model_kwargs", f"'{bad}' is not allowed: hashdistill sets it, or timm reads files with it")
         _check(bool(self.losses), "losses", f"needs at least one of {', '.join(LOSS_NAMES)}")
         for name, weight in self.losses.items():
             _check(name in LOSS_NAMES, "losses", f"unknown loss '{name}'; allowed: {', '.join(LOSS_NAMES)}")

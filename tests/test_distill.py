@@ -146,3 +146,30 @@ def test_hash_models_build_on_any_timm_backbone(backbone):
     teacher = LLCTeacher(backbone, bits=12, num_classes=3)
     x = torch.randn(2, 3, 32, 32)
     assert student(x).shape == (2, 12) and teacher(x).shape == (2, 12)
+
+
+def test_student_takes_timm_arguments_and_rebuilds_from_its_checkpoint(tmp_path):
+    from hashdistill.checkpoint import save_checkpoint
+    from hashdistill.distill.models import STUDENT, load_model, model_meta
+
+    thin = HashStudent("resnet18", bits=8, num_classes=3, model_kwargs={"channels": [8, 16, 32, 64]})
+    params = sum(p.numel() for p in thin.parameters())
+    assert params < sum(p.numel() for p in HashStudent("resnet18", bits=8, num_classes=3).parameters()) / 10
+    info = {"class_names": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.5] * 3, "input_size": 32}
+    path = tmp_path / "thin.safetensors"
+    save_checkpoint(path, thin.state_dict(), model_meta(STUDENT, "resnet18", 8, info,
+                                                        arch_kwargs={"channels": [8, 16, 32, 64]}))
+    rebuilt, _ = load_model(str(path))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(rebuilt(x), thin.eval()(x))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_path": "/tmp/evil.pth"}, "not allowed"),  # timm would torch.load it
+    ({"pretrained_cfg_overlay": {"file": "x"}}, "not allowed"),
+    ({"num_classes": 5}, "not allowed"),
+    ({"no_such_argument": 1}, "does not take"),
+])
+def test_unsafe_or_unknown_timm_arguments_are_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        HashStudent("resnet18", bits=8, num_classes=3, model_kwargs=kwargs)

@@ -37,6 +37,8 @@ def test_recipe_file_path(tmp_path):
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
     ({"teacher": {"phase1": {"optimizer": "lion"}}}, "teacher.phase1.optimizer"),
     ({"student": {"losses": {"magic": 1.0}}}, "student.losses"),
+    ({"student": {"model_kwargs": {"checkpoint_path": "x.pth"}}}, "student.model_kwargs"),
+    ({"student": {"model_kwargs": {"channels": {"a": 1}}}}, "student.model_kwargs.channels"),
     ({"quantize": {"threshold": 1.0}}, "quantize.threshold"),
     ({"data": {"in_classes": [0, 1], "ood_classes": [1]}}, "data.ood_classes"),
     ({"data": "fashion"}, "data"),
