@@ -185,6 +185,10 @@ def headline() -> list[str]:
     for row in (distill or {}).get("rows", []):
         rows.append((f"student {row['student']}", f"{row['param_ratio']:.1f}x fewer parameters, mAP {fmt(row['map'])} "
                      f"({row['map_vs_teacher']:.3f} x teacher; labels only {fmt(row['labels_only_map'])})"))
+    if distill and distill.get("sweep"):
+        best, teacher_map = max(distill["sweep"], key=lambda r: r["map"]), distill["rows"][0]["teacher_map"]
+        rows.append((f"student {distill['sweep_student']}, best of the sweep", f"{best['setting']}: mAP "
+                     f"{fmt(best['map'])} ({best['map'] / teacher_map:.3f} x teacher)"))
     if quantize:
         best = min(quantize["rows"], key=lambda r: abs(r["t"] - 0.05))
         rows.append((f"ternary student (t={best['t']})", f"FC layers {best['compression']:.1f}x smaller, mAP drop "
