@@ -43,7 +43,7 @@ SWEEP = {  # label -> recipe overrides on top of the benchmark's own (--set)
     "kd T=1": ["student.temperature=1", "student.losses={bernoulli_kd: 1.0}"],
     "kd T=2": ["student.temperature=2", "student.losses={bernoulli_kd: 1.0}"],
     "kd T=2 + code_bce 0.5": ["student.temperature=2", "student.losses={bernoulli_kd: 1.0, code_bce: 0.5}"],
-    "kd T=4 + code_bce 1.0": ["student.losses={bernoulli_kd: 1.0, code_bce: 1.0}"],
+    "kd T=4 + code_bce 1.0": ["student.temperature=4", "student.losses={bernoulli_kd: 1.0, code_bce: 1.0}"],
     "dth_mse": ["student.losses={dth_mse: 1.0}"],
     "augment, teacher online": ["data.augment=true"],
 }

@@ -36,9 +36,10 @@ def create_backbone(name: str, pretrained: bool = False, model_kwargs: dict[str,
     may come from an untrusted checkpoint, so arguments that make timm read files are refused.
     """
     model_kwargs = model_kwargs or {}
-    if not isinstance(model_kwargs, dict) or unsafe_model_kwargs(model_kwargs):
-        raise UserError(f"timm model arguments {model_kwargs!r} are not allowed (hashdistill sets them, or timm "
-                        "would read files with them)")
+    if not isinstance(model_kwargs, dict) or unsafe_model_kwargs(model_kwargs) or \
+            not all(_is_plain_value(v) for v in model_kwargs.values()):
+        raise UserError(f"timm model arguments {model_kwargs!r} are not allowed (numbers, strings, booleans or "
+                        "lists of numbers only; not the ones hashdistill sets or that make timm read files)")
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
     except (TypeError, ValueError) as exc:
@@ -165,6 +166,13 @@ def check_class_codebook(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
         raise UserError(f"{source}: tensor '{name}' has shape {shape}, but the metadata records "
                         f"{meta.get('num_classes')!r} classes and {meta.get('bits')!r} bits "
                         "(another bit width or architecture?)")
+
+
+def _is_plain_value(value: Any) -> bool:
+    """What a recipe's ``model_kwargs`` can hold; a checkpoint's metadata may hold anything."""
+    if isinstance(value, list):
+        return all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    return isinstance(value, int | float | bool | str)
 
 
 def _is_count(value: Any) -> bool:

@@ -142,8 +142,9 @@ def ood_msp_baseline(val_id_logits: np.ndarray, val_ood_logits: np.ndarray, test
 
     Unlike exact matching the baseline needs OOD samples. Given ``exact_match`` (from
     :func:`ood_exact_match` on the same test sets) it also reports the baseline's TPR at exact
-    match's FPR, and how many held-out samples (half ID, half OOD, ``draws`` random draws each) its
-    threshold needs before its mean test J reaches exact match's: ``None`` when it never does.
+    match's FPR, and how many held-out samples (half ID, half OOD, ``draws`` random draws each; the
+    last point uses them all) its threshold needs before its mean test J reaches exact match's:
+    ``None`` when it never does.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -171,6 +172,7 @@ def ood_msp_baseline(val_id_logits: np.ndarray, val_ood_logits: np.ndarray, test
                                                                   rng.choice(val_ood, n // 2, replace=False))[0])
                        for _ in range(draws)]
             curve.append([n, float(np.mean(draws_j))])
+        curve.append([len(val_id) + len(val_ood), tpr - fpr])  # the threshold tuned on every held-out sample
         result["tuning_curve"] = curve
         result["samples_to_match_exact_match"] = next((n for n, j in curve if j >= exact_match["youden_j"]), None)
     return result

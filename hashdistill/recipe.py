@@ -95,14 +95,15 @@ class TeacherConfig:
 
 
 # timm.create_model arguments a recipe or a checkpoint may not set: hashdistill sets them itself, or
-# timm would read files or reach the hub with them (a checkpoint's metadata is untrusted input).
-_RESERVED_MODEL_KWARGS = ("num_classes", "features_only", "pretrained", "checkpoint", "cache", "path", "file", "url",
-                          "hub")
+# timm would read files or reach the hub with them (a checkpoint's metadata is untrusted input), or the
+# model would be built where its weights cannot be loaded (device, dtype).
+_RESERVED_MODEL_KWARGS = {"num_classes", "features_only", "checkpoint_path", "cache_dir", "device", "dtype",
+                          "scriptable", "exportable", "no_jit"}
 
 
 def unsafe_model_kwargs(kwargs: dict[str, Any]) -> str | None:
     """The first key of ``kwargs`` that must not reach ``timm.create_model``, or None."""
-    return next((k for k in kwargs if any(word in k.lower() for word in _RESERVED_MODEL_KWARGS)), None)
+    return next((k for k in kwargs if k in _RESERVED_MODEL_KWARGS or k.startswith("pretrained")), None)
 
 
 @dataclass

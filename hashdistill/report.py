@@ -84,9 +84,11 @@ def _ood_section(models: dict[str, dict[str, Any]]) -> list[str]:
         if not ood:
             continue
         ex, msp = ood["exact_match"], ood["msp_baseline"]
-        needed = msp.get("samples_to_match_exact_match")
-        rows.append(f"| {name} | {ex['tpr']:.4f} | {ex['fpr']:.4f} | {ex['youden_j']:.4f} | {ex['auroc']:.4f} "
-                    f"| {msp['tpr']:.4f} | {msp['fpr']:.4f} | {msp['youden_j']:.4f} | {msp['auroc']:.4f} "
+        if "tpr_at_exact_match_fpr" not in msp:  # evaluated by a version before the comparison existed
+            msp = {**msp, "tpr_at_exact_match_fpr": float("nan"), "samples_to_match_exact_match": "not computed"}
+        needed = msp["samples_to_match_exact_match"]
+        rows.append(f"| {name} | {ex['tpr']:.4f} | {ex['fpr']:.4f} | {ex['tpr'] - ex['fpr']:.4f} | {ex['auroc']:.4f} "
+                    f"| {msp['tpr']:.4f} | {msp['fpr']:.4f} | {msp['tpr'] - msp['fpr']:.4f} | {msp['auroc']:.4f} "
                     f"| {msp['tpr_at_exact_match_fpr']:.4f} | {'never' if needed is None else needed} |")
     if not rows:
         return []

@@ -168,8 +168,16 @@ def test_student_takes_timm_arguments_and_rebuilds_from_its_checkpoint(tmp_path)
     ({"checkpoint_path": "/tmp/evil.pth"}, "not allowed"),  # timm would torch.load it
     ({"pretrained_cfg_overlay": {"file": "x"}}, "not allowed"),
     ({"num_classes": 5}, "not allowed"),
+    ({"device": "meta"}, "not allowed"),  # built where the checkpoint's weights would silently not load
+    ({"channels": {"nested": [1]}}, "not allowed"),  # only what a recipe can hold
     ({"no_such_argument": 1}, "does not take"),
 ])
 def test_unsafe_or_unknown_timm_arguments_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         HashStudent("resnet18", bits=8, num_classes=3, model_kwargs=kwargs)
+
+
+def test_ordinary_timm_arguments_pass():
+    student = HashStudent("resnet18", bits=8, num_classes=3, model_kwargs={"drop_path_rate": 0.1,
+                                                                           "channels": [8, 16, 32, 64]})
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 8)

@@ -233,6 +233,9 @@ def test_ood_msp_baseline_tunes_on_validation_only():
     assert res["auroc"] == pytest.approx(5 / 6)  # test scores only: 5 of 6 (OOD, ID) pairs ordered
     assert res["ood_samples_used"] == 2
     assert "samples_to_match_exact_match" not in res  # only with an exact-match result to compare against
+    # J ties at 0.5 between MSP 0.7 and MSP 0.5 (scores -log 0.7 and -log 0.5): the strictest rule wins
+    tie = ood_msp_baseline(_two_class_logits([0.9, 0.6]), _two_class_logits([0.7, 0.5]), test_id, test_ood)
+    assert tie["max_prob_threshold"] == pytest.approx(0.5) and tie["val_youden_j"] == pytest.approx(0.5)
     with pytest.raises(UserError):
         ood_msp_baseline(val_id, val_ood, test_id, np.zeros((2, 3)))
     with pytest.raises(UserError):
@@ -262,7 +265,8 @@ def test_ood_msp_baseline_compares_with_exact_match():
     assert weak["samples_to_match_exact_match"] == 2  # any tuned threshold beats a detector with J = -1
     assert strong["samples_to_match_exact_match"] is None  # no threshold reaches J > 1
     sizes, mean_j = zip(*weak["tuning_curve"])
-    assert sizes[0] == 2 and sizes[-1] <= 800
+    assert sizes[0] == 2 and sizes[-1] == 800  # the last point: every held-out sample
+    assert mean_j[-1] == pytest.approx(weak["youden_j"])
     assert mean_j[-1] > mean_j[0]  # more tuning samples, a better threshold
     # MSP in [0.7, 0.8] is ambiguous; at zero FPR (MSP < 0.7 only) the OOD inputs caught are those below 0.7
     assert compare(0.0, 0.0)["tpr_at_exact_match_fpr"] == pytest.approx(np.mean(test_ood[:, 0] < np.log(0.7)),
