@@ -65,12 +65,17 @@ def test_odd_bit_widths_pad_the_last_byte_with_zeros(tmp_path, ckpts):
     assert not (packed[:, -1] & 0b11111).any()  # 11 bits: the last 5 bits of byte 2 are padding
 
 
-def test_ternary_layers_stay_packed_at_opset_18(export_root, ckpts):
-    path, _ = exported(export_root, "ternary", 18)
+def _ternary_export(export_root, ckpts, opset: int):
+    """The exported ternary student at ``opset``: path, export figures, checkpoint model and meta, ONNX graph."""
+    path, figures = exported(export_root, "ternary", opset)
     model, meta = load_any_model(ckpts.ternary)
     proto = onnx.load(path)
-    initializers = {t.name: t for t in proto.graph.initializer}
-    for name, layer in ternary_layers(model).items():
+    return path, figures, ternary_layers(model), meta, proto, {t.name: t for t in proto.graph.initializer}
+
+
+def test_ternary_layers_stay_packed_at_opset_18(export_root, ckpts):
+    path, _, layers, meta, proto, initializers = _ternary_export(export_root, ckpts, 18)
+    for name, layer in layers.items():
         packed = initializers[f"model.{name}.packed"]
         assert packed.data_type == onnx.TensorProto.UINT8
         assert math.prod(packed.dims) == packed_size(layer.weight.numel())
@@ -81,11 +86,8 @@ def test_ternary_layers_stay_packed_at_opset_18(export_root, ckpts):
 
 
 def test_ternary_layers_are_int2_at_opset_25(export_root, ckpts):
-    path, figures = exported(export_root, "ternary", 25)
-    model, _ = load_any_model(ckpts.ternary)
-    proto = onnx.load(path)
-    initializers = {t.name: t for t in proto.graph.initializer}
-    for name, layer in ternary_layers(model).items():
+    _, figures, layers, _, proto, initializers = _ternary_export(export_root, ckpts, 25)
+    for name, layer in layers.items():
         int2 = initializers[f"model.{name}.codes"]
         assert int2.data_type == onnx.TensorProto.INT2
         assert len(int2.raw_data) == packed_size(layer.weight.numel())
