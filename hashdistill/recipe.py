@@ -135,7 +135,7 @@ class QuantizeConfig:
     exclude: list[str] = field(default_factory=list)
     scale_init: Literal["mean", "one"] = "mean"
     train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=1e-4))
-    scale_lr: float = 1e-3
+    scale_lr: float = 1e-2  # Wp, Wn train as logarithms: a relative step (Adam: about 1% per step)
 
     def __post_init__(self) -> None:
         _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")

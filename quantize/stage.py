@@ -1,9 +1,9 @@
 """The quantize stage: ternarize a student checkpoint and fine-tune it under the distillation loss.
 
-Scales (Wp, Wn) and latent weights get their own learning rates (``quantize.scale_lr`` and
-``quantize.train.lr``); the rest of the student keeps training at ``quantize.train.lr``. The
-teacher is the one recorded in the student's checkpoint unless another is given; without any
-teacher the fine-tuning falls back to the supervised code loss, and the report says so.
+Scales (Wp, Wn, trained as logarithms so they stay positive) and latent weights get their own learning
+rates (``quantize.scale_lr`` and ``quantize.train.lr``); the rest of the student keeps training at
+``quantize.train.lr``. The teacher is the one recorded in the student's checkpoint unless another is
+given; without any teacher the fine-tuning falls back to the supervised code loss, and the report says so.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from .packing import pack_ternary, unpack_ternary
 from .ttq import (
     TTQConfig,
     apply_ternary,
-    eligible_layers,
     refuse_if_ternarized,
     ternary_layers,
+    ternary_modules,
     ternary_rule,
     ternary_state,
 )
@@ -66,11 +66,14 @@ def load_ternary_into(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
     layers = meta.get("ternary_layers")
     if not isinstance(layers, dict) or not layers:
         raise UserError("checkpoint has no 'ternary_layers' metadata: it is not a ternary checkpoint")
+    if not all(isinstance(info, dict) for info in layers.values()):
+        raise UserError("checkpoint metadata 'ternary_layers' must map layer names to {'shape': [...]}")
     refuse_if_ternarized(model)
-    eligible = eligible_layers(model)
+    try:
+        eligible = ternary_modules(model, list(layers))
+    except UserError as exc:
+        raise UserError(f"ternary checkpoint does not fit this model: {exc}") from None
     for name, info in layers.items():
-        if name not in eligible:
-            raise UserError(f"ternary layer '{name}' of the checkpoint is not a quantizable layer of this model")
         shape = list(eligible[name].weight.shape)
         if info.get("shape") != shape:
             raise UserError(f"ternary layer '{name}': checkpoint shape {info.get('shape')}, model shape {shape}")
@@ -87,8 +90,10 @@ def load_ternary_into(model: nn.Module, tensors: dict[str, torch.Tensor], meta: 
             raise UserError(f"ternary layer '{name}': corrupt codes ({exc})") from None
         latent = eligible[name].parametrizations.weight.original
         state[_key(name, PARAM_PREFIX + "original")] = values.view(info["shape"]).to(latent.dtype)
-        state[_key(name, PARAM_PREFIX + "0.wp")] = wp
-        state[_key(name, PARAM_PREFIX + "0.wn")] = wn
+        for leaf, scale in (("wp", wp), ("wn", wn)):
+            if scale.numel() != 1 or not scale.is_floating_point() or not bool((scale > 0) & scale.isfinite()):
+                raise UserError(f"ternary layer '{name}': scale {leaf} must be one positive finite number")
+            state[_key(name, PARAM_PREFIX + f"0.log_{leaf}")] = scale.reshape(()).log()
     _check_keys(model, state)
     try:
         model.load_state_dict(state, strict=True)

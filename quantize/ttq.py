@@ -7,6 +7,13 @@ applies it in place, in the style of torchao's ``quantize_``, via
 and ``module.weight`` is the ternary weight. Scales are initialised to the mean |w| of each side
 (``scale_init="mean"``) rather than the original code's 1.0, so a freshly ternarized layer starts close
 to the float layer it replaces.
+
+TTQ defines Wp and Wn as positive. Free scales are not kept so (a strong push drives Wn below zero, the
+"negative" weights turn positive and the latent gradient on them flips), so each scale is trained as its
+logarithm: Wp = exp(log_wp) > 0 whatever the optimizer does. The Function below still receives Wp and Wn
+and returns TTQ's gradients with respect to them; autograd multiplies by Wp (or Wn) on the way to the
+log. With Adam a step of the log is about ``lr`` whatever the gradient's size, so the scales' learning
+rate is a relative step (0.01 = about 1% per step).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .packing import packed_size
 SCALE_INITS = ("mean", "one")
 HEAD_KEYWORDS = ("head", "classifier", "fc")
 SCALE_BYTES = 8  # Wp and Wn as two fp32 values
+TERNARY_TYPES = (nn.Linear, nn.Conv2d)  # what apply_ternary, ternary checkpoints and the exporter all handle
 
 
 @dataclass(frozen=True)
@@ -62,55 +70,87 @@ def _check_fraction(field: str, value: object) -> None:
 
 
 class Ternarize(torch.autograd.Function):
-    """w_t = +Wp where w > Delta, 0 where |w| <= Delta, -Wn where w < -Delta, with TTQ's gradients.
+    """w_t = +Wp on I_p, 0 on I_0, -Wn on I_n, with TTQ's gradients.
 
+    ``pos`` / ``neg`` are the boolean masks of I_p / I_n (with a threshold: w > Delta, w < -Delta).
     Backward: dL/dWp = sum of g over I_p; dL/dWn = -(sum of g over I_n) (w_t = -Wn there); dL/dw is
-    Wp*g on I_p, g on I_0 and Wn*g on I_n. ``delta`` gets no gradient.
+    Wp*g on I_p, g on I_0 and Wn*g on I_n. The masks get no gradient.
     """
 
     @staticmethod
     def forward(
-        ctx, w: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, delta: torch.Tensor
+        ctx, w: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
     ) -> torch.Tensor:
-        pos, neg = _masks(w, delta)
         ctx.save_for_backward(pos, neg, wp, wn)
         zero = w.new_zeros(())
         return torch.where(pos, wp.to(w.dtype), torch.where(neg, -wn.to(w.dtype), zero))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         pos, neg, wp, wn = ctx.saved_tensors
         zero = grad.new_zeros(())
         grad_wp = torch.where(pos, grad, zero).sum().to(wp.dtype)
         grad_wn = -torch.where(neg, grad, zero).sum().to(wn.dtype)
         grad_w = torch.where(pos, wp.to(grad.dtype) * grad, torch.where(neg, wn.to(grad.dtype) * grad, grad))
-        return grad_w, grad_wp, grad_wn, None
-
-
-def _masks(w: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return w > delta, w < -delta
+        return grad_w, grad_wp, grad_wn, None, None
 
 
 class TernaryWeight(nn.Module):
-    """Parametrization holding a layer's trainable scales ``wp``, ``wn`` and its threshold rule."""
+    """Parametrization holding a layer's positive scales Wp, Wn (trained as ``log_wp``, ``log_wn``) and its rule.
+
+    The rule picks I_0: with ``target_sparsity`` s, exactly round(s * numel) weights of smallest magnitude
+    (ties broken by position, so tied magnitudes never zero more than asked); otherwise |w| <= Delta with
+    Delta = ``threshold`` * max|w|.
+    """
 
     def __init__(self, wp: float, wn: float, threshold: float, target_sparsity: float | None = None) -> None:
         super().__init__()
-        self.wp = nn.Parameter(torch.tensor(float(wp)))
-        self.wn = nn.Parameter(torch.tensor(float(wn)))
+        self.log_wp = nn.Parameter(torch.tensor(float(wp)).log())
+        self.log_wn = nn.Parameter(torch.tensor(float(wn)).log())
         self.threshold = threshold
         self.target_sparsity = target_sparsity
 
+    @property
+    def wp(self) -> torch.Tensor:
+        return self.log_wp.exp()
+
+    @property
+    def wn(self) -> torch.Tensor:
+        return self.log_wn.exp()
+
+    @torch.no_grad()
+    def set_scales(self, wp: float, wn: float) -> None:
+        """Set Wp and Wn (both must be positive and finite)."""
+        for name, value in (("Wp", wp), ("Wn", wn)):
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(f"TTQ scale {name} must be positive and finite, got {value}")
+        self.log_wp.fill_(float(wp)).log_()
+        self.log_wn.fill_(float(wn)).log_()
+
     def delta(self, w: torch.Tensor) -> torch.Tensor:
-        """Delta for the current latent weight (no gradient flows through it)."""
+        """The largest |w| that is zeroed (the absolute threshold); no gradient flows through it."""
         a = w.detach().abs().flatten()
         if self.target_sparsity is None:
             return self.threshold * a.max()
-        k = max(1, round(self.target_sparsity * a.numel()))
-        return a.kthvalue(k).values
+        return a.kthvalue(self._zero_count(a.numel())).values
+
+    def masks(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks of I_p and I_n for the latent weight ``w``."""
+        w = w.detach()
+        if self.target_sparsity is None:
+            delta = self.delta(w)
+            return w > delta, w < -delta
+        order = torch.sort(w.abs().flatten(), stable=True).indices
+        keep = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+        keep[order[: self._zero_count(w.numel())]] = False
+        keep = keep.view_as(w)
+        return keep & (w > 0), keep & (w < 0)
+
+    def _zero_count(self, numel: int) -> int:
+        return min(numel, max(1, round(self.target_sparsity * numel)))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return Ternarize.apply(w, self.wp, self.wn, self.delta(w))
+        return Ternarize.apply(w, self.wp, self.wn, *self.masks(w))
 
     def extra_repr(self) -> str:
         rule = f"threshold={self.threshold}"
@@ -188,24 +228,41 @@ def select_layers(model: nn.Module, config: TTQConfig) -> list[str]:
 
 
 def apply_ternary(model: nn.Module, names: list[str], config: TTQConfig) -> None:
-    """Register the TTQ parametrization on the weight of each named module, scales initialised per config."""
-    modules = dict(model.named_modules())
+    """Register the TTQ parametrization on the weight of each named module, scales initialised per config.
+
+    Any nn.Linear or nn.Conv2d may be named (not only :func:`eligible_layers`): a ternary checkpoint of such
+    a model loads back, since :func:`ternary_modules` accepts the same types.
+    """
+    modules = ternary_modules(model, names)
     for name in names:
         module = modules[name]
         weight = module.weight.detach()
         rule = TernaryWeight(1.0, 1.0, config.threshold, config.target_sparsity)
         rule = rule.to(weight.device, weight.dtype)
         if config.scale_init == "mean":
-            pos, neg = _masks(weight, rule.delta(weight))
-            with torch.no_grad():
-                rule.wp.fill_(_mean_abs(weight[pos]))
-                rule.wn.fill_(_mean_abs(weight[neg]))
+            pos, neg = rule.masks(weight)
+            rule.set_scales(_mean_abs(weight[pos]), _mean_abs(weight[neg]))
         parametrize.register_parametrization(module, "weight", rule)
 
 
+def ternary_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The named modules of ``model``, checked to be plain layers TTQ can ternarize; UserError otherwise."""
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            raise UserError(f"no module named '{name}' in the model")
+        if not isinstance(module, TERNARY_TYPES):
+            raise UserError(f"'{name}' is a {type(module).__name__}; TTQ ternarizes nn.Linear and nn.Conv2d layers")
+        if ternary_rule(module) is not None:
+            raise UserError(f"'{name}' is already a ternary layer")
+    return {name: modules[name] for name in names}
+
+
 def _mean_abs(values: torch.Tensor) -> float:
-    # An empty side is used by no weight yet; fall back to the original code's 1.0.
-    return values.abs().mean().item() if values.numel() else 1.0
+    # An empty (or all-zero) side is used by no weight yet; fall back to the original code's 1.0.
+    mean = values.abs().mean().item() if values.numel() else 0.0
+    return mean if mean > 0 else 1.0
 
 
 def ternary_rule(module: nn.Module) -> TernaryWeight | None:
@@ -227,10 +284,9 @@ def ternary_state(module: nn.Module) -> TernaryState:
     if rule is None:
         raise ValueError(f"{type(module).__name__} is not a ternary layer")
     latent = module.parametrizations.weight.original
-    delta = rule.delta(latent)
-    pos, neg = _masks(latent, delta)
+    pos, neg = rule.masks(latent)
     codes = pos.to(torch.int8) - neg.to(torch.int8)
-    return TernaryState(codes=codes, wp=rule.wp.item(), wn=rule.wn.item(), threshold=delta.item())
+    return TernaryState(codes=codes, wp=rule.wp.item(), wn=rule.wn.item(), threshold=rule.delta(latent).item())
 
 
 def layer_report(model: nn.Module) -> list[dict]:
@@ -252,9 +308,9 @@ def layer_report(model: nn.Module) -> list[dict]:
 
 
 def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The Wp, Wn scales of every ternary layer (TTQ trains them with their own learning rate)."""
+    """log Wp, log Wn of every ternary layer (TTQ trains the scales with their own learning rate)."""
     rules = [ternary_rule(m) for m in ternary_layers(model).values()]
-    return [p for rule in rules for p in (rule.wp, rule.wn)]
+    return [p for rule in rules for p in (rule.log_wp, rule.log_wn)]
 
 
 def latent_parameters(model: nn.Module) -> list[nn.Parameter]:

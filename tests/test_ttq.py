@@ -11,6 +11,7 @@ from hashdistill.quantize.ternary_checkpoint import load_ternary_into, save_tern
 from hashdistill.quantize.ttq import (
     Ternarize,
     TTQConfig,
+    apply_ternary,
     latent_parameters,
     layer_report,
     scale_parameters,
@@ -20,6 +21,10 @@ from hashdistill.quantize.ttq import (
 )
 
 # ---------------------------------------------------------------- the autograd Function
+
+
+def _ternarize(w, wp, wn, delta):
+    return Ternarize.apply(w, wp, wn, w.detach() > delta, w.detach() < -delta)
 
 
 def _inputs(dtype=torch.float64, seed=0):
@@ -35,14 +40,14 @@ def _inputs(dtype=torch.float64, seed=0):
 
 def test_forward_values():
     w = torch.tensor([0.9, -0.8, 0.05, -0.05, 0.1, -0.1])
-    out = Ternarize.apply(w, torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.1))
+    out = _ternarize(w, torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.1))
     assert out.tolist() == [2.0, -3.0, 0.0, 0.0, 0.0, 0.0]  # |w| <= Delta is zero
 
 
 def test_scale_gradients_match_finite_differences():
     """With the index sets fixed, w_t is linear in (Wp, Wn): gradcheck compares against finite differences."""
     w, wp, wn, delta = _inputs()
-    assert torch.autograd.gradcheck(lambda p, n: Ternarize.apply(w, p, n, delta), (wp, wn))
+    assert torch.autograd.gradcheck(lambda p, n: _ternarize(w, p, n, delta), (wp, wn))
 
 
 def test_latent_gradient_matches_reference_surrogate():
@@ -52,7 +57,7 @@ def test_latent_gradient_matches_reference_surrogate():
     assert pos.any() and neg.any() and (~pos & ~neg).any()
     g = torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=w.dtype)
     w_leaf = w.clone().requires_grad_(True)
-    Ternarize.apply(w_leaf, wp, wn, delta).backward(g)
+    _ternarize(w_leaf, wp, wn, delta).backward(g)
 
     def surrogate_loss(x):
         scale = torch.where(pos, wp.detach(), torch.where(neg, wn.detach(), torch.ones_like(x)))
@@ -76,7 +81,7 @@ def test_wn_gradient_sign_by_hand():
     wp = torch.tensor(2.0, requires_grad=True)
     wn = torch.tensor(3.0, requires_grad=True)
     g = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    out = Ternarize.apply(w, wp, wn, torch.tensor(0.1))
+    out = _ternarize(w, wp, wn, torch.tensor(0.1))
     assert out.tolist() == [2.0, -3.0, 0.0, -3.0]
     out.backward(g)
     assert wp.grad.item() == 1.0
@@ -93,9 +98,9 @@ def test_gradients_through_a_ternarized_linear():
     g = torch.ones(4, 1) * x.sum(0)  # dL/dW_t for L = sum(x W^T + b)
     state = ternary_state(layer)
     pos, neg = state.codes == 1, state.codes == -1
-    wp, wn = scale_parameters(layer)
-    torch.testing.assert_close(wp.grad, g[pos].sum())
-    torch.testing.assert_close(wn.grad, -g[neg].sum())
+    log_wp, log_wn = scale_parameters(layer)  # d/dlog(Wp) = Wp * dL/dWp (chain rule through exp)
+    torch.testing.assert_close(log_wp.grad, state.wp * g[pos].sum())
+    torch.testing.assert_close(log_wn.grad, -state.wn * g[neg].sum())
     expected = torch.where(pos, state.wp * g, torch.where(neg, state.wn * g, g))
     torch.testing.assert_close(latent_parameters(layer)[0].grad, expected)
 
@@ -204,7 +209,8 @@ def test_layer_uses_ternary_weight_and_mean_init():
 def test_scale_init_one():
     layer = nn.Linear(8, 4)
     ternarize_(layer, TTQConfig(scale_init="one"))
-    assert [p.item() for p in scale_parameters(layer)] == [1.0, 1.0]
+    state = ternary_state(layer)
+    assert (state.wp, state.wn) == (1.0, 1.0)
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.9])
@@ -213,6 +219,34 @@ def test_target_sparsity(target):
     model = nn.Sequential(nn.Linear(128, 64))
     ternarize_(model, TTQConfig(target_sparsity=target))
     assert layer_report(model)[0]["sparsity"] == pytest.approx(target, abs=0.01)
+
+
+def test_target_sparsity_with_tied_magnitudes_zeroes_exactly_as_many_as_asked():
+    layer = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():  # 8 weights share |w| = 0.5: a threshold at the 4th smallest would zero all 8
+        tied = [0.5, -0.5, 0.5, -0.5]
+        layer.weight.copy_(torch.tensor([tied, tied, [1, -1, 2, -2], [3, -3, 4, -4.0]]))
+    ternarize_(layer, TTQConfig(target_sparsity=0.25))
+    codes = ternary_state(layer).codes
+    assert int((codes == 0).sum()) == 4
+    assert codes[2:].abs().min() == 1  # the largest weights are never the ones zeroed
+    assert int((layer.weight == 0).sum()) == 4
+
+
+def test_scales_stay_positive_under_a_strong_push():
+    """Free scales went below zero after 21 SGD steps at lr 0.1; TTQ defines Wp, Wn > 0."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    ternarize_(layer)
+    opt = torch.optim.SGD(scale_parameters(layer), lr=0.1)
+    for _ in range(50):  # push every ternary weight up: dL/dWn = |I_n| > 0, so a free Wn goes below zero
+        opt.zero_grad()
+        (-layer.weight.sum()).backward()
+        opt.step()
+    state = ternary_state(layer)
+    assert state.wp > 0 and state.wn > 0
+    neg = state.codes == -1
+    assert neg.any() and (layer.weight[neg] < 0).all()  # "negative" weights stay negative
 
 
 def test_layer_report_bytes_ratio():
@@ -257,8 +291,8 @@ def _trained_ternary_student(tmp_path):
     model = Student()
     assert ternarize_(model) == ["hash_head"]
     with torch.no_grad():  # move away from the init so scales are not recomputable from the latent weight
-        scale_parameters(model)[0].mul_(1.7)
-        scale_parameters(model)[1].mul_(0.6)
+        scale_parameters(model)[0].add_(0.5)  # log scales: Wp x 1.65
+        scale_parameters(model)[1].sub_(0.5)
     path = save_ternary(tmp_path / "student.safetensors", model, {"kind": "ternary_student"})
     return model.eval(), path
 
@@ -291,10 +325,33 @@ def test_ternary_checkpoint_mismatch(tmp_path):
     tensors, meta = load_checkpoint(path)
     with pytest.raises(UserError, match=r"hash_head.*shape \[24, 512\].*\[16, 512\]"):
         load_ternary_into(Student(bits=16), tensors, meta)
-    with pytest.raises(UserError, match="'head' of the checkpoint is not a quantizable layer"):
+    with pytest.raises(UserError, match="does not fit this model: no module named 'head'"):
         load_ternary_into(Student(), tensors, {**meta, "ternary_layers": {"head": {"shape": [24, 512]}}})
     with pytest.raises(UserError, match="not a ternary checkpoint"):
         load_ternary_into(Student(), tensors, {"kind": "student"})
     del tensors["backbone.bn1.weight"]
     with pytest.raises(UserError, match=r"missing \['backbone.bn1.weight'\]"):
+        load_ternary_into(Student(), tensors, meta)
+
+
+def test_any_linear_or_conv_ternarized_by_apply_ternary_loads_back(tmp_path):
+    """apply_ternary accepts layers outside the default scope (a 3x3 conv); their checkpoint must load."""
+    torch.manual_seed(0)
+    model = Net()
+    apply_ternary(model, ["body", "hash_head"], TTQConfig(target_sparsity=0.4))
+    path = save_ternary(tmp_path / "net.safetensors", model, {"kind": "ternary_student"})
+    tensors, meta = load_checkpoint(path)
+    fresh = load_ternary_into(Net(), tensors, meta)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    with pytest.raises(UserError, match="'bn' is a BatchNorm2d"):
+        apply_ternary(Net(), ["bn"], TTQConfig())
+
+
+def test_non_positive_scale_in_a_checkpoint_is_refused(tmp_path):
+    _, path = _trained_ternary_student(tmp_path)
+    tensors, meta = load_checkpoint(path)
+    tensors["hash_head.wn"] = torch.tensor(-0.5)
+    with pytest.raises(UserError, match="scale wn must be one positive finite number"):
         load_ternary_into(Student(), tensors, meta)
