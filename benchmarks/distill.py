@@ -6,7 +6,7 @@ against the teacher-built database (asymmetric retrieval); and distillation thro
 cached teacher against a student-only epoch, measured in the same run. A sweep on one student
 looks for what makes distillation pay (temperature, loss mix, augmentation with the teacher online).
 
-    python benchmarks/distill.py --teacher-run bench_out/teacher/k16 --out bench_out/distill.json
+    python benchmarks/distill.py --teacher-run bench_out/teacher/k16 --out benchmarks/results/distill.json
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def paired_throughput(r: Recipe, teacher_path: Path, rounds: int = 7, steps: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-run", default="bench_out/teacher/k16", help="run dir with checkpoints/teacher")
-    parser.add_argument("--out", default="bench_out/distill.json")
+    parser.add_argument("--out", default="benchmarks/results/distill.json")
     parser.add_argument("--work", default="bench_out/distill")
     parser.add_argument("--students", default="resnet18-thin,lcnet_075",
                         help=f"comma-separated timm names or presets ({', '.join(STUDENTS)})")
@@ -149,20 +149,21 @@ def main() -> None:
                      "teacher_params": teacher["params"],
                      "param_ratio": teacher["params"] / models["student"]["params"],
                      "flops": flops(student, r.data.image_size),
-                     "map": models["student"]["map"], "map_tie_aware": models["student"]["map_tie_aware"],
-                     "map_vs_teacher": models["student"]["map"] / teacher["map"],
+                     "map_tie_aware": models["student"]["map_tie_aware"], "map": models["student"]["map"],
+                     "map_vs_teacher": models["student"]["map_tie_aware"] / teacher["map_tie_aware"],
                      "mhd_acc": models["student"]["mhd_accuracy"],
-                     "labels_only_map": models["student (labels only)"]["map"],
+                     "labels_only_map_tie_aware": models["student (labels only)"]["map_tie_aware"],
                      "labels_only_mhd_acc": models["student (labels only)"]["mhd_accuracy"],
-                     "asymmetric_map": models["student -> teacher db"]["map"],
-                     "teacher_map": teacher["map"], "teacher_mhd_acc": teacher["mhd_accuracy"],
+                     "asymmetric_map_tie_aware": models["student -> teacher db"]["map_tie_aware"],
+                     "teacher_map_tie_aware": teacher["map_tie_aware"], "teacher_mhd_acc": teacher["mhd_accuracy"],
                      "latency_ms_b64": models["student"]["latency_ms_b64"],
                      "teacher_latency_ms_b64": teacher["latency_ms_b64"],
                      "epoch_img_s": {"distill": images_per_s(run, "student"),
                                      "student_only": images_per_s(run, "student-labels-only")},
                      **paired_throughput(r, run.checkpoint("teacher"))})
-    print_table(rows, ["student", "params", "param_ratio", "map", "map_vs_teacher", "labels_only_map", "mhd_acc",
-                       "labels_only_mhd_acc", "asymmetric_map", "throughput_ratio"])
+    print_table(rows, ["student", "params", "param_ratio", "map_tie_aware", "map_vs_teacher",
+                       "labels_only_map_tie_aware", "mhd_acc", "labels_only_mhd_acc", "asymmetric_map_tie_aware",
+                       "throughput_ratio"])
     sweep_rows = []
     sweep_student = args.sweep_student or args.students.split(",")[0]
     for label in [s.strip() for s in args.sweep.split("|") if s.strip()]:
@@ -171,10 +172,10 @@ def main() -> None:
         r = recipe("fashion-mnist", [*base, *STUDENTS.get(sweep_student, [f"student.model={sweep_student}"]),
                                      *SWEEP[label]])
         summary = run_stages(r, folder, ("teacher", "student"))
-        sweep_rows.append({"setting": label, "map": summary["models"]["student"]["map"],
+        sweep_rows.append({"setting": label, "map_tie_aware": summary["models"]["student"]["map_tie_aware"],
                            "mhd_acc": summary["models"]["student"]["mhd_accuracy"]})
     if sweep_rows:
-        print_table(sweep_rows, ["setting", "map", "mhd_acc"])
+        print_table(sweep_rows, ["setting", "map_tie_aware", "mhd_acc"])
     write_json(args.out, {"benchmark": "distill", "machine": machine(), "args": vars(args), "rows": rows,
                           "sweep": sweep_rows, "sweep_student": sweep_student, "wall_seconds": time.time() - started})
 

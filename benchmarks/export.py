@@ -7,7 +7,7 @@ head conv; exported packed at opset 18 and as INT2 at opset 25). Latency is the 
 runs in this one process, so the ratios are comparable; search compares faiss IndexBinaryFlat with
 the numpy popcount baseline (hashdistill.codes) over random codes.
 
-    python benchmarks/export.py --out bench_out/export.json
+    python benchmarks/export.py --out benchmarks/results/export.json
     python benchmarks/export.py --database 100000 --latency-runs 3    # quicker
 """
 
@@ -42,7 +42,7 @@ from hashdistill.recipe import DataConfig
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench_out/export.json")
+    parser.add_argument("--out", default="benchmarks/results/export.json")
     parser.add_argument("--teacher", default="resnet50")
     parser.add_argument("--student", default="mobilenetv3_small_100")
     parser.add_argument("--bits", type=int, default=16)

@@ -1,7 +1,7 @@
 """Run every benchmark and rewrite BENCHMARKS.md from their JSON output (no figure is typed by hand).
 
     python benchmarks/run_all.py                 # run all benchmarks, then write BENCHMARKS.md
-    python benchmarks/run_all.py --render-only   # rewrite BENCHMARKS.md from bench_out/*.json
+    python benchmarks/run_all.py --render-only   # rewrite BENCHMARKS.md from benchmarks/results/*.json
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from common import git_commit, machine
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"  # committed: BENCHMARKS.md and the README headline are rendered from it
 QUICKSTART = ["hashdistill", "run", "quickstart", "--out", "bench_out/quickstart", "--force"]
 BENCHMARKS = {  # name -> command (run from the repository root), in dependency order
-    "teacher": [sys.executable, "benchmarks/teacher.py", "--out", "bench_out/teacher.json"],
-    "distill": [sys.executable, "benchmarks/distill.py", "--out", "bench_out/distill.json"],
-    "quantize": [sys.executable, "benchmarks/quantize.py", "--out", "bench_out/quantize.json", "--epochs", "1"],
-    "export": [sys.executable, "benchmarks/export.py", "--out", "bench_out/export.json"],
+    "teacher": [sys.executable, "benchmarks/teacher.py", "--out", "benchmarks/results/teacher.json"],
+    "distill": [sys.executable, "benchmarks/distill.py", "--out", "benchmarks/results/distill.json"],
+    "quantize": [sys.executable, "benchmarks/quantize.py", "--out", "benchmarks/results/quantize.json",
+                 "--epochs", "1"],
+    "export": [sys.executable, "benchmarks/export.py", "--out", "benchmarks/results/export.json"],
     "quickstart": QUICKSTART,
 }
 
@@ -37,11 +39,11 @@ def run(name: str) -> None:
         summary = json.loads((ROOT / "bench_out/quickstart/summary.json").read_text())
         payload = {"benchmark": "quickstart", "machine": machine(), "wall_seconds": time.time() - started,
                    "models": {n: {k: v for k, v in m.items() if k != "pr_curve"} for n, m in summary["models"].items()}}
-        (ROOT / "bench_out/quickstart.json").write_text(json.dumps(payload, indent=2))
+        (RESULTS / "quickstart.json").write_text(json.dumps(payload, indent=2))
 
 
 def load(name: str) -> dict[str, Any] | None:
-    path = ROOT / "bench_out" / f"{name}.json"
+    path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -67,8 +69,9 @@ def section_quickstart(data: dict[str, Any]) -> list[str]:
     rows = [{"model": n, **m} for n, m in data["models"].items()]
     return [f"Whole pipeline wall time: **{data['wall_seconds']:.0f} s** (target: under 300 s on a 2-core CPU).", "",
             *table(rows, [("model", "model"), ("params", "params"), ("file_bytes", "file bytes"),
-                          ("latency_ms_b64", "CPU ms (b=64)"), ("map", "mAP"), ("map_tie_aware", "mAP tie-aware"),
-                          ("precision_at_radius", "P@r2"), ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc")])]
+                          ("latency_ms_b64", "CPU ms (b=64)"), ("map_tie_aware", "mAP (tie-aware)"),
+                          ("map", "mAP (order-dependent)"), ("precision_at_radius", "P@r2 (mean per query)"),
+                          ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc")])]
 
 
 def section_teacher(data: dict[str, Any]) -> list[str]:
@@ -79,7 +82,8 @@ def section_teacher(data: dict[str, Any]) -> list[str]:
              *table([{**r, "float_s": r["float"]["wall_seconds"], "teacher_s": r["teacher"]["wall_seconds"],
                       "gap": 100 * (r["float_acc"] - r["mhd_acc"])} for r in data["rows"]],
                     [("bits", "bits"), ("float_acc", "float acc"), ("mhd_acc", "MHD acc"), ("gap", "gap (points)"),
-                     ("ed_acc", "ED acc"), ("map", "mAP"), ("map_tie_aware", "mAP tie-aware"), ("p_at_r2", "P@r2"),
+                     ("ed_acc", "ED acc"), ("map_tie_aware", "mAP (tie-aware)"), ("map", "mAP (order-dependent)"),
+                     ("p_at_r2", "P@r2 (mean per query)"),
                      ("float_s", "float train s"), ("teacher_s", "LLC train s")])]
     if data.get("ood"):
         lines += ["", "OOD (train on classes 0-7, hold out 8-9). Exact match uses no threshold and no OOD sample; "
@@ -107,10 +111,12 @@ def section_distill(data: dict[str, Any]) -> list[str]:
              f"{args['epochs']} epochs on {args['train_limit']:,} images, distilled and on labels only "
              "(BCE against the teacher's class codes); queries = 10k test images, database = 60k.", "",
              *table(data["rows"], [("student", "student"), ("params", "params"),
-                                   ("param_ratio", "teacher/student params"), ("flops", "FLOPs"), ("map", "mAP"),
-                                   ("map_vs_teacher", "mAP / teacher"), ("labels_only_map", "labels-only mAP"),
+                                   ("param_ratio", "teacher/student params"), ("flops", "FLOPs"),
+                                   ("map_tie_aware", "mAP (tie-aware)"), ("map_vs_teacher", "mAP / teacher"),
+                                   ("labels_only_map_tie_aware", "labels-only mAP"),
                                    ("mhd_acc", "MHD acc"), ("labels_only_mhd_acc", "labels-only MHD"),
-                                   ("asymmetric_map", "mAP vs teacher db"), ("latency_ms_b64", "CPU ms b=64"),
+                                   ("asymmetric_map_tie_aware", "mAP vs teacher db"),
+                                   ("latency_ms_b64", "CPU ms b=64"),
                                    ("teacher_latency_ms_b64", "teacher CPU ms b=64")]),
              "", "Throughput with the cached teacher: distillation and student-only training steps alternate in "
              "blocks in one process; the ratio is the median over rounds. The one-off cache fill is one teacher "
@@ -123,14 +129,16 @@ def section_distill(data: dict[str, Any]) -> list[str]:
     if data.get("sweep"):
         lines += ["", f"What makes distillation pay (student `{data['sweep_student']}`; the benchmark's own "
                   "setting is the first table's row):", "",
-                  *table(data["sweep"], [("setting", "setting"), ("map", "mAP"), ("mhd_acc", "MHD acc")])]
+                  *table(data["sweep"], [("setting", "setting"), ("map_tie_aware", "mAP (tie-aware)"),
+                                         ("mhd_acc", "MHD acc")])]
     return lines
 
 
 def section_quantize(data: dict[str, Any]) -> list[str]:
-    return [f"fp32 student: mAP {fmt(data['fp32']['map'])}, MHD accuracy {fmt(data['fp32']['mhd_acc'])}.", "",
+    return [f"fp32 student: mAP (tie-aware) {fmt(data['fp32']['map_tie_aware'])}, MHD accuracy "
+            f"{fmt(data['fp32']['mhd_acc'])}.", "",
             *table(data["rows"], [("t", "t"), ("layers", "layers"), ("sparsity", "sparsity"),
-                                  ("compression", "fp32/packed bytes"), ("map", "mAP"),
+                                  ("compression", "fp32/packed bytes"), ("map_tie_aware", "mAP (tie-aware)"),
                                   ("map_drop_points", "mAP drop (points)"), ("mhd_acc", "MHD acc"),
                                   ("mhd_drop_points", "MHD drop (points)")])]
 
@@ -145,7 +153,8 @@ SECTIONS = {"quickstart": section_quickstart, "teacher": section_teacher, "disti
 
 def render() -> Path:
     lines = ["# Benchmarks", "",
-             "Written by `python benchmarks/run_all.py` from the JSON each benchmark wrote (bench_out/*.json); "
+             "Written by `python benchmarks/run_all.py` from the JSON each benchmark wrote "
+             "(benchmarks/results/*.json, committed); "
              f"figures are never edited by hand. Generated {date.today()} at commit {git_commit()}.", ""]
     for name, render_section in SECTIONS.items():
         data = load(name)
@@ -175,7 +184,7 @@ def headline() -> list[str]:
         k16 = next((r for r in teacher["rows"] if r["bits"] == 16), None)
         if k16:
             rows.append(("LLC teacher, 16 bits", f"MHD accuracy {fmt(k16['mhd_acc'])} vs float "
-                         f"{fmt(k16['float_acc'])}; mAP {fmt(k16['map'])}"))
+                         f"{fmt(k16['float_acc'])}; mAP (tie-aware) {fmt(k16['map_tie_aware'])}"))
         for r in teacher.get("ood") or []:
             ex, msp = r["exact_match"], r["msp_baseline"]
             rows.append((f"OOD, no threshold, {r['bits']} bits",
@@ -183,12 +192,14 @@ def headline() -> list[str]:
                          f"OOD samples vs max-softmax TPR {fmt(msp['tpr'])} / FPR {fmt(msp['fpr'])} "
                          f"(J {fmt(msp['youden_j'])}) tuned on {msp['ood_samples_used']:,}"))
     for row in (distill or {}).get("rows", []):
-        rows.append((f"student {row['student']}", f"{row['param_ratio']:.1f}x fewer parameters, mAP {fmt(row['map'])} "
-                     f"({row['map_vs_teacher']:.3f} x teacher; labels only {fmt(row['labels_only_map'])})"))
+        rows.append((f"student {row['student']}", f"{row['param_ratio']:.1f}x fewer parameters, mAP (tie-aware) "
+                     f"{fmt(row['map_tie_aware'])} ({row['map_vs_teacher']:.3f} x teacher; labels only "
+                     f"{fmt(row['labels_only_map_tie_aware'])})"))
     if distill and distill.get("sweep"):
-        best, teacher_map = max(distill["sweep"], key=lambda r: r["map"]), distill["rows"][0]["teacher_map"]
-        rows.append((f"student {distill['sweep_student']}, best of the sweep", f"{best['setting']}: mAP "
-                     f"{fmt(best['map'])} ({best['map'] / teacher_map:.3f} x teacher)"))
+        best = max(distill["sweep"], key=lambda r: r["map_tie_aware"])
+        teacher_map = distill["rows"][0]["teacher_map_tie_aware"]
+        rows.append((f"student {distill['sweep_student']}, best of the sweep", f"{best['setting']}: mAP (tie-aware) "
+                     f"{fmt(best['map_tie_aware'])} ({best['map_tie_aware'] / teacher_map:.3f} x teacher)"))
     if quantize:
         best = min(quantize["rows"], key=lambda r: abs(r["t"] - 0.05))
         rows.append((f"ternary student (t={best['t']})", f"FC layers {best['compression']:.1f}x smaller, mAP drop "

@@ -6,7 +6,7 @@ database = the whole 60k training set, mAP over the whole database. ``--train-li
 a subset to fit a CPU budget (the database stays 60k). The OOD table trains on classes 0-7 and
 holds out 8-9; the exact-match detector uses no threshold and no OOD sample.
 
-    python benchmarks/teacher.py --out bench_out/teacher.json
+    python benchmarks/teacher.py --out benchmarks/results/teacher.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from common import epochs_and_seconds, machine, print_table, recipe, run_stages,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench_out/teacher.json")
+    parser.add_argument("--out", default="benchmarks/results/teacher.json")
     parser.add_argument("--work", default="bench_out/teacher")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--bits", default="8,16,32")
@@ -48,7 +48,7 @@ def main() -> None:
                      "p_at_r2": teacher["precision_at_radius"],
                      "float": epochs_and_seconds(first, ("float-baseline",)),
                      "teacher": epochs_and_seconds(folder, ("teacher-phase1", "teacher-phase2"))})
-    print_table(rows, ["bits", "float_acc", "mhd_acc", "ed_acc", "map", "map_tie_aware", "p_at_r2"])
+    print_table(rows, ["bits", "float_acc", "mhd_acc", "ed_acc", "map_tie_aware", "map", "p_at_r2"])
     ood, first = [], None
     for bits in (int(b) for b in args.ood_bits.split(",") if b):
         folder = work / f"ood-k{bits}"

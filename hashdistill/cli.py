@@ -351,6 +351,15 @@ def _fresh_output(path: str, force: bool) -> Path:
     return output
 
 
+# How figures whose name alone could mislead are printed (the JSON keeps the plain keys).
+FIGURE_LABELS = {
+    "map_tie_aware": "map_tie_aware (headline: expected AP over random order within ties)",
+    "map": "map (order-dependent: ties broken by database index)",
+    "precision_at_radius": "precision_at_radius (mean per query)",
+    "recall_at_radius": "recall_at_radius (mean per query)",
+}
+
+
 def _print_figures(figures: dict[str, Any], indent: str = "") -> None:
     for key, value in figures.items():
         if key == "pr_curve":
@@ -359,7 +368,7 @@ def _print_figures(figures: dict[str, Any], indent: str = "") -> None:
             print(f"{indent}{key}:")
             _print_figures(value, indent + "  ")
         else:
-            print(f"{indent}{key}: {round(value, 4) if isinstance(value, float) else value}")
+            print(f"{indent}{FIGURE_LABELS.get(key, key)}: {round(value, 4) if isinstance(value, float) else value}")
 
 
 if __name__ == "__main__":

@@ -2,20 +2,25 @@
 
 Retrieval ranks the database by Hamming distance. Relevant = same label as the query (single-label).
 
-- ``map``: conventional mAP@K. The database is ranked by distance with ties broken by database index
-  (stable sort); AP is the mean of precision@i over the relevant items in the top K, normalised by
-  the number of relevant items retrieved in the top K; a query with none there scores 0. Every
-  database item counts (no ``[0:-1]`` slice).
-- ``map_tie_aware``: the expectation of that same AP@K when the order inside each group of equal
-  distance is uniformly random (McFee & Lanckriet, 2009). So the normalisation is the random number
-  of relevant items in the top K, not its expectation: if K cuts a tie group, the expectation runs
-  over the hypergeometric count of relevant items that land above the cut. Without ties, it equals
-  ``map``.
+- ``map_tie_aware`` (the headline mAP): the expectation of AP@K when the order inside each group of
+  equal distance is uniformly random (McSherry & Najork, "Computing information retrieval performance
+  measures efficiently in the presence of tied scores", ECIR 2008). The normalisation is the random
+  number of relevant items in the top K, not its expectation: if K cuts a tie group, the expectation
+  runs over the hypergeometric count of relevant items that land above the cut. It does not depend on
+  the order of the database.
+- ``map``: conventional mAP@K, order-dependent. The database is ranked by distance with ties broken by
+  database index (stable sort); AP is the mean of precision@i over the relevant items in the top K,
+  normalised by the number of relevant items retrieved in the top K; a query with none there scores 0.
+  Every database item counts (no ``[0:-1]`` slice). With few bits most neighbours tie, so shuffling
+  the database moves this figure; without ties it equals ``map_tie_aware``.
 - ``precision_at_radius`` / ``recall_at_radius``: per-query precision and recall among database items
-  within Hamming distance <= radius, averaged over queries. A query with no item within the radius
-  has precision 0 (HashNet's convention); a query with no relevant item in the database has recall 0.
-- ``pr_curve``: precision and recall at every radius 0..k, micro-averaged (counts pooled over
-  queries; precision 0 where nothing at all is retrieved).
+  within Hamming distance <= radius, averaged over queries (macro: every query weighs the same). A
+  query with no item within the radius has precision 0 (HashNet's convention); a query with no
+  relevant item in the database has recall 0.
+- ``pr_curve``: precision and recall at every radius 0..k, pooled over queries (micro: counts summed
+  over queries, so a query that retrieves many items weighs more; precision 0 where nothing at all is
+  retrieved). Its point at radius 2 is therefore not ``precision_at_radius``: the two answer different
+  questions and both are labelled so wherever they are shown.
 
 Hamming distances are small integers, so per query a histogram of relevant/total counts per distance
 gives the tie-aware AP in O(k) with harmonic numbers; the conventional AP needs one stable argsort
@@ -37,7 +42,7 @@ def retrieval_metrics(
     top_k: int | None = None,
     radius: int = 2,
 ) -> dict:
-    """mAP@K (conventional and tie-aware), precision/recall within a Hamming radius and the PR curve.
+    """mAP@K (tie-aware, the headline, and conventional), precision/recall within a radius and the PR curve.
 
     Codes are packed uint8 (see :mod:`hashdistill.codes`); ``top_k=None`` ranks the whole database.
     """
@@ -80,8 +85,8 @@ def retrieval_metrics(
         relevant_total += int(n_relevant.sum())
 
     return {
-        "map": float(ap.mean()),
         "map_tie_aware": float(ap_tie.mean()),
+        "map": float(ap.mean()),
         "precision_at_radius": float(prec_radius.mean()),
         "recall_at_radius": float(rec_radius.mean()),
         "radius": int(radius),

@@ -42,7 +42,7 @@ def plot_pr_curves(curves: dict[str, dict], path: str | Path) -> Path:
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    return _save(fig, ax, path, "Precision-recall by Hamming radius")
+    return _save(fig, ax, path, "Precision-recall by Hamming radius (pooled over queries)")
 
 
 def plot_bits_sweep(rows: list[dict], path: str | Path) -> Path:
@@ -50,7 +50,8 @@ def plot_bits_sweep(rows: list[dict], path: str | Path) -> Path:
     rows = sorted(rows, key=lambda r: r["bits"])
     fig, ax = _axes(path)
     bits = [r["bits"] for r in rows]
-    for key, label in (("mhd_accuracy", "MHD accuracy"), ("ed_accuracy", "ED accuracy"), ("map", "mAP")):
+    series = (("mhd_accuracy", "MHD accuracy"), ("ed_accuracy", "ED accuracy"), ("map_tie_aware", "mAP (tie-aware)"))
+    for key, label in series:
         ax.plot(bits, [r[key] for r in rows], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(bits, [str(b) for b in bits])

@@ -20,9 +20,13 @@ from hashdistill.taxonomy import class_tree, format_tree, plot_dendrogram
 
 PR_PLOT, TAXONOMY_PLOT, BITS_PLOT = "pr_curves.png", "taxonomy.png", "bits_sweep.png"
 COLUMNS = [("bits", "bits"), ("params", "params"), ("file_bytes", "file bytes"), ("latency_ms_b1", "CPU ms (b=1)"),
-           ("latency_ms_b64", "CPU ms (b=64)"), ("map", "mAP"), ("map_tie_aware", "mAP (tie-aware)"),
-           ("precision_at_radius", "P@r2"), ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc"),
-           ("accuracy", "float acc")]
+           ("latency_ms_b64", "CPU ms (b=64)"), ("map_tie_aware", "mAP (tie-aware)"),
+           ("map", "mAP (order-dependent)"), ("precision_at_radius", "P@r2 (mean per query)"),
+           ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc"), ("accuracy", "float acc")]
+TABLE_NOTE = ("mAP (tie-aware) is the expected AP over random orders within equal Hamming distances and does not "
+              "depend on the database order; mAP (order-dependent) breaks ties by database index. P@r2 (mean per "
+              "query) averages each query's precision within radius 2; the precision-recall curve below pools the "
+              "counts of all queries instead, so its point at radius 2 differs.")
 
 
 def write_report(run: RunDir) -> Path:
@@ -31,11 +35,12 @@ def write_report(run: RunDir) -> Path:
     models: dict[str, dict[str, Any]] = summary.get("models", {})
     if not models:
         raise UserError(f"{run.path} has no evaluated models yet (summary.json is empty); nothing to report")
-    lines = [f"# hashdistill run: {run.path.name}", "", "## Models", "", _table(models), ""]
+    lines = [f"# hashdistill run: {run.path.name}", "", "## Models", "", _table(models), "", TABLE_NOTE, ""]
     curves = {name: m["pr_curve"] for name, m in models.items() if "pr_curve" in m}
     if curves:
         plot_pr_curves(curves, run.path / PR_PLOT)
-        lines += ["## Precision-recall by Hamming radius", "", f"![precision-recall curves]({PR_PLOT})", ""]
+        lines += ["## Precision-recall by Hamming radius (pooled over queries)", "",
+                  f"![precision-recall curves]({PR_PLOT})", ""]
     lines += _bits_sweep_section(run, summary.get("bits_sweep"))
     lines += _ood_section(models)
     lines += _taxonomy_section(run)
@@ -71,10 +76,11 @@ def _bits_sweep_section(run: RunDir, sweep: dict[str, dict[str, Any]] | None) ->
         return []
     rows = sorted(sweep.values(), key=lambda r: r["bits"])
     plot_bits_sweep(rows, run.path / BITS_PLOT)
-    table = [f"| {r['bits']} | {r['mhd_accuracy']:.4f} | {r['ed_accuracy']:.4f} | {r['map']:.4f} | "
-             f"{r['map_tie_aware']:.4f} | {r['precision_at_radius']:.4f} |" for r in rows]
+    table = [f"| {r['bits']} | {r['mhd_accuracy']:.4f} | {r['ed_accuracy']:.4f} | {r['map_tie_aware']:.4f} | "
+             f"{r['map']:.4f} | {r['precision_at_radius']:.4f} |" for r in rows]
     return ["## Code length vs accuracy (teachers of the bits sweep)", "", f"![bits vs accuracy]({BITS_PLOT})", "",
-            "| bits | MHD acc | ED acc | mAP | mAP tie-aware | P@r2 |", "|---|---|---|---|---|---|", *table, ""]
+            "| bits | MHD acc | ED acc | mAP (tie-aware) | mAP (order-dependent) | P@r2 (mean per query) |",
+            "|---|---|---|---|---|---|", *table, ""]
 
 
 def _ood_section(models: dict[str, dict[str, Any]]) -> list[str]:

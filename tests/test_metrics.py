@@ -271,3 +271,25 @@ def test_ood_msp_baseline_compares_with_exact_match():
     # MSP in [0.7, 0.8] is ambiguous; at zero FPR (MSP < 0.7 only) the OOD inputs caught are those below 0.7
     assert compare(0.0, 0.0)["tpr_at_exact_match_fpr"] == pytest.approx(np.mean(test_ood[:, 0] < np.log(0.7)),
                                                                        abs=0.01)
+
+
+def test_tie_aware_map_is_the_headline_and_does_not_depend_on_database_order():
+    """The conventional mAP moves when the database is shuffled (ties by index); the tie-aware one must not."""
+    rng = np.random.default_rng(5)
+    q, db = rng.choice([-1, 1], (8, 4)), rng.choice([-1, 1], (80, 4))
+    ql, dl = rng.integers(0, 3, 8), rng.integers(0, 3, 80)
+    conventional, tie_aware = set(), set()
+    for seed in range(6):
+        order = np.random.default_rng(seed).permutation(80)
+        res = run(q, ql, db[order], dl[order])
+        assert next(iter(res)) == "map_tie_aware"  # the first figure is the headline
+        conventional.add(round(res["map"], 9))
+        tie_aware.add(round(res["map_tie_aware"], 9))
+    assert len(tie_aware) == 1 and len(conventional) > 1
+
+
+def test_tie_aware_ap_is_credited_to_mcsherry_and_najork():
+    from hashdistill import metrics
+
+    assert "McSherry & Najork" in metrics.__doc__ and "ECIR 2008" in metrics.__doc__
+    assert "McFee" not in metrics.__doc__

@@ -50,6 +50,9 @@ def test_report_is_complete_and_regenerates(finished_run):
     for piece in ("| teacher |", "| ternary student (ONNX) |", "](pr_curves.png)", "](taxonomy.png)",
                   "## Ternary quantization", "## Reproduce", "](bits_sweep.png)", "| 4 |"):
         assert piece in report
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert header.index("mAP (tie-aware)") < header.index("mAP (order-dependent)")  # the headline comes first
+    assert "P@r2 (mean per query)" in header and "(pooled over queries)" in report
     assert (out / "pr_curves.png").stat().st_size > 1000 and (out / "taxonomy.png").stat().st_size > 1000
     (out / "report.md").unlink()
     done = hashdistill("report", str(out))
@@ -90,6 +93,9 @@ def test_eval_command_on_checkpoint_and_onnx(finished_run, tmp_path):
         figures = json.loads(figures_path.read_text())
         assert plot_path.stat().st_size > 1000
         assert {"map", "map_tie_aware", "mhd_accuracy", "ed_accuracy", "precision_at_radius"} <= figures.keys()
+        printed = done.stdout.splitlines()
+        headline = next(i for i, line in enumerate(printed) if line.startswith("map_tie_aware (headline"))
+        assert printed[headline + 1].startswith("map (order-dependent")
 
 
 def test_ood_recipe_reports_exact_match_beside_the_tuned_baseline(tmp_path):
