@@ -3,12 +3,13 @@
 Every hash model maps a normalised image batch to real-valued code logits ``z`` of shape
 (B, k); the binary code is ``sign(z)`` with sign(0) = +1. Each carries the ±1 class codebook it
 decodes with (``class_codes``), so evaluation, quantization and export need nothing else.
-A model is rebuilt from its checkpoint metadata with :func:`build_from_meta`, which is why the
+A model is rebuilt from its checkpoint metadata with :func:`build_checked`, which is why the
 metadata records the timm name (and a student's extra timm arguments), bit width and class count.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import timm
@@ -18,6 +19,15 @@ from torch import nn
 from hashdistill.checkpoint import load_checkpoint, load_state_strict
 from hashdistill.errors import UserError
 from hashdistill.recipe import unsafe_model_kwargs
+from hashdistill.untrusted import (
+    MAX_BITS,
+    MAX_CLASSES,
+    MAX_INPUT_SIZE,
+    require_int,
+    require_numbers,
+    require_strings,
+    short,
+)
 
 TEACHER, STUDENT, FLOAT = "teacher", "student", "float"
 TERNARY = "ternary-student"  # a student whose FC layers are ternarized (written by hashdistill.quantize)
@@ -132,19 +142,40 @@ def model_meta(kind: str, arch: str, bits: int | None, data_info: dict[str, Any]
 CODEBOOK_TENSORS = {TEACHER: "codebook", STUDENT: "codes", "ternary-student": "codes", FLOAT: "classifier.weight"}
 
 
+def validate_meta(meta: dict[str, Any], source: Any) -> None:
+    """Check every field a model is rebuilt, evaluated or exported from, before any of them sizes anything.
+
+    The metadata comes from a file the user hands us: ``arch`` must be a registered timm name (timm would
+    fetch an ``hf-hub:`` or read a ``local-dir:`` name), counts and sizes must be in range, and the
+    per-class and per-channel lists must have the recorded lengths.
+    """
+    kind, arch = meta.get("kind"), meta.get("arch")
+    if not isinstance(kind, str) or kind not in CODEBOOK_TENSORS:
+        raise UserError(f"{source}: checkpoint kind {short(kind)} is not a hashdistill model "
+                        "(expected teacher, student, ternary-student or float)")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise UserError(f"{source}: checkpoint metadata names the architecture {short(arch)}, which is not a timm "
+                        "model name")
+    num_classes = require_int(meta.get("num_classes"), f"{source}: metadata 'num_classes'", 1, MAX_CLASSES)
+    if kind != FLOAT:
+        require_int(meta.get("bits"), f"{source}: metadata 'bits'", 1, MAX_BITS)
+    require_strings(meta.get("class_names"), f"{source}: metadata 'class_names'", num_classes)
+    if "input_size" in meta:
+        require_int(meta["input_size"], f"{source}: metadata 'input_size'", 8, MAX_INPUT_SIZE)
+    for key in ("mean", "std"):
+        if key in meta:
+            require_numbers(meta[key], f"{source}: metadata '{key}'", 3, positive=key == "std")
+    for key, kind_of in (("data", dict), ("arch_kwargs", dict), ("training", dict), ("ternary_layers", dict)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind_of):
+            raise UserError(f"{source}: metadata '{key}' must be a JSON object, got {short(meta[key])}")
+
+
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     """An untrained model of the architecture a checkpoint's metadata describes (no hub access).
 
-    The metadata comes from a file the user hands us: the architecture must be a registered timm name
-    (timm would fetch an ``hf-hub:`` or read a ``local-dir:`` name) and the counts must be in range.
+    Call :func:`validate_meta` first; :func:`build_checked` also bounds the cost by the file's tensors.
     """
     kind, arch, bits, num_classes = (meta.get(key) for key in ("kind", "arch", "bits", "num_classes"))
-    if not isinstance(kind, str) or kind not in CODEBOOK_TENSORS:
-        raise UserError(f"checkpoint kind '{kind}' is not a hashdistill model (expected teacher, student or float)")
-    if not isinstance(arch, str) or not timm.is_model(arch):
-        raise UserError(f"checkpoint metadata names the architecture {arch!r}, which is not a timm model name")
-    if not _is_count(num_classes) or (kind != FLOAT and not (_is_count(bits) and bits <= 1024)):
-        raise UserError(f"checkpoint metadata is incomplete or corrupt (num_classes {num_classes!r}, bits {bits!r})")
     if kind == TEACHER:
         return LLCTeacher(arch, bits, num_classes)
     if kind == FLOAT:
@@ -152,11 +183,47 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     return HashStudent(arch, bits, num_classes, model_kwargs=meta.get("arch_kwargs"))
 
 
+def build_checked(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: Any,
+                  ternary: bool = False) -> nn.Module:
+    """Build the model the metadata describes, paying only for what the file's tensors justify.
+
+    The model is first built on the meta device (no memory): its parameter shapes must match the file's
+    tensors (so metadata asking for millions of channels costs nothing before it is refused), and one
+    forward pass at the recorded input size must run (timm accepts some arguments it only rejects then).
+    Only then is the real model built. ``ternary``: the file stores packed codes for its ternary layers,
+    whose shapes :func:`~hashdistill.quantize.ternary_checkpoint.load_ternary_into` checks instead.
+    """
+    validate_meta(meta, source)
+    check_class_codebook(meta, tensors, source)
+    with torch.device("meta"):
+        skeleton = build_from_meta(meta)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    if ternary:  # a ternary layer's weight is stored as 2-bit codes, four per byte
+        for layer in meta.get("ternary_layers") or {}:
+            shape = expected.pop(f"{layer}.weight", None)
+            codes = tensors.get(f"{layer}.weight_codes")
+            if shape is not None and codes is not None and codes.numel() != -(-math.prod(shape) // 4):
+                raise UserError(f"{source}: ternary layer '{layer}' stores {codes.numel()} bytes of codes, the "
+                                f"model the metadata describes needs {-(-math.prod(shape) // 4)} for {shape}")
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise UserError(f"{source}: tensor '{name}' is missing (checkpoint of another architecture?)")
+        if tuple(tensors[name].shape) != shape:
+            raise UserError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model the metadata "
+                            f"describes expects {shape} (another bit width or architecture?)")
+    size = meta.get("input_size", 32)
+    try:
+        with torch.no_grad():
+            skeleton.eval()(torch.empty(1, 3, size, size, device="meta"))
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        raise UserError(f"{source}: the model its metadata describes does not run on {size}x{size} images "
+                        f"({short(str(exc))})") from None
+    return build_from_meta(meta)
+
+
 def check_class_codebook(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: Any) -> None:
     """The class codebook tensor must have the recorded shape, checked before a model of that size is built."""
-    kind = meta.get("kind")
-    if not isinstance(kind, str) or kind not in CODEBOOK_TENSORS:
-        return  # build_from_meta refuses it
+    kind = meta["kind"]  # checked by validate_meta
     name = CODEBOOK_TENSORS[kind]
     if name not in tensors:
         raise UserError(f"{source}: tensor '{name}' is missing (checkpoint of another architecture?)")
@@ -175,17 +242,13 @@ def _is_plain_value(value: Any) -> bool:
     return isinstance(value, int | float | bool | str)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def load_model(path: str, expect: tuple[str, ...] = (TEACHER, STUDENT, FLOAT)) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a float model from a checkpoint; mismatched tensors are a clear error, never ignored."""
     tensors, meta = load_checkpoint(path)
-    if meta.get("kind") not in expect:
-        raise UserError(f"{path} holds a '{meta.get('kind')}' checkpoint; this command takes: {', '.join(expect)}")
-    check_class_codebook(meta, tensors, path)
-    model = build_from_meta(meta)
+    kind = meta.get("kind")
+    if not isinstance(kind, str) or kind not in expect:
+        raise UserError(f"{path} holds a {short(kind)} checkpoint; this command takes: {', '.join(expect)}")
+    model = build_checked(meta, tensors, path)
     load_state_strict(model, tensors, path)
     return model.eval(), meta
 

@@ -8,9 +8,10 @@ from typing import Any
 from torch import nn
 
 from hashdistill.checkpoint import load_checkpoint, read_metadata
-from hashdistill.distill.models import STUDENT, TEACHER, TERNARY, build_from_meta, check_class_codebook, load_model
+from hashdistill.distill.models import STUDENT, TEACHER, TERNARY, build_checked, load_model
 from hashdistill.errors import UserError
 from hashdistill.quantize.ternary_checkpoint import load_ternary_into
+from hashdistill.untrusted import short
 
 EXPORTABLE = (TEACHER, STUDENT, TERNARY)
 
@@ -22,8 +23,7 @@ def load_any_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         return load_model(str(path), expect=(TEACHER, STUDENT))
     if kind == TERNARY:
         tensors, meta = load_checkpoint(path)
-        check_class_codebook(meta, tensors, path)  # before a model of the recorded size is built
-        model = load_ternary_into(build_from_meta(meta), tensors, meta)
+        model = load_ternary_into(build_checked(meta, tensors, path, ternary=True), tensors, meta)
         return model.eval(), meta
-    raise UserError(f"{path} holds a '{kind}' checkpoint; only {', '.join(EXPORTABLE)} checkpoints produce "
+    raise UserError(f"{path} holds a {short(kind)} checkpoint; only {', '.join(EXPORTABLE)} checkpoints produce "
                     "binary codes and can be exported or indexed")

@@ -21,6 +21,16 @@ import numpy as np
 
 from hashdistill import codes
 from hashdistill.errors import UserError
+from hashdistill.untrusted import (
+    MAX_BITS,
+    MAX_CLASSES,
+    MAX_INPUT_SIZE,
+    parse_json,
+    require_int,
+    require_numbers,
+    require_strings,
+    short,
+)
 
 FORMAT = "hashdistill-edge-model"
 FORMAT_VERSION = "1"
@@ -90,17 +100,22 @@ class EdgeMetadata:
     @property
     def data(self) -> dict[str, Any]:
         """The training recipe's data section (empty if the checkpoint did not record it)."""
-        return json.loads(self.props.get("data") or "null") or {}
+        return parse_json(self.props.get("data") or "null", "metadata 'data'") or {}
 
     def as_dict(self) -> dict[str, Any]:
         """All metadata with JSON and integer values decoded (``data`` is the recipe's data section)."""
         decoded: dict[str, Any] = dict(self.props)
         for key in JSON_KEYS:
             if key in decoded:
-                decoded[key] = json.loads(decoded[key] or "null")
+                decoded[key] = parse_json(decoded[key] or "null", f"metadata '{key}'")
         for key in INT_KEYS:
             decoded[key] = int(decoded[key])
         return decoded
+
+
+def _as_int(text: str) -> int | str:
+    """An integer prop (ONNX stores every value as text); anything else is handed on for the error message."""
+    return int(text) if isinstance(text, str) and text.strip().lstrip("-").isdigit() and len(text) < 20 else text
 
 
 def parse_props(props: dict[str, str], source: str) -> EdgeMetadata:
@@ -116,22 +131,27 @@ def parse_props(props: dict[str, str], source: str) -> EdgeMetadata:
                         f"(this hashdistill reads version {FORMAT_VERSION})")
     if props["bit_order"] != BIT_ORDER:
         raise UserError(f"{source}: unsupported bit order '{props['bit_order']}' (expected {BIT_ORDER})")
-    try:
-        bits, size = int(props["bits"]), int(props["input_size"])
-        rows = json.loads(props["class_codebook"])
-        class_codes = np.array([np.frombuffer(bytes.fromhex(row), np.uint8) for row in rows], dtype=np.uint8)
-        names = [str(n) for n in json.loads(props["class_names"])]
-        mean = np.array(json.loads(props["mean"]), dtype=np.float32)
-        std = np.array(json.loads(props["std"]), dtype=np.float32)
-        for key, kind in (("data", dict), ("ternary_layers", list)):
-            value = json.loads(props.get(key) or "null")
-            if value is not None and not isinstance(value, kind):
-                raise ValueError(f"'{key}' is not a JSON {kind.__name__}")
-        int(props["channels"])
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{source}: hashdistill metadata is corrupt ({exc})") from None
+    bits = require_int(_as_int(props["bits"]), f"{source}: metadata 'bits'", 1, MAX_BITS)
+    size = require_int(_as_int(props["input_size"]), f"{source}: metadata 'input_size'", 8, MAX_INPUT_SIZE)
+    require_int(_as_int(props["channels"]), f"{source}: metadata 'channels'", 3, 3)
+    rows = parse_json(props["class_codebook"], f"{source}: metadata 'class_codebook'")
     width = codes.packed_width(bits)
-    if class_codes.shape != (len(names), width) or mean.shape != (3,) or std.shape != (3,) or size < 1:
-        raise UserError(f"{source}: hashdistill metadata is inconsistent (codebook {class_codes.shape} for "
-                        f"{len(names)} classes of {bits} bits, mean {mean.shape}, std {std.shape})")
+    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_CLASSES or \
+            not all(isinstance(row, str) and len(row) == 2 * width for row in rows):
+        raise UserError(f"{source}: metadata 'class_codebook' must list 1 to {MAX_CLASSES:,} hex codes of "
+                        f"{width} bytes each, got {short(rows)}")
+    try:
+        class_codes = np.array([np.frombuffer(bytes.fromhex(row), np.uint8) for row in rows], dtype=np.uint8)
+    except ValueError as exc:
+        raise UserError(f"{source}: metadata 'class_codebook' is corrupt ({exc})") from None
+    names = require_strings(parse_json(props["class_names"], f"{source}: metadata 'class_names'"),
+                            f"{source}: metadata 'class_names'", len(rows))
+    mean = np.array(require_numbers(parse_json(props["mean"], f"{source}: metadata 'mean'"),
+                                    f"{source}: metadata 'mean'", 3), dtype=np.float32)
+    std = np.array(require_numbers(parse_json(props["std"], f"{source}: metadata 'std'"),
+                                   f"{source}: metadata 'std'", 3, positive=True), dtype=np.float32)
+    for key, kind in (("data", dict), ("ternary_layers", list)):
+        value = parse_json(props.get(key) or "null", f"{source}: metadata '{key}'")
+        if value is not None and not isinstance(value, kind):
+            raise UserError(f"{source}: metadata '{key}' must be a JSON {kind.__name__}, got {short(value)}")
     return EdgeMetadata(bits, class_codes, names, size, mean, std, dict(props))

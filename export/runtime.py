@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from hashdistill import codes
 from hashdistill.errors import UserError
+from hashdistill.untrusted import short
 
 from .images import ImageLike, as_items, preprocess
 from .metadata import CODES, INPUT, LOGITS, EdgeMetadata, parse_props
@@ -44,6 +45,11 @@ class EdgeModel:
         if inputs != [INPUT] or sorted(outputs) != sorted([CODES, LOGITS]):
             raise UserError(f"{self.path}: expected input '{INPUT}' and outputs '{CODES}', '{LOGITS}'; "
                             f"the graph has inputs {inputs} and outputs {outputs}")
+        shape = self.session.get_inputs()[0].shape
+        size = self.meta.input_size
+        if len(shape) != 4 or list(shape[1:]) != [3, size, size]:
+            raise UserError(f"{self.path}: the metadata says {size}x{size} RGB images, but the graph's input "
+                            f"'{INPUT}' has shape {short(shape)}")
 
     @property
     def bits(self) -> int:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from hashdistill.atomic import atomic_write
 from hashdistill.errors import UserError
+from hashdistill.untrusted import parse_json
 
 METADATA_KEY = "hashdistill"
 FORMAT_VERSION = 1
@@ -38,16 +39,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        if _looks_pickled(path):
-            raise UserError(f"{path} is a pickle (torch.save) file, not a safetensors checkpoint: hashdistill never "
-                            "unpickles a file it is handed, because unpickling can run arbitrary code") from None
-        raise UserError(f"{path} is not a hashdistill checkpoint (not a readable safetensors file: {exc})") from None
+        raise UserError(_not_safetensors(path, exc)) from None
     if METADATA_KEY not in header:
         raise UserError(f"{path} is a safetensors file but not a hashdistill checkpoint (no '{METADATA_KEY}' metadata)")
-    try:
-        meta = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: checkpoint metadata is corrupt ({exc})") from None
+    meta = parse_json(header[METADATA_KEY], f"{path}: checkpoint metadata")
     if not isinstance(meta, dict):
         raise UserError(f"{path}: checkpoint metadata is corrupt (expected a JSON object)")
     return meta
@@ -78,16 +73,30 @@ def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     model.load_state_dict(tensors)
 
 
-def _looks_pickled(path: Path) -> bool:
-    """A zip archive (torch.save) or a pickle of protocol 2-5, not a (damaged) safetensors file."""
+def _not_safetensors(path: Path, exc: Exception) -> str:
+    """Say what a file that safetensors cannot read actually is: a pickle, a zip, an ONNX model or damage."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(9)
+            head = fh.read(4096)
     except OSError:
-        return False
-    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
-        return False
-    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
+        head = b""
+    if head[8:9] != b"{":  # safetensors: an 8-byte header length, then the JSON header
+        if head.startswith(b"PK\x03\x04"):
+            if b"data.pkl" in head:
+                return (f"{path} is a torch.save file (a zip holding a pickle), not a safetensors checkpoint: "
+                        "hashdistill never unpickles a file it is handed, because unpickling can run arbitrary code")
+            return f"{path} is a zip archive, not a safetensors checkpoint"
+        if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            return (f"{path} is a pickle file, not a safetensors checkpoint: hashdistill never unpickles a file "
+                    "it is handed, because unpickling can run arbitrary code")
+        if path.suffix.lower() in (".onnx", ".ort") or _looks_onnx(head):
+            return f"this command takes a checkpoint (.safetensors); got an ONNX model: {path}"
+    return f"{path} is not a hashdistill checkpoint (not a readable safetensors file: {exc})"
+
+
+def _looks_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto starts with field 1 (ir_version, varint) and names its producer early on."""
+    return head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower() or b"producer" in head)
 
 
 def _existing(path: str | os.PathLike) -> Path:

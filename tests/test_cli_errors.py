@@ -268,11 +268,16 @@ def test_checkpoint_of_another_bit_width(arts, tmp_path, capsys):
     "teacher", "student",
     "ternary",
 ])
-@pytest.mark.parametrize("num_classes", [10**6, 2**40, 2**70])
-def test_metadata_cannot_size_the_model(arts, tmp_path, capsys, which, num_classes):
-    """A class count in the metadata is checked against the codebook tensor before a model is built."""
+@pytest.mark.parametrize(("num_classes", "expect"), [
+    (50, "metadata 'class_names' must be a list of 50 strings"),  # in range, but not the recorded classes
+    (10**6, "metadata 'num_classes' must be an integer in [1, 100000]"),
+    (2**40, "metadata 'num_classes' must be an integer in [1, 100000]"),
+    (2**70, "metadata 'num_classes' must be an integer in [1, 100000]"),
+])
+def test_metadata_cannot_size_the_model(arts, tmp_path, capsys, which, num_classes, expect):
+    """A class count in the metadata is range-checked, then checked against the codebook, before a model is built."""
     path = _variant(arts, tmp_path, which, num_classes=num_classes)
-    _fails(capsys, tmp_path, "eval", path, expect="(another bit width or architecture?)")
+    _fails(capsys, tmp_path, "eval", path, expect=expect)
 
 
 def test_checkpoint_cannot_make_us_fetch_a_model(arts, tmp_path, capsys):

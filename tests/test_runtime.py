@@ -116,7 +116,7 @@ def test_damaged_metadata_is_a_user_error(student_onnx, tmp_path):
             prop.value = '["zz"]'
     damaged = tmp_path / "damaged.onnx"
     onnx.save(proto, damaged)
-    with pytest.raises(UserError, match="metadata is corrupt"):
+    with pytest.raises(UserError, match="metadata 'class_codebook' must list"):
         EdgeModel(damaged)
 
 
