@@ -76,7 +76,7 @@ def paired_throughput(r: Recipe, teacher_path: Path, rounds: int = 7, steps: int
     steppers = {}
     for mode, weights in (("distill", r.student.losses), ("student_only", LABELS_ONLY)):
         torch.manual_seed(r.seed)
-        student = build_student(r.student, teacher)
+        student = build_student(r.student, teacher, r.data.image_size)
         started = time.perf_counter()
         loss = distillation_batch_loss(student, teacher, weights, r.student, train, device, r.data.eval_batch_size)
         setup = time.perf_counter() - started

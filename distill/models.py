@@ -211,14 +211,20 @@ def build_checked(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source
         if tuple(tensors[name].shape) != shape:
             raise UserError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model the metadata "
                             f"describes expects {shape} (another bit width or architecture?)")
-    size = meta.get("input_size", 32)
+    probe_forward(skeleton, meta.get("input_size", 32), f"{source}: the model its metadata describes")
+    return build_from_meta(meta)
+
+
+def probe_forward(skeleton: nn.Module, size: int, what: str) -> None:
+    """Run one forward pass of a meta-device model on a size x size image: free, and it catches timm arguments
+    (channels, in_chans, img_size, ...) that build a model but fail at its first batch."""
     try:
         with torch.no_grad():
             skeleton.eval()(torch.empty(1, 3, size, size, device="meta"))
+    except NotImplementedError:
+        return  # an op without a meta kernel: the probe cannot tell, the real first batch will
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-        raise UserError(f"{source}: the model its metadata describes does not run on {size}x{size} images "
-                        f"({short(str(exc))})") from None
-    return build_from_meta(meta)
+        raise UserError(f"{what} does not run on {size}x{size} RGB images ({short(str(exc))})") from None
 
 
 def check_class_codebook(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: Any) -> None:

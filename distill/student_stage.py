@@ -22,9 +22,10 @@ from hashdistill.evaluate import torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe, StudentConfig
 from hashdistill.rundir import RunDir
 from hashdistill.trainer import TrainTask, barrier, fit, is_main_process
+from hashdistill.untrusted import short
 
 from .losses import NEEDS_TEACHER, LossInputs, weighted_loss
-from .models import STUDENT, TEACHER, HashStudent, load_model, model_meta
+from .models import STUDENT, TEACHER, HashStudent, load_model, model_meta, probe_forward
 
 LABELS_ONLY = {"code_bce": 1.0}
 
@@ -42,9 +43,17 @@ class IndexedDataset(Dataset):
         return (*self.base[index], index)
 
 
-def build_student(cfg: StudentConfig, teacher: nn.Module) -> HashStudent:
-    """A student with the teacher's bit width and a copy of its class codebook."""
-    student = HashStudent(cfg.model, teacher.bits, teacher.class_codes.shape[0], cfg.pretrained, cfg.model_kwargs)
+def build_student(cfg: StudentConfig, teacher: nn.Module, image_size: int) -> HashStudent:
+    """A student with the teacher's bit width and a copy of its class codebook.
+
+    Its timm arguments are tried on a meta-device copy first, so one that timm accepts but that fails at the
+    first batch (e.g. ``in_chans: 5``) is a recipe error before any training starts.
+    """
+    classes = teacher.class_codes.shape[0]
+    with torch.device("meta"):
+        skeleton = HashStudent(cfg.model, teacher.bits, classes, False, cfg.model_kwargs)
+    probe_forward(skeleton, image_size, f"student '{cfg.model}' with model_kwargs {short(cfg.model_kwargs)}")
+    student = HashStudent(cfg.model, teacher.bits, classes, cfg.pretrained, cfg.model_kwargs)
     student.codes.copy_(teacher.class_codes)
     return student
 
@@ -67,7 +76,7 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
     teacher.to(device).eval().requires_grad_(False)
     train, val = build_dataset(data, "train"), build_dataset(data, "val")
     torch.manual_seed(recipe.seed)
-    student = build_student(cfg, teacher)
+    student = build_student(cfg, teacher, data.image_size)
     weights = LABELS_ONLY if labels_only else cfg.losses
     batch_loss = distillation_batch_loss(student, teacher, weights, cfg, train, device, data.eval_batch_size)
     record = fit(TrainTask(name, student, [{"params": list(student.parameters())}], cfg.train, IndexedDataset(train),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hashdistill.errors import UserError
-from hashdistill.imagefiles import scan_image_files
+from hashdistill.imagefiles import read_rgb, scan_image_files
 
 ImageLike = str | os.PathLike | np.ndarray
 
@@ -35,7 +35,7 @@ def as_items(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
 
 def load_rgb(item: ImageLike, size: int) -> np.ndarray:
     """An image as RGB uint8 [size, size, 3], resized bilinearly (PIL) when it is not that size already."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(item, np.ndarray):
         array = _check_array(item)
@@ -43,12 +43,7 @@ def load_rgb(item: ImageLike, size: int) -> np.ndarray:
             return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
         image = Image.fromarray(array)
     else:
-        try:
-            with Image.open(item) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise UserError(f"cannot read image {item}: {exc}") from None
+        image = read_rgb(item)
     return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
 
 

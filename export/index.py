@@ -24,6 +24,7 @@ from hashdistill import codes
 from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 from hashdistill.recipe import DataConfig
+from hashdistill.untrusted import parse_json
 
 from .images import ImageLike
 from .sources import collect_images, open_encoder
@@ -107,7 +108,7 @@ def load_index(path: str | os.PathLike) -> HashIndex:
     try:
         if int(fields["version"]) != FORMAT_VERSION:
             raise UserError(f"{path}: index format version {int(fields['version'])} is not supported")
-        model = json.loads(str(fields["model"]))
+        model = parse_json(str(fields["model"]), f"{path}: the model record")
         if not isinstance(model, dict):
             raise ValueError("the model record is not a JSON object")
         return HashIndex(fields["codes"], int(fields["bits"]), fields["ids"], fields["labels"],

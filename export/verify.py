@@ -7,6 +7,7 @@ and codes flip only for logits near zero, which real data decides.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from .runtime import EdgeModel
 
 MIN_IDENTICAL_CODE_RATE = 0.999
 DEFAULT_VERIFY_IMAGES = 512
+STAGING_SUFFIX = ".export-staging"  # names the folders a half-done export leaves, so only they are removed
 
 
 def verify_export(onnx_path: str | os.PathLike, model: nn.Module, images: torch.Tensor,
@@ -86,7 +88,10 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
     if images is None:
         images = reference_images(meta)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+    for stale in out_path.parent.glob(f".{out_path.name}.*{STAGING_SUFFIX}"):  # left by a killed export
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=STAGING_SUFFIX) as tmp:
         staged = Path(tmp) / out_path.name
         start = time.perf_counter()
         export_onnx(model, meta, staged, opset=opset, ternary_encoding=ternary_encoding)

@@ -21,9 +21,10 @@ def atomic_write(path: str | os.PathLike, write_to: Callable[[str], object]) -> 
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)
         os.close(fd)
         write_to(tmp)
+        # After the write: some writers (safetensors) replace the file and with it the mode set on the fd.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except UserError as exc:
-        print(f"hashdistill: error: {exc}", file=sys.stderr)
+        print(f"hashdistill: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+MAX_MESSAGE_CHARS = 600
+
+
+def _one_line(message: str) -> str:
+    """A user error as one short line: messages quote values from files, which may be huge or hold newlines."""
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -268,7 +277,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from hashdistill.export.verify import export_checkpoint
 
-    figures = export_checkpoint(args.checkpoint, args.output, opset=args.opset, force=args.force)
+    output = _fresh_output(args.output, args.force)
+    figures = export_checkpoint(args.checkpoint, output, opset=args.opset, force=args.force)
     _print_figures(figures)
 
 
@@ -276,7 +286,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from hashdistill.export.index import build_index
 
     output = _fresh_output(args.output, args.force)
-    index = build_index(args.model, args.images, output)
+    index = build_index(args.model, args.images, output, force=args.force)
     print(f"indexed {len(index)} images ({index.bits} bits) -> {output}")
 
 
@@ -326,7 +336,7 @@ def _discard_if_nothing_saved(run: RunDir, fresh: bool) -> Iterator[None]:
         yield
     except UserError:
         if fresh and run.writer and not any(run.checkpoints.glob("*.safetensors")):
-            shutil.rmtree(run.path, ignore_errors=True)
+            run.discard()
         raise
 
 
@@ -345,9 +355,14 @@ def _recipe_for(source: Path, recipe: str | None, recorded: dict[str, Any] | Non
 
 
 def _fresh_output(path: str, force: bool) -> Path:
+    """An output file's path: a directory there is refused (never replaced), a file only with --force."""
     output = Path(path)
+    if output.is_dir():
+        raise UserError(f"{output} is a directory; give the path of the file to write")
     if output.exists() and not force:
         raise UserError(f"{output} already exists; pass --force to overwrite it")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise UserError(f"{output.parent} is a file, not a folder to write {output.name} into")
     return output
 
 

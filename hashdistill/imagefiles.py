@@ -19,20 +19,35 @@ from hashdistill.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """An image file as RGB uint8 [size, size, 3], resized bilinearly with PIL."""
-    from PIL import Image, UnidentifiedImageError
+def read_rgb(path: str | os.PathLike):
+    """Decode an image file into an RGB PIL image: the one place image files are opened.
+
+    Every way a hostile or damaged file fails (unidentified, truncated, a decompression bomb whose
+    declared size exceeds PIL's ``MAX_IMAGE_PIXELS`` guard, ...) becomes one UserError.
+    """
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB").resize((size, size), Image.BILINEAR))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:  # damage can still show up at full decode
+            img.load()
+            return img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise UserError(f"cannot read image {path}: it declares more pixels than PIL's decompression-bomb limit "
+                        f"({Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    except _decode_errors() as exc:  # damage can still show up at full decode
         raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An image file as RGB uint8 [size, size, 3], resized bilinearly with PIL."""
+    from PIL import Image
+
+    return np.array(read_rgb(path).resize((size, size), Image.BILINEAR))
 
 
 def is_readable_image(path: Path) -> bool:
     """PIL's cheap integrity check, plus the end-of-image marker a truncated JPEG lacks."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
@@ -42,9 +57,15 @@ def is_readable_image(path: Path) -> bool:
             with open(path, "rb") as fh:
                 fh.seek(max(0, path.stat().st_size - 64))
                 return fh.read().rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (*_decode_errors(), Image.DecompressionBombError):
         return False
     return True
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from PIL import UnidentifiedImageError
+
+    return (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
 def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False

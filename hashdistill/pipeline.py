@@ -21,7 +21,7 @@ from hashdistill import codes
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
 from hashdistill.recipe import Recipe
-from hashdistill.rundir import STAGES, RunDir
+from hashdistill.rundir import STAGES, RunDir, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
 
 SWEEP_DIR = "bits-sweep"
@@ -231,7 +231,11 @@ def _sweep_row(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: bool) -> RunDir:
-    """Choose the run directory; an existing one is continued only with --resume, replaced only with --force."""
+    """Choose the run directory; an existing one is continued only with --resume, replaced only with --force.
+
+    ``--force`` replaces only a folder hashdistill recognisably wrote (:func:`~hashdistill.rundir.is_run_dir`);
+    a folder holding anything else is the user's and is never deleted.
+    """
     import shutil
 
     from hashdistill.recipe import RECIPE_FILE_NAME, load_recipe
@@ -244,17 +248,27 @@ def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: 
         if load_recipe(saved).digest() != recipe.digest():
             raise UserError(f"--resume {path}: the run was started with a different recipe ({saved}); "
                             "resume with the same recipe and --set overrides, or start a new run")
-        return RunDir(path, writer=is_main_process())
+        run = RunDir(path, writer=is_main_process())
+        if run.writer:
+            run.remove_stale_temp_files()
+        return run
     path = Path(out) if out else Path(recipe.output_dir) / recipe.name
     if not is_main_process():  # rank 0 checks, clears and creates the directory
         barrier()
         return RunDir(path, writer=False)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a run directory; choose another --out")
     if path.exists() and any(path.iterdir()):
+        if not is_run_dir(path):
+            raise UserError(f"{path} already exists and holds files that hashdistill did not write; it is left "
+                            "untouched (even with --force): choose another --out")
         if not force:
             raise UserError(f"run directory {path} already exists: pass --resume {path} to continue it, "
                             "--force to start over, or --out to choose another")
         shutil.rmtree(path)
+    created = not path.exists()
     run = RunDir(path)
+    run.created = created
     barrier()
     return run
 

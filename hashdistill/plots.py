@@ -2,7 +2,13 @@
 
 from pathlib import Path
 
+from hashdistill.atomic import atomic_write
 from hashdistill.errors import UserError
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a figure as PNG atomically: a reader never sees half a plot, a crash leaves the old one."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def _axes(path: str | Path):
@@ -21,8 +27,7 @@ def _save(fig, ax, path: str | Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def plot_pr_curves(curves: dict[str, dict], path: str | Path) -> Path:

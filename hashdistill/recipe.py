@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from hashdistill.errors import UserError
+from hashdistill.untrusted import short
 
 RECIPE_FILE_NAME = "recipe.yaml"  # the resolved recipe inside a run directory
 DATASETS = ("fashion-mnist", "digits", "imagefolder", "cifar10", "synthetic")
@@ -223,9 +224,18 @@ def _locate(name_or_path: str) -> Path:
     return builtins[name_or_path]
 
 
+MAX_RECIPE_BYTES = 256 * 1024  # the built-in recipes are under 2 KB
+MAX_RECIPE_NODES = 10_000  # YAML values once aliases are expanded: a recipe has about 60
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe "
+                            f"(at most {MAX_RECIPE_BYTES:,})")
+        text = path.read_text()
+        _check_expanded_size(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:  # one line: the problem and where, without PyYAML's multi-line excerpt
         mark = exc.problem_mark or exc.context_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -241,6 +251,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a mapping of fields, got {type(raw).__name__}")
     return raw
+
+
+def _check_expanded_size(root: yaml.Node | None, path: Path) -> None:
+    """Refuse YAML whose aliases expand to more than MAX_RECIPE_NODES values (a "billion laughs" recipe),
+    counting without building anything: a 500-byte file can otherwise expand to billions of values."""
+    stack, seen = ([root] if root is not None else []), 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise UserError(f"{path}: not a recipe (its YAML expands to more than {MAX_RECIPE_NODES:,} values; "
+                            "are aliases nested?)")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(item for pair in node.value for item in pair)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -297,7 +323,7 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         allowed = typing.get_args(annotation)
         if value not in allowed:
             choices = ", ".join(map(str, allowed))
-            raise UserError(f"recipe field '{where}': {value!r} is not allowed; choose one of {choices}")
+            raise UserError(f"recipe field '{where}': {short(value)} is not allowed; choose one of {choices}")
         return value
     if origin is list:
         (item,) = typing.get_args(annotation)
@@ -354,4 +380,4 @@ def _convert_dataclass(value: Any, cls: type, where: str) -> Any:
 
 
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+    return f"{type(value).__name__} {short(value)}" if value is not None else "null"

@@ -18,6 +18,24 @@ STAGES = ("teacher", "bits-sweep", "student", "quantize", "export", "index")  # 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
+MARKER_FILE = ".hashdistill-run"  # written into every run directory: what `--force` may replace
+# What a run directory written before the marker existed may hold (anything else: not ours to delete).
+LEGACY_ENTRIES = {RECIPE_FILE_NAME, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, "checkpoints", "bits-sweep",
+                  "index.npz", "pr_curves.png", "taxonomy.png", "bits_sweep.png"}
+TEMP_SUFFIX = ".tmp"  # hashdistill.atomic's temporary files: .<name>.<random>.tmp
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a folder hashdistill recognisably wrote: it has the marker, or (older runs) a recipe.yaml and
+    checkpoints/ and nothing but the entries a run writes."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / MARKER_FILE).is_file():
+        return True
+    names = {entry.name for entry in path.iterdir()}
+    known = all(name in LEGACY_ENTRIES or name.endswith(".onnx") or name.endswith(TEMP_SUFFIX) for name in names)
+    return RECIPE_FILE_NAME in names and (path / "checkpoints").is_dir() and known
 
 
 class RunDir:
@@ -26,8 +44,36 @@ class RunDir:
     def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self.created = False  # set by whoever made the folder: only then may discard() remove the folder itself
         if writer:
+            if self.path.exists() and not self.path.is_dir():
+                raise UserError(f"{self.path} is a file; a run directory must be a folder (choose another --out)")
             self.checkpoints.mkdir(parents=True, exist_ok=True)
+            (self.path / MARKER_FILE).touch()
+
+    def discard(self) -> None:
+        """Undo a fresh run that saved nothing: remove what hashdistill wrote, and the folder if it made it."""
+        import shutil
+
+        for name in (*LEGACY_ENTRIES, MARKER_FILE):
+            entry = self.path / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink(missing_ok=True)
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temporary files a killed write left (SIGKILL runs no cleanup); returns them.
+
+        Only on resume, by the one process that owns the run: no other writer can be mid-write then.
+        """
+        stale = [p for folder in (self.path, self.checkpoints) if folder.is_dir()
+                 for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     @property
     def checkpoints(self) -> Path:
@@ -41,16 +87,36 @@ class RunDir:
             atomic_write_text(self.path / RECIPE_FILE_NAME, dump_recipe(recipe))
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to metrics.jsonl."""
+        """Append one JSON line to metrics.jsonl (after cutting a line a kill left half-written)."""
         if self.writer:
-            with open(self.path / METRICS_FILE, "a") as fh:
+            path = self.path / METRICS_FILE
+            text = path.read_text() if path.is_file() else ""
+            if text and not text.endswith("\n"):
+                atomic_write_text(path, text[: text.rfind("\n") + 1])
+            with open(path, "a") as fh:
                 fh.write(json.dumps(record, default=float) + "\n")
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The logged records. A torn last line (a kill mid-append) is dropped; a damaged earlier line is an error."""
         path = self.path / METRICS_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        if text and not text.endswith("\n"):
+            lines = lines[:-1]  # the epoch it would record is replayed on resume
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                record = None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: line {number} is not a metrics record; the file is damaged")
+            records.append(record)
+        return records
 
     def drop_metrics_after(self, stage: str, epoch: int) -> None:
         """On resume, forget epoch lines of ``stage`` that the restored checkpoint does not include."""

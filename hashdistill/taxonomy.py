@@ -60,8 +60,8 @@ def plot_dendrogram(linkage_matrix: np.ndarray, class_names: list[str], path: st
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from hashdistill.plots import save_png
+
     fig = Figure(figsize=(8, max(3.0, 0.25 * len(class_names) + 1)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -69,8 +69,7 @@ def plot_dendrogram(linkage_matrix: np.ndarray, class_names: list[str], path: st
     ax.set_xlabel("average Hamming distance (bits)")
     ax.set_title("Class taxonomy from class codes")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return save_png(fig, path)
 
 
 def _check_codes(class_codes_signs: np.ndarray, class_names: list[str]) -> np.ndarray:

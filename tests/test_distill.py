@@ -95,7 +95,7 @@ def test_teacher_cache_matches_online_teacher(trained_run, tiny_recipe):
 
     teacher, _ = load_model(str(trained_run["teacher"]))
     train = build_dataset(tiny_recipe.data, "train")
-    student = build_student(tiny_recipe.student, teacher)
+    student = build_student(tiny_recipe.student, teacher, tiny_recipe.data.image_size)
     cached = distillation_batch_loss(student, teacher, {"bernoulli_kd": 1.0}, tiny_recipe.student, train,
                                      torch.device("cpu"), 64)
     train.augment = True  # forces the online teacher; the items themselves stay un-augmented below
