@@ -105,14 +105,11 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
 def reference_images(meta: dict[str, Any], limit: int = DEFAULT_VERIFY_IMAGES) -> torch.Tensor:
     """Up to ``limit`` normalised images of the test split the checkpoint's recipe describes."""
     from hashdistill.data import build_dataset
-    from hashdistill.recipe import DataConfig
+    from hashdistill.recipe import data_config_from_dict
 
     if not isinstance(meta.get("data"), dict):
         raise UserError("the checkpoint does not record its dataset; pass verification images explicitly")
-    try:
-        cfg = DataConfig(**meta["data"])
-    except TypeError as exc:
-        raise UserError(f"the checkpoint's data section is not a valid recipe data section ({exc})") from None
+    cfg = data_config_from_dict(meta["data"])
     dataset = build_dataset(cfg, "test")
     count = min(limit, len(dataset))
     return torch.stack([dataset[i][0] for i in range(count)])

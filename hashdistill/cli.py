@@ -304,13 +304,16 @@ def cmd_taxonomy(args: argparse.Namespace) -> None:
 
     from hashdistill.checkpoint import load_checkpoint
     from hashdistill.codes import to_signs
+    from hashdistill.distill.models import FLOAT, check_class_codebook, validate_meta
     from hashdistill.taxonomy import bit_splits, class_tree, format_tree, plot_dendrogram
 
     _fresh_output(args.output, args.force)
     tensors, meta = load_checkpoint(args.checkpoint)
+    validate_meta(meta, args.checkpoint)
     codes = tensors.get("codebook", tensors.get("codes"))
-    if codes is None or "class_names" not in meta:
+    if codes is None or meta["kind"] == FLOAT:
         raise UserError(f"{args.checkpoint} has no class codebook (a teacher or student checkpoint has one)")
+    check_class_codebook(meta, tensors, args.checkpoint)
     signs = to_signs(codes.numpy())
     tree = class_tree(signs, meta["class_names"])
     print(format_tree(tree, meta["class_names"]))

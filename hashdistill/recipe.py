@@ -207,6 +207,11 @@ def recipe_from_dict(raw: Any) -> Recipe:
     return _convert(raw, Recipe, "recipe")
 
 
+def data_config_from_dict(raw: Any) -> DataConfig:
+    """Validate a data section read from a file (a checkpoint's ``data``) with the recipe's own rules."""
+    return _convert(raw, DataConfig, "data")
+
+
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 

@@ -6,7 +6,6 @@ here) and checks the directory it works in is left exactly as it was.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import warnings
@@ -17,16 +16,16 @@ import onnx
 import pytest
 import torch
 import yaml
+from cli_support import build_arts, refused, variant
 from conftest import TINY
 from onnx import TensorProto, helper
 from PIL import Image
 from safetensors.torch import save_file
-from test_export_support import DATA, checkpoints, exported
+from test_export_support import exported
 
 from hashdistill.checkpoint import load_checkpoint, save_checkpoint
 from hashdistill.cli import main
-from hashdistill.data import build_dataset, dataset_info
-from hashdistill.distill.models import TEACHER, LLCTeacher, model_meta
+from hashdistill.data import build_dataset
 from hashdistill.recipe import DataConfig, load_recipe
 
 
@@ -37,41 +36,12 @@ def _one_thread() -> None:
 
 @pytest.fixture(scope="module")
 def arts(tmp_path_factory):
-    """The export tests' untrained 16-bit checkpoints, plus an 8-bit teacher and one of another dataset."""
-    ckpts = checkpoints(tmp_path_factory.getbasetemp() / "export-artefacts")
-    folder = tmp_path_factory.mktemp("other-checkpoints")
-    info = dataset_info(DATA)
-    torch.manual_seed(0)
-    teacher8 = folder / "teacher8.safetensors"
-    save_checkpoint(teacher8, LLCTeacher("test_resnet", 8, 4).state_dict(),
-                    model_meta(TEACHER, "test_resnet", 8, info, data=dataclasses.asdict(DATA)))
-    digits = folder / "digits-teacher.safetensors"
-    save_checkpoint(digits, LLCTeacher("test_resnet", 16, 4).state_dict(),
-                    model_meta(TEACHER, "test_resnet", 16, info, data=dataclasses.asdict(DataConfig(dataset="digits"))))
-    return {"teacher": ckpts.teacher, "student": ckpts.student, "ternary": ckpts.ternary,
-            "float": ckpts.float_baseline, "teacher8": teacher8, "digits_teacher": digits}
+    return build_arts(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def student_onnx(tmp_path_factory) -> Path:
     return exported(tmp_path_factory.getbasetemp() / "export-artefacts", "student")[0]
-
-
-def _listing(folder: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
-
-
-def _fails(capsys, workdir: Path, *args: str | Path, expect: str) -> str:
-    """Run the CLI, expect exit code 2 with one line naming ``expect``, and ``workdir`` untouched."""
-    before = _listing(workdir)
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    assert code == 2, out
-    err = out.err
-    assert err.startswith("hashdistill: error: ") and err.count("\n") == 1, err
-    assert expect in err, err
-    assert _listing(workdir) == before, "partial output left behind"
-    return err
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:
@@ -104,7 +74,7 @@ def _recipe(tmp_path: Path, text: str) -> Path:
     ("name: !!python/object/apply:os.getcwd []\n", "could not determine a constructor for the tag"),
 ])
 def test_bad_recipe(tmp_path, capsys, text, expect):
-    _fails(capsys, tmp_path, "run", _recipe(tmp_path, text), "--out", tmp_path / "run", expect=expect)
+    refused(capsys, tmp_path, "run", _recipe(tmp_path, text), "--out", tmp_path / "run", expect=expect)
 
 
 @pytest.mark.parametrize(("args", "expect"), [
@@ -118,7 +88,7 @@ def test_bad_recipe(tmp_path, capsys, text, expect):
 ])
 def test_bad_recipe_name_override_or_stage(tmp_path, capsys, monkeypatch, args, expect):
     monkeypatch.chdir(tmp_path)
-    _fails(capsys, tmp_path, "run", *args, "--out", tmp_path / "run", expect=expect)
+    refused(capsys, tmp_path, "run", *args, "--out", tmp_path / "run", expect=expect)
 
 
 def test_exponent_floats_are_numbers(tmp_path):
@@ -136,16 +106,21 @@ def test_existing_run_directory_needs_resume_or_force(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    _fails(capsys, tmp_path, "run", recipe, "--out", out, expect=f"run directory {out} already exists: pass --resume")
+    err = refused(capsys, tmp_path, "run", recipe, "--out", out, expect="holds files that hashdistill did not write")
+    assert "pass --force" not in err  # --force would not replace it either
+    (out / "notes.txt").unlink()
+    (out / ".hashdistill-run").touch()  # what every run directory has
+    (out / "recipe.yaml").write_text(yaml.safe_dump(TINY))
+    refused(capsys, tmp_path, "run", recipe, "--out", out, expect=f"run directory {out} already exists: pass --resume")
 
 
 def test_resume_needs_a_run_directory_of_the_same_recipe(tmp_path, capsys):
     recipe = _recipe(tmp_path, yaml.safe_dump(TINY))
-    _fails(capsys, tmp_path, "run", recipe, "--resume", tmp_path, expect="not a run directory (no recipe.yaml)")
+    refused(capsys, tmp_path, "run", recipe, "--resume", tmp_path, expect="not a run directory (no recipe.yaml)")
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump(TINY))
-    _fails(capsys, tmp_path, "run", recipe, "--resume", run, "--set", "teacher.bits=16",
+    refused(capsys, tmp_path, "run", recipe, "--resume", run, "--set", "teacher.bits=16",
            expect="the run was started with a different recipe")
 
 
@@ -158,7 +133,7 @@ def test_existing_output_is_refused_without_force(arts, tmp_path, capsys, comman
             "taxonomy": ["taxonomy", arts["teacher"], "-o", existing],
             "eval": ["eval", arts["student"], "--json", existing],
             "index": ["index", "build", arts["student"], "synthetic:test", "-o", existing]}[command]
-    _fails(capsys, tmp_path, *args, expect=f"{existing} already exists; pass --force to overwrite it")
+    refused(capsys, tmp_path, *args, expect=f"{existing} already exists; pass --force to overwrite it")
 
 
 def test_taxonomy_overwrites_with_force(arts, tmp_path, capsys):
@@ -208,7 +183,7 @@ def test_bad_dataset_folder(tmp_path, capsys, layout, expect):
         (root / "cats" / "readme.txt").write_text("no images here")
     if layout == "all-damaged":
         _damaged_images(root / "cats")
-    _fails(capsys, tmp_path, "run", _imagefolder_recipe(tmp_path, root), "--out", tmp_path / "run", expect=expect)
+    refused(capsys, tmp_path, "run", _imagefolder_recipe(tmp_path, root), "--out", tmp_path / "run", expect=expect)
 
 
 def test_damaged_images_are_skipped_and_counted(tmp_path):
@@ -245,22 +220,15 @@ def test_index_build_skips_damaged_images(arts, tmp_path, capsys):
 
 # --- checkpoints --------------------------------------------------------------------------------------------
 
-def _variant(arts, tmp_path: Path, name: str, **meta_changes) -> Path:
-    tensors, meta = load_checkpoint(arts[name])
-    path = tmp_path / f"{name}-variant.safetensors"
-    save_checkpoint(path, tensors, {**meta, **meta_changes})
-    return path
-
-
 def test_checkpoint_of_another_architecture(arts, tmp_path, capsys):
-    path = _variant(arts, tmp_path, "student", arch="test_resnet")
-    _fails(capsys, tmp_path, "eval", path, expect="(checkpoint of another architecture?)")
+    path = variant(arts, tmp_path, "student", arch="test_resnet")
+    refused(capsys, tmp_path, "eval", path, expect="(checkpoint of another architecture?)")
 
 
 def test_checkpoint_of_another_bit_width(arts, tmp_path, capsys):
-    path = _variant(arts, tmp_path, "student", bits=8)
-    _fails(capsys, tmp_path, "eval", path, expect="(another bit width or architecture?)")
-    _fails(capsys, tmp_path, "quantize", arts["student"], "-o", tmp_path / "q.safetensors", "--teacher",
+    path = variant(arts, tmp_path, "student", bits=8)
+    refused(capsys, tmp_path, "eval", path, expect="(another bit width or architecture?)")
+    refused(capsys, tmp_path, "quantize", arts["student"], "-o", tmp_path / "q.safetensors", "--teacher",
            arts["teacher8"], expect="has 8 bits, the student 16")
 
 
@@ -276,41 +244,41 @@ def test_checkpoint_of_another_bit_width(arts, tmp_path, capsys):
 ])
 def test_metadata_cannot_size_the_model(arts, tmp_path, capsys, which, num_classes, expect):
     """A class count in the metadata is range-checked, then checked against the codebook, before a model is built."""
-    path = _variant(arts, tmp_path, which, num_classes=num_classes)
-    _fails(capsys, tmp_path, "eval", path, expect=expect)
+    path = variant(arts, tmp_path, which, num_classes=num_classes)
+    refused(capsys, tmp_path, "eval", path, expect=expect)
 
 
 def test_checkpoint_cannot_make_us_fetch_a_model(arts, tmp_path, capsys):
     """timm would download an ``hf-hub:`` architecture's config: a checkpoint may only name registered models."""
-    path = _variant(arts, tmp_path, "student", arch="hf-hub:someone/model")
-    _fails(capsys, tmp_path, "eval", path, expect="'hf-hub:someone/model', which is not a timm model name")
+    path = variant(arts, tmp_path, "student", arch="hf-hub:someone/model")
+    refused(capsys, tmp_path, "eval", path, expect="'hf-hub:someone/model', which is not a timm model name")
 
 
 @pytest.mark.parametrize(("data", "expect"), [({"dataset": "synthetic", "image_size": 2}, "image_size': must be in"),
                                               (["synthetic"], "data")])
 @pytest.mark.parametrize("command", ["eval", "quantize", "export"])
 def test_checkpoint_with_a_damaged_data_section(arts, tmp_path, capsys, data, expect, command):
-    path = _variant(arts, tmp_path, "student", data=data)
+    path = variant(arts, tmp_path, "student", data=data)
     argv = {"eval": ["eval", path], "quantize": ["quantize", path, "-o", tmp_path / "q.safetensors"],
             "export": ["export", path, "-o", tmp_path / "m.onnx"]}[command]
-    _fails(capsys, tmp_path, *argv, expect=expect)
+    refused(capsys, tmp_path, *argv, expect=expect)
 
 
 def test_index_build_with_a_checkpoint_whose_data_section_is_not_a_mapping(arts, tmp_path, capsys):
-    path = _variant(arts, tmp_path, "student", data=["synthetic"])
-    _fails(capsys, tmp_path, "index", "build", path, "synthetic:test", "-o", tmp_path / "i.npz", expect="data")
+    path = variant(arts, tmp_path, "student", data=["synthetic"])
+    refused(capsys, tmp_path, "index", "build", path, "synthetic:test", "-o", tmp_path / "i.npz", expect="data")
 
 
 def test_ternary_checkpoint_of_another_shape(arts, tmp_path, capsys):
     _, meta = load_checkpoint(arts["ternary"])
     layers = {name: {"shape": [2 * d for d in info["shape"]]} for name, info in meta["ternary_layers"].items()}
-    path = _variant(arts, tmp_path, "ternary", ternary_layers=layers)
-    _fails(capsys, tmp_path, "eval", path, expect="checkpoint shape")
+    path = variant(arts, tmp_path, "ternary", ternary_layers=layers)
+    refused(capsys, tmp_path, "eval", path, expect="checkpoint shape")
 
 
 def test_teacher_of_another_dataset(arts, tmp_path, capsys):
     recipe = _recipe(tmp_path, yaml.safe_dump(TINY))
-    _fails(capsys, tmp_path, "distill", recipe, "--teacher", arts["digits_teacher"], "--out", tmp_path / "run",
+    refused(capsys, tmp_path, "distill", recipe, "--teacher", arts["digits_teacher"], "--out", tmp_path / "run",
            expect="was trained with data.dataset='digits', but this recipe has 'synthetic'")
 
 
@@ -347,7 +315,7 @@ def test_unusable_checkpoint(arts, tmp_path, capsys, kind, expect, command):
             "taxonomy": ["-o", tmp_path / "tree.png"]}
     argv = ["index", "build", path, "synthetic:test", "-o", tmp_path / "i.npz"] if command == "index" \
         else [command, path, *args[command]]
-    _fails(capsys, tmp_path, *argv, expect=expect)
+    refused(capsys, tmp_path, *argv, expect=expect)
 
 
 # --- ONNX files and indexes ---------------------------------------------------------------------------------
@@ -379,7 +347,7 @@ def test_unusable_onnx_file(student_onnx, index16, tmp_path, capsys, kind, comma
         image = tmp_path / "q.png"
         _png(image, 0)
         argv = ["index", "search", index16, image, "--model", path]
-    _fails(capsys, tmp_path, *argv, expect=expect)
+    refused(capsys, tmp_path, *argv, expect=expect)
 
 
 @pytest.fixture(scope="module")
@@ -401,13 +369,13 @@ def test_unusable_index(index16, tmp_path, capsys, kind):
     image = tmp_path / "q.png"
     _png(image, 0)
     expect = {"missing": "index not found", "foreign-npz": "is not a hashdistill index"}.get(kind, "is not a readable")
-    _fails(capsys, tmp_path, "index", "search", path, image, expect=expect)
+    refused(capsys, tmp_path, "index", "search", path, image, expect=expect)
 
 
 def test_query_model_of_another_bit_width(arts, index16, tmp_path, capsys):
     image = tmp_path / "q.png"
     _png(image, 0)
-    _fails(capsys, tmp_path, "index", "search", index16, image, "--model", arts["teacher8"],
+    refused(capsys, tmp_path, "index", "search", index16, image, "--model", arts["teacher8"],
            expect="produces 8-bit codes but the index holds 16-bit codes")
 
 

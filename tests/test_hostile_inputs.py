@@ -1,0 +1,464 @@
+"""What a hostile or careless user found: each case is a crafted input written here, never a committed file.
+
+Classes of fault: folders hashdistill must never delete, metadata that would size an allocation, inputs that
+used to end in a traceback, recipes that expand, ``index build --force``, leftovers of killed writes and
+misleading messages. Each refusal is exit 2 with one short line (``cli_support.refused``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from cli_support import build_arts, refused, variant
+from conftest import TINY
+from PIL import Image
+from test_export_support import exported
+
+from hashdistill.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
+from hashdistill.cli import main
+from hashdistill.pipeline import prepare_run_dir
+from hashdistill.recipe import recipe_from_dict
+from hashdistill.rundir import MARKER_FILE, RunDir, is_run_dir
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory):
+    return build_arts(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def student_onnx(tmp_path_factory) -> Path:
+    return exported(tmp_path_factory.getbasetemp() / "export-artefacts", "student")[0]
+
+
+def _recipe(tmp_path: Path, changes: dict | None = None) -> Path:
+    raw = json.loads(json.dumps(TINY))
+    for key, value in (changes or {}).items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+    path = tmp_path / "input.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _missing_data_recipe(tmp_path: Path) -> Path:
+    """A valid recipe whose data cannot be found: the run fails right after preparing its directory."""
+    return _recipe(tmp_path, {"data.dataset": "imagefolder", "data.root": str(tmp_path / "no-such-folder")})
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- 1. never destroy a user's files
+
+
+def test_force_never_deletes_a_folder_hashdistill_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"my own bytes")
+    (mine / "recipe.yaml").write_text("name: mine\n")  # even a recipe.yaml does not make it a run directory
+    err = refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", mine, "--force",
+                  expect="holds files that hashdistill did not write; it is left untouched")
+    assert "--force to" not in err
+    assert (mine / "holiday.jpg").read_bytes() == b"my own bytes"
+
+
+def test_force_replaces_a_run_directory(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    (run.path / "summary.json").write_text("{}")
+    assert is_run_dir(run.path)
+    assert main(["run", str(_missing_data_recipe(tmp_path)), "--out", str(run.path), "--force"]) == 2
+    capsys.readouterr()
+    assert not run.path.exists()  # replaced; the new run saved nothing, so it is gone too
+
+
+def test_a_failed_run_keeps_the_users_empty_folder(tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["run", str(_missing_data_recipe(tmp_path)), "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert out.is_dir() and not any(out.iterdir())  # what hashdistill wrote is gone, the folder is not
+
+
+def test_a_file_where_a_run_directory_belongs(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", tmp_path / "taken", "--force",
+            expect="is a file, not a run directory")
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "index", "taxonomy", "quantize"])
+def test_a_directory_where_an_output_file_belongs(arts, tmp_path, capsys, command):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    argv = {"eval": ["eval", arts["student"], "--json", folder],
+            "export": ["export", arts["student"], "-o", folder],
+            "index": ["index", "build", arts["student"], "synthetic:test", "-o", folder],
+            "taxonomy": ["taxonomy", arts["teacher"], "-o", folder],
+            "quantize": ["quantize", arts["student"], "-o", folder]}[command]
+    refused(capsys, tmp_path, *argv, "--force", expect=f"{folder} is a directory; give the path of the file")
+
+
+# ---------------------------------------------------------------- 2. metadata that would size an allocation
+
+
+def _peak_rss_mb(argv: list[str]) -> tuple[int, str, float]:
+    """Run the CLI in a child process: exit code, stderr and the child's own peak resident memory."""
+    child = subprocess.Popen([sys.executable, "-m", "hashdistill", *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = child.stderr.read().decode()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, err, usage.ru_maxrss / 1024
+
+
+def test_model_arguments_asking_for_millions_of_channels_cost_nothing(arts, tmp_path):
+    path = variant(arts, tmp_path, "student", arch_kwargs={"in_chans": 3_000_000})
+    code, err, peak_mb = _peak_rss_mb(["eval", str(path)])
+    assert code == 2 and "has shape" in err and err.count("\n") == 1, err
+    assert peak_mb < 1500, f"peak memory {peak_mb:.0f} MB"
+
+
+@pytest.mark.parametrize("command", ["export", "index"])
+def test_checkpoint_input_size_is_bounded(arts, tmp_path, capsys, command):
+    path = variant(arts, tmp_path, "student", input_size=100_000)
+    argv = ["export", path, "-o", tmp_path / "m.onnx"] if command == "export" else \
+        ["index", "build", path, "synthetic:test", "-o", tmp_path / "i.npz"]
+    refused(capsys, tmp_path, *argv, expect="metadata 'input_size' must be an integer in [8, 1024], got 100000")
+
+
+def _onnx_variant(source: Path, folder: Path, **props: str) -> Path:
+    proto = onnx.load(source)
+    for prop in proto.metadata_props:
+        if prop.key in props:
+            prop.value = props[prop.key]
+    path = folder / "variant.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+@pytest.mark.parametrize(("props", "expect"), [
+    ({"input_size": "100000"}, "metadata 'input_size' must be an integer in [8, 1024], got 100000"),
+    ({"input_size": "32"}, "the metadata says 32x32 RGB images, but the graph's input"),
+    ({"input_size": "16.5"}, "metadata 'input_size' must be an integer"),
+    ({"bits": "sixteen"}, "metadata 'bits' must be an integer"),
+    ({"class_names": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
+    ({"mean": '"0.5"'}, "metadata 'mean' must be a list of 3 finite numbers"),
+    ({"std": "[1, 0, 1]"}, "metadata 'std' must be a list of 3 finite positive numbers"),
+])
+@pytest.mark.parametrize("command", ["eval", "index"])
+def test_onnx_metadata_is_checked_before_use(student_onnx, tmp_path, capsys, props, expect, command):
+    path = _onnx_variant(student_onnx, tmp_path, **props)
+    argv = ["eval", path] if command == "eval" else ["index", "build", path, "synthetic:test", "-o", tmp_path / "i.npz"]
+    refused(capsys, tmp_path, *argv, expect=expect)
+
+
+# ---------------------------------------------------------------- 3. inputs that used to end in a traceback
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _decompression_bomb(path: Path) -> Path:
+    """A 200-byte PNG that declares 40000 x 40000 pixels: PIL refuses it before decoding."""
+    header = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+                     + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_query_is_refused(arts, tmp_path, capsys):
+    assert main(["index", "build", str(arts["student"]), "synthetic:test", "-o", str(tmp_path / "i.npz")]) == 0
+    capsys.readouterr()
+    bomb = _decompression_bomb(tmp_path / "bomb.png")
+    refused(capsys, tmp_path, "index", "search", tmp_path / "i.npz", bomb, expect="decompression-bomb limit")
+
+
+def test_a_decompression_bomb_in_a_folder_is_skipped_and_counted(arts, tmp_path, capsys):
+    folder = tmp_path / "images"
+    for i in range(3):
+        _png(folder / "cats" / f"{i}.png", i)
+    _decompression_bomb(folder / "cats" / "bomb.png")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        assert main(["index", "build", str(arts["student"]), str(folder), "-o", str(tmp_path / "i.npz")]) == 0
+    assert "indexed 3 images" in capsys.readouterr().out
+
+
+def _with_raw_metadata(source: Path, folder: Path, text: str) -> Path:
+    """The checkpoint's tensors under a metadata text of our choosing (not necessarily valid JSON)."""
+    from safetensors.torch import save_file
+
+    tensors, _ = load_checkpoint(source)
+    path = folder / "raw-meta.safetensors"
+    save_file(tensors, str(path), metadata={METADATA_KEY: text})
+    return path
+
+
+@pytest.mark.parametrize("command", ["eval", "taxonomy", "export"])
+def test_deeply_nested_checkpoint_metadata(arts, tmp_path, capsys, command):
+    path = _with_raw_metadata(arts["teacher"], tmp_path, '{"kind": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    argv = {"eval": ["eval", path], "taxonomy": ["taxonomy", path, "-o", tmp_path / "t.png"],
+            "export": ["export", path, "-o", tmp_path / "m.onnx"]}[command]
+    refused(capsys, tmp_path, *argv, expect="checkpoint metadata is corrupt (its JSON is nested too deeply)")
+
+
+def test_deeply_nested_index_record(arts, tmp_path, capsys):
+    assert main(["index", "build", str(arts["student"]), "synthetic:test", "-o", str(tmp_path / "i.npz")]) == 0
+    capsys.readouterr()
+    with np.load(tmp_path / "i.npz") as npz:
+        fields = {key: npz[key] for key in npz.files}
+    fields["model"] = np.array("[" * 100_000 + "]" * 100_000)
+    np.savez(tmp_path / "deep.npz", **fields)
+    refused(capsys, tmp_path, "index", "search", tmp_path / "deep.npz", _png(tmp_path / "q.png"),
+            expect="nested too deeply")
+
+
+@pytest.mark.parametrize(("changes", "expect"), [
+    ({"input_size": "16"}, "metadata 'input_size' must be an integer"),
+    ({"input_size": 16.5}, "metadata 'input_size' must be an integer"),
+    ({"bits": "16"}, "metadata 'bits' must be an integer"),
+    ({"class_names": "abcd"}, "metadata 'class_names' must be a list of 4 strings"),
+    ({"mean": [0.5, "x", 0.5]}, "metadata 'mean' must be a list of 3 finite numbers"),
+    ({"arch_kwargs": ["in_chans", 5]}, "metadata 'arch_kwargs' must be a JSON object"),
+    ({"data": {"dataset": "synthetic", "image_size": 16.5}}, "data.image_size"),
+])
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_metadata_of_the_wrong_type(arts, tmp_path, capsys, changes, expect, command):
+    path = variant(arts, tmp_path, "student", **changes)
+    argv = ["eval", path] if command == "eval" else ["export", path, "-o", tmp_path / "m.onnx"]
+    refused(capsys, tmp_path, *argv, expect=expect)
+
+
+def test_model_arguments_timm_rejects_only_at_forward_time(arts, tmp_path, capsys):
+    """timm builds resnet with in_chans=5; the first batch of 3-channel images would fail mid-training."""
+    recipe = _recipe(tmp_path, {"teacher.bits": 16, "student.model": "test_resnet",
+                                "student.model_kwargs": {"in_chans": 5}})
+    refused(capsys, tmp_path, "distill", recipe, "--teacher", arts["teacher"], "--out", tmp_path / "run",
+            expect="does not run on 16x16 RGB images")
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.log({"stage": "teacher-phase1", "epoch": 0})
+    with open(run.path / "metrics.jsonl", "a") as fh:
+        fh.write('{"stage": "teacher-phase1", "ep')  # killed mid-append
+    assert run.metrics() == [{"stage": "teacher-phase1", "epoch": 0}]
+    run.log({"stage": "teacher-phase1", "epoch": 1})
+    assert [r["epoch"] for r in run.metrics()] == [0, 1]
+    (run.path / "metrics.jsonl").write_text('{"epoch": 0}\nnot json\n{"epoch": 1}\n')
+    with pytest.raises(Exception, match="line 2 is not a metrics record"):
+        run.metrics()
+
+
+# ---------------------------------------------------------------- 4. recipes that expand
+
+
+def test_a_recipe_of_nested_aliases_is_refused_at_once(tmp_path, capsys):
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\nteacher: {bits: *i}\n")
+    assert path.stat().st_size < 1000
+    start = time.perf_counter()
+    refused(capsys, tmp_path, "run", path, "--out", tmp_path / "run", expect="expands to more than 10,000 values")
+    assert time.perf_counter() - start < 5
+
+
+def test_error_messages_stay_short(tmp_path, capsys):
+    path = _recipe(tmp_path, {"teacher.bits": "x" * 200_000})
+    err = refused(capsys, tmp_path, "run", path, "--out", tmp_path / "run", expect="recipe field 'teacher.bits'")
+    assert len(err) < 700
+
+
+# ---------------------------------------------------------------- 5. index build --force
+
+
+def test_index_build_force_replaces_the_index(arts, tmp_path, capsys):
+    out = tmp_path / "i.npz"
+    assert main(["index", "build", str(arts["student"]), "synthetic:test", "-o", str(out)]) == 0
+    first = out.read_bytes()
+    out.write_bytes(first[:100])  # damage it: --force must write a whole new one
+    assert main(["index", "build", str(arts["student"]), "synthetic:test", "-o", str(out), "--force"]) == 0
+    assert out.read_bytes() == first
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------- 6. leftovers
+
+
+def test_resume_removes_temp_files_a_killed_write_left(tmp_path):
+    recipe = recipe_from_dict(TINY)
+    run = prepare_run_dir(recipe, str(tmp_path / "run"), None, False)
+    run.save_recipe(recipe)
+    stale = run.checkpoints / ".teacher-phase1-last.safetensors.k3j2_x.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    kept = run.checkpoints / "notes.tmp.txt"
+    kept.write_text("not ours")
+    prepare_run_dir(recipe, None, str(run.path), False)
+    assert not stale.exists() and kept.exists()
+
+
+def test_an_interrupted_export_leaves_nothing_behind(arts, tmp_path, capsys):
+    staging = tmp_path / ".m.onnx.ab12cd.export-staging"  # what a SIGKILL mid-export leaves
+    staging.mkdir()
+    (staging / "m.onnx").write_bytes(b"half")
+    foreign = tmp_path / ".m.onnx.mine"
+    foreign.mkdir()
+    assert main(["export", str(arts["student"]), "-o", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert not staging.exists() and foreign.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.mine", "m.onnx"]
+
+
+def test_outputs_get_the_usual_permissions(arts, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "c.safetensors", {"x": torch.ones(2)}, {"kind": "x"})
+        assert path.stat().st_mode & 0o777 == 0o644
+        run = RunDir(tmp_path / "run")
+        assert (run.path / MARKER_FILE).stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
+def test_plots_are_written_atomically(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from hashdistill.plots import plot_pr_curves
+
+    curve = {"a": {"precision": [1.0, 0.5], "recall": [0.1, 1.0]}}
+    path = plot_pr_curves(curve, tmp_path / "pr.png")
+    before = path.read_bytes()
+
+    def half_then_crash(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        plot_pr_curves(curve, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["pr.png"]
+
+
+# ---------------------------------------------------------------- 7. messages that name the input
+
+
+def test_a_plain_zip_is_not_called_a_pickle(tmp_path, capsys):
+    path = tmp_path / "weights.safetensors"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "just a zip")
+    err = refused(capsys, tmp_path, "eval", path, expect="is a zip archive, not a safetensors checkpoint")
+    assert "pickle" not in err
+
+
+def test_a_torch_save_zip_is_named_as_one(tmp_path, capsys):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    refused(capsys, tmp_path, "eval", path, expect="is a torch.save file (a zip holding a pickle)")
+
+
+@pytest.mark.parametrize("command", ["taxonomy", "quantize"])
+def test_an_onnx_model_given_to_a_checkpoint_command(student_onnx, tmp_path, capsys, command):
+    argv = [command, student_onnx, "-o", tmp_path / ("t.png" if command == "taxonomy" else "q.safetensors")]
+    err = refused(capsys, tmp_path, *argv, expect="this command takes a checkpoint (.safetensors); got an ONNX model")
+    assert "header too large" not in err
+
+
+# ---------------------------------------------------------------- property: mutated metadata, every command
+
+# Values a hostile file may put in any metadata field.
+HOSTILE_VALUES = [None, True, -1, 0, 2**40, 2**70, 1e308, float("nan"), "x" * 10_000, "", [], {}, [1, "a"],
+                  {"a": {"b": {"c": [1, 2, 3]}}}, [[[[[[[[[[1]]]]]]]]]], "16", 3.5, [16] * 5000]
+
+
+def _mutations(rng: np.random.Generator, meta: dict, count: int) -> list[dict]:
+    keys = sorted(meta)
+    out = []
+    for _ in range(count):
+        mutated = json.loads(json.dumps(meta))
+        for key in rng.choice(keys, size=int(rng.integers(1, 3)), replace=False):
+            value = HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]
+            if rng.random() < 0.2 and isinstance(mutated[key], dict) and mutated[key]:  # one level down
+                inner = sorted(mutated[key])[int(rng.integers(len(mutated[key])))]
+                mutated[key][inner] = value
+            else:
+                mutated[key] = value
+        out.append(mutated)
+    return out
+
+
+def test_randomly_mutated_metadata_never_crashes_any_command(arts, student_onnx, tmp_path, capsys):
+    """Every command on every mutation: exit 0 or exit 2 with one line; never a traceback; bounded memory."""
+    rng = np.random.default_rng(17)
+    cases: list[list[str]] = []
+    for which in ("teacher", "student", "ternary"):
+        tensors, meta = load_checkpoint(arts[which])
+        for i, mutated in enumerate(_mutations(rng, meta, 8)):
+            path = tmp_path / f"{which}-{i}.safetensors"
+            save_checkpoint(path, tensors, mutated)
+            cases += [["eval", str(path)], ["taxonomy", str(path), "-o", str(tmp_path / f"t-{which}{i}.png")],
+                      ["export", str(path), "-o", str(tmp_path / f"m-{which}{i}.onnx")],
+                      ["index", "build", str(path), "synthetic:test", "-o", str(tmp_path / f"i-{which}{i}.npz")]]
+    props = {p.key: p.value for p in onnx.load(student_onnx).metadata_props}
+    for i, mutated in enumerate(_mutations(rng, props, 12)):
+        text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in mutated.items()}
+        path = _onnx_variant(student_onnx, tmp_path, **text).rename(tmp_path / f"onnx-{i}.onnx")
+        cases += [["eval", str(path)],
+                  ["index", "build", str(path), "synthetic:test", "-o", str(tmp_path / f"o{i}.npz")]]
+    assert main(["index", "build", str(arts["student"]), "synthetic:test", "-o", str(tmp_path / "base.npz")]) == 0
+    capsys.readouterr()
+    with np.load(tmp_path / "base.npz") as npz:
+        fields = {key: npz[key] for key in npz.files}
+    query = _png(tmp_path / "q.png")
+    for i, mutated in enumerate(_mutations(rng, {"model": json.loads(str(fields["model"])),
+                                                 "bits": int(fields["bits"]), "version": 1}, 10)):
+        damaged = {**fields, "model": np.array(json.dumps(mutated["model"])),
+                   "bits": np.array(mutated["bits"], dtype=object if not isinstance(mutated["bits"], int) else None),
+                   "version": np.array(mutated["version"], dtype=None)}
+        path = tmp_path / f"index-{i}.npz"
+        try:
+            np.savez(path, **damaged)
+        except (ValueError, TypeError):
+            continue
+        cases.append(["index", "search", str(path), str(query), "--model", str(arts["student"])])
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    child = subprocess.Popen([sys.executable, str(HERE / "hostile_worker.py"), str(tmp_path / "cases.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = child.communicate(timeout=600)
+    assert child.returncode == 0, err.decode()[-3000:]
+    report = json.loads(out)
+    bad = []
+    for case, result in zip(cases, report["results"]):
+        err = result["stderr"]
+        one_line = err.startswith("hashdistill: error: ") and err.count("\n") == 1 and len(err) < 700
+        if result["traceback"] is not None or result["code"] not in (0, 2) or (result["code"] == 2 and not one_line):
+            bad.append((case[0], Path(case[1]).name, result["traceback"] or err))
+    assert not bad, "\n\n".join(f"{c} {f}: {what[-600:]}" for c, f, what in bad)
+    assert sum(r["code"] == 2 for r in report["results"]) > len(cases) // 2  # the mutations do bite
+    assert report["peak_rss_mb"] < 2500, report["peak_rss_mb"]
