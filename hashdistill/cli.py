@@ -304,16 +304,23 @@ def cmd_taxonomy(args: argparse.Namespace) -> None:
 
     from hashdistill.checkpoint import load_checkpoint
     from hashdistill.codes import to_signs
-    from hashdistill.distill.models import FLOAT, check_class_codebook, validate_meta
+    from hashdistill.distill.models import (
+        CODEBOOK_TENSORS,
+        STUDENT,
+        TEACHER,
+        TERNARY,
+        check_class_codebook,
+        validate_meta,
+    )
     from hashdistill.taxonomy import bit_splits, class_tree, format_tree, plot_dendrogram
 
     _fresh_output(args.output, args.force)
     tensors, meta = load_checkpoint(args.checkpoint)
-    validate_meta(meta, args.checkpoint)
-    codes = tensors.get("codebook", tensors.get("codes"))
-    if codes is None or meta["kind"] == FLOAT:
+    if meta.get("kind") not in (TEACHER, STUDENT, TERNARY):
         raise UserError(f"{args.checkpoint} has no class codebook (a teacher or student checkpoint has one)")
+    validate_meta(meta, args.checkpoint)
     check_class_codebook(meta, tensors, args.checkpoint)
+    codes = tensors[CODEBOOK_TENSORS[meta["kind"]]]
     signs = to_signs(codes.numpy())
     tree = class_tree(signs, meta["class_names"])
     print(format_tree(tree, meta["class_names"]))

@@ -53,3 +53,12 @@ def student_onnx(export_root):
     from test_export_support import exported
 
     return exported(export_root, "student")[0]
+
+
+@pytest.fixture(scope="session")
+def arts(tmp_path_factory):
+    """Untrained 16-bit checkpoints (teacher, student, ternary, float) plus an 8-bit teacher and one of another
+    dataset: what the bad-input tests damage."""
+    from cli_support import build_arts
+
+    return build_arts(tmp_path_factory)

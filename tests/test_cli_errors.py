@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from cli_support import build_arts, refused, variant
+from cli_support import refused, variant
 from conftest import TINY
 from onnx import TensorProto, helper
 from PIL import Image
@@ -32,11 +32,6 @@ from hashdistill.recipe import DataConfig, load_recipe
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def arts(tmp_path_factory):
-    return build_arts(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

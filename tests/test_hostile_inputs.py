@@ -22,10 +22,9 @@ import onnx
 import pytest
 import torch
 import yaml
-from cli_support import build_arts, refused, variant
+from cli_support import refused, variant
 from conftest import TINY
 from PIL import Image
-from test_export_support import exported
 
 from hashdistill.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
 from hashdistill.cli import main
@@ -39,16 +38,6 @@ HERE = Path(__file__).parent
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def arts(tmp_path_factory):
-    return build_arts(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def student_onnx(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory.getbasetemp() / "export-artefacts", "student")[0]
 
 
 def _recipe(tmp_path: Path, changes: dict | None = None) -> Path:
