@@ -1,10 +1,18 @@
-"""A Hamming-distance index over packed binary codes: faiss ``IndexBinaryFlat`` plus ids, paths, labels.
+"""A Hamming-distance index over packed binary codes: a faiss binary index plus ids, paths and labels.
 
-faiss needs bits padded to a multiple of 8; packed codes already are (the padding bits are zero in
-every code, so distances are unchanged). Persisted as ONE ``.npz`` file, read back with
-``allow_pickle=False``: the codes, ids, labels, display paths, label names and a JSON record of the
-model that encoded the database (path, kind, arch, metadata hash, bits). The faiss index is rebuilt
-on load: for a flat index that is a copy of the codes, and it keeps the file format independent of faiss.
+The search structure is one of :data:`~.index_kinds.KINDS` (``flat`` exact; ``ivf`` and ``hnsw``
+approximate), picked by name or by the data (``auto``: flat below :data:`AUTO_FLAT_BELOW` codes, IVF from
+there, where exact search stops being cheap). An approximate index measures, when it is built, its
+recall@k against exact search at each speed setting (nprobe / efSearch) on a seeded sample of its own codes
+taken as queries, records that curve, and searches by default at the cheapest setting that reaches
+:data:`TARGET_RECALL`. Recall counts a returned item as right when its distance is no larger than the k-th
+exact distance (ties make "the" exact top k ambiguous).
+
+Persisted as ONE ``.npz`` file, read back with ``allow_pickle=False``: codes, ids, labels, display paths,
+label names, a JSON record of the model that encoded the database, the kind, its parameters, the recall
+record, and the kind's arrays (see :mod:`.index_kinds`). Its size is checked against the memory available
+before anything is loaded. Indexes can grow (:func:`add_to_index`, no retraining) and shards built on
+several machines can be merged (:func:`merge_indexes`), ids kept.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,22 +33,35 @@ from hashdistill import codes
 from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 from hashdistill.recipe import DataConfig
-from hashdistill.untrusted import parse_json
+from hashdistill.untrusted import parse_json, short
 
 from .images import ImageLike
+from .index_kinds import ARRAY_KEYS, KINDS, SearchStructure
 from .sources import collect_images, open_encoder
 
 FORMAT = "hashdistill-hash-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # version 1 (flat only, no kind / params / recall) is still read
 KEYS = ("format", "version", "bits", "codes", "ids", "labels", "paths", "label_names", "model")
+KIND_CHOICES = ("auto", *KINDS)
+AUTO_FLAT_BELOW = 100_000  # benchmarks/search.py: under it exact search answers in ~0.1 ms a query on 2 cores
+TARGET_RECALL = 0.99
+RECALL_K, RECALL_QUERIES = 100, 200
 
 
 class HashIndex:
-    """Packed codes searchable by Hamming distance, with an id, label and path per entry."""
+    """Packed codes searchable by Hamming distance, with an id, label and path per entry.
+
+    ``kind``: a name of :data:`~.index_kinds.KINDS` or ``"auto"``; ``params``: its build parameters
+    (``nlist`` for ivf, ``M`` / ``efConstruction`` for hnsw; defaults from the data). ``structure``: an already
+    built search structure (when loading); otherwise one is built, and an approximate one has its recall
+    measured (``recall``).
+    """
 
     def __init__(self, packed: np.ndarray, bits: int, ids: np.ndarray | None = None,
-                 labels: np.ndarray | None = None, paths: Sequence[str] | None = None,
-                 label_names: Sequence[str] = (), model: dict[str, Any] | None = None):
+                 labels: np.ndarray | None = None, paths: Sequence[str] | np.ndarray | None = None,
+                 label_names: Sequence[str] = (), model: dict[str, Any] | None = None, kind: str = "flat",
+                 params: dict[str, int] | None = None, structure: SearchStructure | None = None,
+                 recall: dict[str, Any] | None = None, seed: int = 0):
         packed = np.ascontiguousarray(packed)
         width = codes.packed_width(bits)
         if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != width:
@@ -50,25 +72,36 @@ class HashIndex:
         self.codes = packed
         self.ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         self.labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-        self.paths = [""] * n if paths is None else [str(p) for p in paths]
+        self.paths = np.full(n, "", dtype="<U1") if paths is None else np.asarray(paths, dtype=np.str_)
         self.label_names = [str(name) for name in label_names]
         self.model = dict(model or {})
-        if not len(self.ids) == len(self.labels) == len(self.paths) == n:
-            raise UserError(f"index columns differ in length: {n} codes, {len(self.ids)} ids, "
-                            f"{len(self.labels)} labels, {len(self.paths)} paths")
-        self.faiss_index = faiss.IndexBinaryFlat(width * 8)
-        self.faiss_index.add(packed)
+        if not self.ids.shape == self.labels.shape == self.paths.shape == (n,):
+            raise UserError(f"index columns differ in length: {n} codes, {self.ids.shape} ids, "
+                            f"{self.labels.shape} labels, {self.paths.shape} paths")
+        if len(np.unique(self.ids)) != n:
+            raise UserError("index ids must be unique")
+        kind = choose_kind(kind, n)
+        self.structure = structure or KINDS[kind].build(packed, dict(params or {}), np.random.default_rng(seed))
+        self.recall = (recall or {}) if structure is not None else measure_recall(self.structure, packed, seed)
+        if self.recall.get("default") is not None:
+            self.structure.set_speed(self.recall["default"])
+
+    @property
+    def kind(self) -> str:
+        return self.structure.kind
 
     def __len__(self) -> int:
         return len(self.codes)
 
-    def search(self, query_codes: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_codes: np.ndarray, k: int = 10, speed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Hamming distances (int32) and ids of the k nearest entries per query, nearest first."""
-        distances, rows = self.nearest(query_codes, k)
-        return distances, self.ids[rows]
+        distances, rows = self.nearest(query_codes, k, speed)
+        return distances, np.where(rows >= 0, self.ids[rows], -1)
 
-    def nearest(self, query_codes: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`search` but returns row positions (to look up paths and labels)."""
+    def nearest(self, query_codes: np.ndarray, k: int = 10, speed: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`search` but returns row positions (to look up paths and labels); -1 where an approximate
+        index found fewer than k entries. ``speed``: nprobe (ivf) or efSearch (hnsw) for this search."""
         query_codes = np.ascontiguousarray(query_codes)
         if query_codes.dtype != np.uint8 or query_codes.ndim != 2 or query_codes.shape[1] != self.codes.shape[1]:
             raise UserError(f"queries must be packed {self.bits}-bit codes, uint8 (n, {self.codes.shape[1]}); "
@@ -77,7 +110,57 @@ class HashIndex:
             raise UserError(f"k must be >= 1, got {k}")
         if len(self) == 0:
             raise UserError("the index is empty")
-        return self.faiss_index.search(query_codes, min(k, len(self)))
+        default = self.structure.set_speed(None)
+        try:
+            self.structure.set_speed(speed)
+            return self.structure.index.search(query_codes, min(k, len(self)))
+        finally:
+            if default is not None:
+                self.structure.set_speed(default)
+
+    def describe(self, speed: int | None = None) -> dict[str, Any]:
+        """Kind, parameters, the speed setting a search uses, the recall measured for it, and memory per item."""
+        spec = KINDS[self.kind]
+        used = speed if speed is not None else self.structure.set_speed(None)
+        if self.kind == "ivf" and used is not None:
+            used = min(used, self.structure.params["nlist"])
+        curve = dict((int(v), r) for v, r in self.recall.get("curve", []))
+        return {"kind": self.kind, "params": self.structure.params, "items": len(self),
+                "speed_param": spec.speed_param, "speed": used,
+                "recall": 1.0 if spec.speed_param is None else curve.get(used),
+                "recall_k": self.recall.get("k"), "bytes_per_item": self.bytes_per_item()}
+
+    def bytes_per_item(self) -> float:
+        """Memory one entry costs once loaded: its code, id, label and path, plus the kind's own structure."""
+        if not len(self):
+            return 0.0
+        columns = self.codes.nbytes + self.ids.nbytes + self.labels.nbytes + self.paths.nbytes
+        stored = self.codes.shape[1]  # faiss keeps its own copy of every code
+        return columns / len(self) + stored + KINDS[self.kind].extra_bytes_per_item(self.structure.params)
+
+    def add(self, packed: np.ndarray, labels: np.ndarray | None = None, paths: Sequence[str] | None = None,
+            ids: np.ndarray | None = None) -> None:
+        """Append entries without rebuilding (IVF keeps its centroids, HNSW links the new nodes in).
+
+        ``ids`` default to the next free ones after the largest id present.
+        """
+        packed = np.ascontiguousarray(packed)
+        n = len(packed)
+        if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != self.codes.shape[1]:
+            raise UserError(f"new entries must be packed {self.bits}-bit codes, uint8 (n, {self.codes.shape[1]}); "
+                            f"got {packed.dtype} {packed.shape}")
+        start = int(self.ids.max()) + 1 if len(self) else 0
+        new_ids = np.arange(start, start + n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        new_labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        new_paths = np.full(n, "", dtype="<U1") if paths is None else np.asarray(paths, dtype=np.str_)
+        if not new_ids.shape == new_labels.shape == new_paths.shape == (n,):
+            raise UserError("new entries' ids, labels and paths must match the codes in length")
+        if np.isin(new_ids, self.ids).any() or len(np.unique(new_ids)) != n:
+            raise UserError("new entries' ids must be unique and not already in the index")
+        self.structure.index.add(packed)
+        self.codes = np.concatenate([self.codes, packed])
+        self.ids, self.labels = np.concatenate([self.ids, new_ids]), np.concatenate([self.labels, new_labels])
+        self.paths = np.concatenate([self.paths, new_paths])
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the index as one .npz file, atomically."""
@@ -86,53 +169,181 @@ class HashIndex:
             raise UserError(f"{path} already exists; pass --force to overwrite it")
         buffer = io.BytesIO()
         np.savez(buffer, format=np.array(FORMAT), version=np.array(FORMAT_VERSION), bits=np.array(self.bits),
-                 codes=self.codes, ids=self.ids, labels=self.labels, paths=np.array(self.paths, dtype=np.str_),
-                 label_names=np.array(self.label_names, dtype=np.str_), model=np.array(json.dumps(self.model)))
+                 codes=self.codes, ids=self.ids, labels=self.labels, paths=self.paths,
+                 label_names=np.array(self.label_names, dtype=np.str_), model=np.array(json.dumps(self.model)),
+                 kind=np.array(self.kind), params=np.array(json.dumps(self.structure.params)),
+                 recall=np.array(json.dumps(self.recall)), **KINDS[self.kind].arrays(self.structure))
         return atomic_write_bytes(path, buffer.getvalue())
 
 
+def choose_kind(kind: str, n: int) -> str:
+    """The kind to build for ``n`` codes: ``auto`` is flat below AUTO_FLAT_BELOW codes and IVF from there."""
+    if kind not in KIND_CHOICES:
+        raise UserError(f"unknown index kind {short(kind)}; choose one of {', '.join(KIND_CHOICES)}")
+    if kind == "auto":
+        return "flat" if n < AUTO_FLAT_BELOW else "ivf"
+    return kind
+
+
+def measure_recall(structure: SearchStructure, packed: np.ndarray, seed: int = 0, k: int = RECALL_K,
+                   queries: int = RECALL_QUERIES) -> dict[str, Any]:
+    """recall@k against exact search at every speed setting of an approximate index, and the default setting:
+    the cheapest one reaching TARGET_RECALL (else the most thorough). Flat search is exact: nothing to measure."""
+    spec = KINDS[structure.kind]
+    n = len(packed)
+    if spec.speed_param is None or n == 0:
+        return {"k": min(k, n), "queries": 0, "curve": [], "default": None}
+    k = min(k, n)
+    sample = packed[np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))]
+    exact = faiss.IndexBinaryFlat(packed.shape[1] * 8)
+    exact.add(packed)
+    kth = exact.search(sample, k)[0][:, -1:]
+    curve = []
+    values = [v for v in spec.speed_values if structure.kind != "ivf" or v <= structure.params["nlist"]]
+    for value in values:
+        structure.set_speed(value)
+        _, rows = structure.index.search(sample, k)
+        found = np.bitwise_count(packed[np.maximum(rows, 0)] ^ sample[:, None, :]).sum(axis=2)
+        good = ((rows >= 0) & (found <= kth)).sum(axis=1)
+        curve.append([int(value), float(np.mean(np.minimum(good, k) / k))])
+    default = next((v for v, r in curve if r >= TARGET_RECALL), curve[-1][0])
+    return {"k": k, "queries": len(sample), "curve": curve, "default": default, "target": TARGET_RECALL}
+
+
 def load_index(path: str | os.PathLike) -> HashIndex:
-    """Read an index written by :meth:`HashIndex.save`; a truncated or foreign file is a UserError."""
+    """Read an index written by :meth:`HashIndex.save`; a truncated, foreign or too large file is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"index not found: {path}")
+    _check_memory(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             if set(KEYS) - set(npz.files) or str(npz["format"]) != FORMAT:
                 raise UserError(f"{path} is not a hashdistill index")
-            fields = {key: npz[key] for key in KEYS}
+            fields = {key: npz[key] for key in (*KEYS, "kind", "params", "recall", *ARRAY_KEYS) if key in npz.files}
     except UserError:
         raise
     except Exception as exc:  # zipfile, zlib and numpy raise a variety of errors on damaged files
         raise UserError(f"{path} is not a readable hashdistill index (truncated or corrupt?): {exc}") from None
     try:
-        if int(fields["version"]) != FORMAT_VERSION:
-            raise UserError(f"{path}: index format version {int(fields['version'])} is not supported")
+        version = int(fields["version"])
+        if version not in (1, FORMAT_VERSION):
+            raise UserError(f"{path}: index format version {version} is not supported")
         model = parse_json(str(fields["model"]), f"{path}: the model record")
-        if not isinstance(model, dict):
-            raise ValueError("the model record is not a JSON object")
-        return HashIndex(fields["codes"], int(fields["bits"]), fields["ids"], fields["labels"],
-                         fields["paths"].tolist(), fields["label_names"].tolist(), model)
-    except (ValueError, TypeError, AttributeError, IndexError) as exc:  # fields of the wrong type or shape
-        raise UserError(f"{path}: index contents are corrupt ({exc})") from None
+        kind = str(fields.get("kind", "flat"))
+        params = parse_json(str(fields.get("params", "{}")), f"{path}: the index parameters")
+        recall = parse_json(str(fields.get("recall", "{}")), f"{path}: the recall record")
+        if not isinstance(model, dict) or not isinstance(params, dict) or not isinstance(recall, dict):
+            raise ValueError("the model, parameter and recall records must be JSON objects")
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {short(kind)}")
+        bits = int(fields["bits"])
+        packed = np.ascontiguousarray(fields["codes"])
+        if packed.dtype != np.uint8 or packed.ndim != 2 or not 1 <= bits <= 8 * packed.shape[1]:
+            raise ValueError(f"codes of {packed.dtype} {packed.shape} for {bits} bits")
+        structure = KINDS[kind].restore(packed, params, {key: fields[key] for key in ARRAY_KEYS if key in fields})
+        return HashIndex(packed, bits, fields["ids"], fields["labels"], fields["paths"],
+                         fields["label_names"].tolist(), model, structure=structure, recall=recall)
+    except (ValueError, TypeError, AttributeError, IndexError, OverflowError) as exc:  # wrong type or shape
+        raise UserError(f"{path}: index contents are corrupt ({short(str(exc))})") from None
+
+
+def _check_memory(path: Path) -> None:
+    """Refuse an index whose arrays (and faiss's copy of the codes) would not fit in the memory available."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            arrays = sum(info.file_size for info in archive.infolist())
+            codes_size = next((i.file_size for i in archive.infolist() if i.filename == "codes.npy"), 0)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # np.load reports the damage
+    needed, available = arrays + codes_size, _available_memory()
+    if available is not None and needed > available:
+        raise UserError(f"{path} needs about {needed / 2**30:.1f} GiB of memory to load, and "
+                        f"{available / 2**30:.1f} GiB are available; load it on a larger machine or split it "
+                        "into shards")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
-                out_path: str | os.PathLike, force: bool = False, data: DataConfig | None = None) -> HashIndex:
+                out_path: str | os.PathLike, force: bool = False, data: DataConfig | None = None,
+                kind: str = "auto", params: dict[str, int] | None = None, first_id: int = 0) -> HashIndex:
     """Encode ``images`` (folder, ``dataset:split`` or paths/arrays) with ``source`` (ONNX file or
     checkpoint) and save the index to ``out_path`` (one .npz file, whatever its suffix).
 
-    ``data``: the data section to build a ``dataset:split`` with (default: see :mod:`.sources`).
+    ``data``: the data section to build a ``dataset:split`` with (default: see :mod:`.sources`). ``first_id``:
+    ids run from it, so shards built on several machines can be merged with their ids kept.
     """
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise UserError(f"{out_path} already exists; pass --force to overwrite it")
+    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
+        raise UserError(f"the first id must be a non-negative integer, got {first_id!r}")
     encoder = open_encoder(source)
     image_set = collect_images(images, encoder, data)
-    index = HashIndex(encoder.encode(image_set.items), encoder.bits, labels=image_set.labels, paths=image_set.paths,
-                      label_names=image_set.label_names, model={**encoder.describe(), "bits": encoder.bits})
+    packed = encoder.encode(image_set.items)
+    index = HashIndex(packed, encoder.bits, ids=np.arange(first_id, first_id + len(packed)), labels=image_set.labels,
+                      paths=image_set.paths, label_names=image_set.label_names,
+                      model={**encoder.describe(), "bits": encoder.bits}, kind=kind, params=params)
     index.save(out_path, force=force)
     return index
+
+
+def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
+                 model: str | os.PathLike | None = None, data: DataConfig | None = None) -> tuple[HashIndex, int]:
+    """Encode more images with the index's model (or ``model``, of the same bit width) and add them in place."""
+    index = load_index(index_path)
+    encoder = _query_encoder(index, model)
+    image_set = collect_images(images, encoder, data)
+    packed = encoder.encode(image_set.items)
+    if image_set.label_names and index.label_names and image_set.label_names != index.label_names:
+        raise UserError(f"the new images' classes {short(image_set.label_names)} differ from the index's "
+                        f"{short(index.label_names)}")
+    index.add(packed, image_set.labels, image_set.paths)
+    index.label_names = index.label_names or image_set.label_names
+    index.save(index_path, force=True)
+    return index, len(packed)
+
+
+def merge_indexes(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, force: bool = False,
+                  kind: str | None = None) -> HashIndex:
+    """One index holding every shard's entries, ids kept: the shards must hold codes of the same model and
+    bit width, and no id may appear twice. The merged index is of ``kind`` (default: the first shard's)."""
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path} already exists; pass --force to overwrite it")
+    if len(paths) < 2:
+        raise UserError("merging needs at least two indexes")
+    shards = [load_index(path) for path in paths]
+    first = shards[0]
+    for path, shard in zip(paths[1:], shards[1:]):
+        if shard.bits != first.bits or shard.model.get("hash") != first.model.get("hash"):
+            raise UserError(f"{path} holds {shard.bits}-bit codes of model {short(shard.model.get('hash'))}, "
+                            f"{paths[0]} {first.bits}-bit codes of {short(first.model.get('hash'))}: "
+                            "only shards encoded by the same model can be merged")
+        if shard.label_names != first.label_names:
+            raise UserError(f"{path} names its labels differently from {paths[0]}")
+    ids = np.concatenate([s.ids for s in shards])
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"id {int(unique[counts > 1][0])} appears in more than one shard; build shards with "
+                        "distinct `--first-id` values")
+    kind = kind or first.kind
+    params = first.structure.params if kind == first.kind else None
+    merged = HashIndex(np.concatenate([s.codes for s in shards]), first.bits, ids,
+                       np.concatenate([s.labels for s in shards]), np.concatenate([s.paths for s in shards]),
+                       first.label_names, first.model, kind=kind, params=params)
+    merged.save(out_path, force=force)
+    return merged
 
 
 @dataclass
@@ -165,22 +376,33 @@ class SearchResults:
 
 
 def search_images(index: HashIndex | str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
-                  k: int = 10, model: str | os.PathLike | None = None) -> SearchResults:
+                  k: int = 10, model: str | os.PathLike | None = None, speed: int | None = None) -> SearchResults:
     """Encode query images with ``model`` (default: the model recorded in the index) and search the index.
 
     Any model of the index's bit width may query it, e.g. a student against a teacher-built index
     (the student was trained into the teacher's code space); another bit width is a UserError.
+    ``speed``: nprobe (ivf) or efSearch (hnsw) for these queries (default: the one chosen at build time).
     """
     if not isinstance(index, HashIndex):
         index = load_index(index)
+    encoder = _query_encoder(index, model)
+    queries = collect_images(images, encoder)
+    distances, rows = index.nearest(encoder.encode(queries.items), k, speed)
+    found = rows >= 0
+    safe = np.maximum(rows, 0)
+    return SearchResults(queries.paths, distances, np.where(found, index.ids[safe], -1),
+                         np.where(found, index.labels[safe], -1),
+                         [[str(index.paths[r]) for r, ok in zip(row, hit) if ok] for row, hit in zip(safe, found)],
+                         index.label_names)
+
+
+def _query_encoder(index: HashIndex, model: str | os.PathLike | None):
+    """The model to encode queries or new entries with: ``model`` or the one recorded in the index."""
     if model is None:
         model = index.model.get("path")
-        if not model:
-            raise UserError("the index records no model; pass the model to encode the queries with")
+        if not model or not isinstance(model, str):
+            raise UserError("the index records no model; pass the model to encode the images with")
     encoder = open_encoder(model)
     if encoder.bits != index.bits:
         raise UserError(f"{model} produces {encoder.bits}-bit codes but the index holds {index.bits}-bit codes")
-    queries = collect_images(images, encoder)
-    distances, rows = index.nearest(encoder.encode(queries.items), k)
-    return SearchResults(queries.paths, distances, index.ids[rows], index.labels[rows],
-                         [[index.paths[r] for r in row] for row in rows], index.label_names)
+    return encoder

@@ -110,18 +110,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("index", help="build or search a Hamming index")
+    p = sub.add_parser("index", help="build, grow, merge or search a Hamming index")
     index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     b = index_sub.add_parser("build", help="encode images and store their codes in a faiss binary index")
     b.add_argument("model", help="ONNX file or checkpoint that encodes the images")
     b.add_argument("images", help="image folder (class sub-folders give labels) or dataset[:split], e.g. digits:test")
     b.add_argument("-o", "--output", required=True)
+    b.add_argument("--kind", default="auto", choices=INDEX_KINDS,
+                   help="flat (exact), ivf or hnsw (approximate); auto: flat for small databases, ivf for large")
+    b.add_argument("--nlist", type=int, help="ivf: number of buckets (default: about 2 * sqrt(n))")
+    b.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 16)")
+    b.add_argument("--first-id", type=int, default=0, help="ids run from here (distinct per shard, for merging)")
     b.add_argument("--force", action="store_true")
     b.set_defaults(handler=cmd_index_build)
+    a = index_sub.add_parser("add", help="encode more images and add them to an index (no rebuild)")
+    a.add_argument("index")
+    a.add_argument("images", help="image folder or dataset[:split]")
+    a.add_argument("--model", help="model to encode with (default: the one that built the index)")
+    a.set_defaults(handler=cmd_index_add)
+    m = index_sub.add_parser("merge", help="merge index shards into one, ids kept")
+    m.add_argument("shards", nargs="+")
+    m.add_argument("-o", "--output", required=True)
+    m.add_argument("--kind", choices=INDEX_KINDS[1:], help="kind of the merged index (default: the first shard's)")
+    m.add_argument("--force", action="store_true")
+    m.set_defaults(handler=cmd_index_merge)
+    i = index_sub.add_parser("info", help="kind, parameters, measured recall and memory of an index")
+    i.add_argument("index")
+    i.set_defaults(handler=cmd_index_info)
     s = index_sub.add_parser("search", help="nearest codes of query images")
     s.add_argument("index")
     s.add_argument("images", nargs="+", help="image files")
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--nprobe", type=int, help="ivf: buckets to scan (more: slower, higher recall)")
+    s.add_argument("--ef-search", type=int, help="hnsw: candidates to explore (more: slower, higher recall)")
     s.add_argument("--model", help="ONNX model for the queries (default: the one that built the index)")
     s.set_defaults(handler=cmd_index_search)
 
@@ -141,6 +162,10 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="built-in recipe name (see `hashdistill recipes`) or path to a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, e.g. --set teacher.bits=24 (repeatable)")
+
+
+# The index kinds of hashdistill.export.index_kinds.KINDS, named here so that --help imports no faiss.
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 
 
 def _stages() -> tuple[str, ...]:
@@ -286,18 +311,73 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from hashdistill.export.index import build_index
 
     output = _fresh_output(args.output, args.force)
-    index = build_index(args.model, args.images, output, force=args.force)
+    for flag, value, fits in (("--nlist", args.nlist, ("ivf", "auto")), ("--hnsw-m", args.hnsw_m, ("hnsw",))):
+        if value is not None and args.kind not in fits:
+            raise UserError(f"{flag} applies to --kind {' or '.join(fits)}, not {args.kind}")
+    params = {key: value for key, value in (("nlist", args.nlist), ("M", args.hnsw_m)) if value is not None}
+    index = build_index(args.model, args.images, output, force=args.force, kind=args.kind, params=params,
+                        first_id=args.first_id)
     print(f"indexed {len(index)} images ({index.bits} bits) -> {output}")
+    _print_index(index.describe())
+
+
+def cmd_index_add(args: argparse.Namespace) -> None:
+    from hashdistill.export.index import add_to_index
+
+    index, added = add_to_index(args.index, args.images, model=args.model)
+    print(f"added {added} images -> {args.index} ({len(index)} in all)")
+    _print_index(index.describe())
+
+
+def cmd_index_merge(args: argparse.Namespace) -> None:
+    from hashdistill.export.index import merge_indexes
+
+    output = _fresh_output(args.output, args.force)
+    index = merge_indexes(args.shards, output, force=args.force, kind=args.kind)
+    print(f"merged {len(args.shards)} shards: {len(index)} entries -> {output}")
+    _print_index(index.describe())
+
+
+def cmd_index_info(args: argparse.Namespace) -> None:
+    from hashdistill.export.index import load_index
+
+    index = load_index(args.index)
+    _print_index(index.describe())
+    for value, recall in index.recall.get("curve", []):
+        print(f"  {index.describe()['speed_param']}={value}: recall@{index.recall['k']} {recall:.4f}")
 
 
 def cmd_index_search(args: argparse.Namespace) -> None:
     from hashdistill.export.index import load_index, search_images
 
     index = load_index(args.index)
-    for query, hits in zip(args.images, search_images(index, args.images, args.k, model=args.model)):
+    speed = _search_speed(index.kind, args.nprobe, args.ef_search)
+    _print_index(index.describe(speed))
+    for query, hits in zip(args.images, search_images(index, args.images, args.k, model=args.model, speed=speed)):
         print(query)
         for hit in hits:
             print(f"  d={hit['distance']:3d}  id={hit['id']}  label={hit['label']}  {hit['path']}")
+
+
+def _search_speed(kind: str, nprobe: int | None, ef_search: int | None) -> int | None:
+    """The speed setting for this kind of index; a flag meant for another kind is a user error."""
+    for flag, value, fits in (("--nprobe", nprobe, "ivf"), ("--ef-search", ef_search, "hnsw")):
+        if value is not None and kind != fits:
+            raise UserError(f"{flag} applies to {fits} indexes; this one is {kind}")
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    return nprobe if nprobe is not None else ef_search
+
+
+def _print_index(info: dict[str, Any]) -> None:
+    """One line: what a search of this index does, what it costs and the recall measured for it."""
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items())
+    kind = f"{info['kind']} ({params})" if params else info["kind"]
+    speed = f", {info['speed_param']}={info['speed']}" if info["speed_param"] else ""
+    recall = "exact" if info["speed_param"] is None else (
+        f"recall@{info['recall_k']} {info['recall']:.4f} measured at build" if info["recall"] is not None
+        else "recall not measured at this setting")
+    print(f"index: {kind}{speed}, {recall}; {info['items']} items, {info['bytes_per_item']:.0f} bytes per item")
 
 
 def cmd_taxonomy(args: argparse.Namespace) -> None:
