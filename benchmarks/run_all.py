@@ -28,12 +28,20 @@ BENCHMARKS = {  # name -> command (run from the repository root), in dependency 
     "quantize": [sys.executable, "benchmarks/quantize.py", "--out", "benchmarks/results/quantize.json",
                  "--epochs", "1"],
     "export": [sys.executable, "benchmarks/export.py", "--out", "benchmarks/results/export.json"],
+    "search": [sys.executable, "benchmarks/search.py", "--model-run", "bench_out/search-model",
+               "--out", "benchmarks/results/search.json"],
     "quickstart": QUICKSTART,
 }
 
 
+SEARCH_MODEL = ["hashdistill", "run", "quickstart", "--set", "teacher.bits=64", "--stages", "teacher,student",
+                "--out", "bench_out/search-model", "--force"]  # the student whose codes the search benchmark uses
+
+
 def run(name: str) -> None:
     started = time.time()
+    if name == "search" and not (ROOT / "bench_out/search-model/checkpoints/student.safetensors").is_file():
+        subprocess.run(SEARCH_MODEL, cwd=ROOT, check=True)
     subprocess.run(BENCHMARKS[name], cwd=ROOT, check=True)
     if name == "quickstart":
         summary = json.loads((ROOT / "bench_out/quickstart/summary.json").read_text())
@@ -147,8 +155,34 @@ def section_export(data: dict[str, Any]) -> list[str]:
     return ["```", json.dumps({k: v for k, v in data.items() if k not in ("machine", "args")}, indent=2), "```"]
 
 
+def section_search(data: dict[str, Any]) -> list[str]:
+    args = data["args"]
+    rows = [{**r, "params": ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "-",
+             "setting": r["setting"] + (" (default)" if r.get("default") else "")} for r in data["rows"]]
+    lines = [f"Codes: the quickstart student at {data['bits']} bits (`{shlex.join(SEARCH_MODEL)}`), its "
+             f"{data['database_codes']:,} database codes replicated to each size with every bit flipped with "
+             f"probability {args['flip']}; {data['queries']} queries = the real test codes under the same noise; "
+             f"k = {args['k']}. recall@100 counts a result as right when it is no farther than the 100th exact "
+             "neighbour. `build recall` is what the index measured on its own codes when it was built (and "
+             f"records); HNSW is built up to {args['hnsw_max']:,} items.", "",
+             *table(rows, [("items", "items"), ("kind", "kind"), ("params", "parameters"), ("setting", "setting"),
+                           ("queries_per_s", "queries/s"), ("speedup_vs_flat", "x flat"),
+                           ("recall_at_100", "recall@100"), ("build_recall_at_100", "build recall"),
+                           ("build_seconds", "build s"), ("bytes_per_item", "bytes/item")])]
+    best = data.get("recommended")
+    if best:
+        lines += ["", f"Recommended at {best['items']:,} items: {best['kind']} ({rows_params(best)}, "
+                  f"{best['setting']}): **{best['speedup_vs_flat']:.0f}x** the queries/s of flat search at "
+                  f"recall@100 **{best['recall_at_100']:.4f}** (target at 10M: >= 0.99 at >= 100x)."]
+    return lines
+
+
+def rows_params(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (row.get("params") or {}).items())
+
+
 SECTIONS = {"quickstart": section_quickstart, "teacher": section_teacher, "distill": section_distill,
-            "quantize": section_quantize, "export": section_export}
+            "quantize": section_quantize, "export": section_export, "search": section_search}
 
 
 def render() -> Path:
@@ -204,6 +238,11 @@ def headline() -> list[str]:
         best = min(quantize["rows"], key=lambda r: abs(r["t"] - 0.05))
         rows.append((f"ternary student (t={best['t']})", f"FC layers {best['compression']:.1f}x smaller, mAP drop "
                      f"{best['map_drop_points']:.2f} points, MHD drop {best['mhd_drop_points']:.2f} points"))
+    search = load("search")
+    if search and search.get("recommended"):
+        best = search["recommended"]
+        rows.append((f"search, {best['items']:,} codes", f"{best['kind']} {best['setting']}: "
+                     f"{best['speedup_vs_flat']:.0f}x flat's queries/s at recall@100 {fmt(best['recall_at_100'])}"))
     if quick:
         machine_name = quick["machine"].split(" (")[0]
         rows.append(("quickstart, whole pipeline", f"{quick['wall_seconds']:.0f} s on {machine_name}"))

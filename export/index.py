@@ -113,7 +113,7 @@ class HashIndex:
         default = self.structure.set_speed(None)
         try:
             self.structure.set_speed(speed)
-            return self.structure.index.search(query_codes, min(k, len(self)))
+            return self.structure.search(query_codes, min(k, len(self)))
         finally:
             if default is not None:
                 self.structure.set_speed(default)
@@ -135,8 +135,7 @@ class HashIndex:
         if not len(self):
             return 0.0
         columns = self.codes.nbytes + self.ids.nbytes + self.labels.nbytes + self.paths.nbytes
-        stored = self.codes.shape[1]  # faiss keeps its own copy of every code
-        return columns / len(self) + stored + KINDS[self.kind].extra_bytes_per_item(self.structure.params)
+        return columns / len(self) + KINDS[self.kind].extra_bytes_per_item(self.structure)
 
     def add(self, packed: np.ndarray, labels: np.ndarray | None = None, paths: Sequence[str] | None = None,
             ids: np.ndarray | None = None) -> None:
@@ -157,7 +156,7 @@ class HashIndex:
             raise UserError("new entries' ids, labels and paths must match the codes in length")
         if np.isin(new_ids, self.ids).any() or len(np.unique(new_ids)) != n:
             raise UserError("new entries' ids must be unique and not already in the index")
-        self.structure.index.add(packed)
+        self.structure.add(packed)
         self.codes = np.concatenate([self.codes, packed])
         self.ids, self.labels = np.concatenate([self.ids, new_ids]), np.concatenate([self.labels, new_labels])
         self.paths = np.concatenate([self.paths, new_paths])
@@ -202,7 +201,7 @@ def measure_recall(structure: SearchStructure, packed: np.ndarray, seed: int = 0
     values = [v for v in spec.speed_values if structure.kind != "ivf" or v <= structure.params["nlist"]]
     for value in values:
         structure.set_speed(value)
-        _, rows = structure.index.search(sample, k)
+        _, rows = structure.search(sample, k)
         found = np.bitwise_count(packed[np.maximum(rows, 0)] ^ sample[:, None, :]).sum(axis=2)
         good = ((rows >= 0) & (found <= kth)).sum(axis=1)
         curve.append([int(value), float(np.mean(np.minimum(good, k) / k))])

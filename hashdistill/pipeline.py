@@ -143,7 +143,8 @@ class Pipeline:
         else:
             images = f"{data.dataset}:database"
         index = build_index(self.run.path / self.recipe.export.file, images, path, data=data)
-        self.run.update_summary("index", {"path": str(path), "size": len(index), "bits": index.bits})
+        self.run.update_summary("index", {"path": str(path), "size": len(index), "bits": index.bits,
+                                          **index.describe()})
         return True
 
     # --- evaluation: one path for checkpoints and ONNX files ---------------------------------------

@@ -165,7 +165,8 @@ def _damaged(path, tmp_path, **changes):
     ("ivf", {"ivf_centroids": np.zeros((3, 8), np.uint8)}, "IVF arrays must be uint8 centroids"),
     ("ivf", {"params": np.array('{"nlist": 10000000}')}, "nlist must be an integer in"),
     ("hnsw", {"hnsw_neighbors": np.full(10, 7, np.int32)}, "HNSW offsets do not match"),
-    ("hnsw", {"hnsw_levels": np.full(6000, 40, np.int32)}, "HNSW node levels are out of range"),
+    ("hnsw", {"hnsw_levels": 40}, "HNSW node levels are out of range"),  # 40 at every node
+    ("hnsw", {"hnsw_group": 7}, "HNSW groups do not match the index's codes"),  # every row in group 7
     ("hnsw", {"params": np.array('{"M": "sixteen"}')}, "HNSW parameter M must be an integer"),
     ("flat", {"kind": np.array("lsh")}, "unknown index kind"),
     ("flat", {"recall": np.array("[" * 50_000 + "]" * 50_000)}, "nested too deeply"),
@@ -173,8 +174,26 @@ def _damaged(path, tmp_path, **changes):
 ])
 def test_a_damaged_index_file_exits_2(indexes, tmp_path, capsys, kind, changes, expect):
     _, path = indexes[kind]
+    with np.load(path) as npz:  # a scalar stands for "this value everywhere" in an array of the file
+        changes = {key: np.full_like(npz[key], value) if np.isscalar(value) else value
+                   for key, value in changes.items()}
     damaged = _damaged(path, tmp_path, **changes)
     refused(capsys, tmp_path, "index", "info", damaged, expect=expect)
+
+
+def test_hnsw_keeps_each_distinct_code_once(tmp_path):
+    """Duplicates in bulk (what replicated binary codes are) used to cut HNSW's recall to a fifth."""
+    codes = np.repeat(clustered(300, seed=5), 40, axis=0)  # 12,000 rows, 300 distinct codes
+    index = HashIndex(codes, BITS, kind="hnsw")
+    assert index.structure.groups.count == 300 and index.structure.index.ntotal == 300
+    assert index.describe()["recall"] >= TARGET_RECALL
+    queries = clustered(50, seed=6)
+    assert tie_aware_recall(index, queries, 100) >= TARGET_RECALL
+    index.add(np.concatenate([codes[:5], clustered(3, seed=7)]))  # 5 known codes, 3 new ones
+    assert index.structure.groups.count == 303 and index.structure.index.ntotal == 303
+    reloaded = load_index(index.save(tmp_path / "dups.npz"))
+    for a, b in zip(index.search(queries, 100), reloaded.search(queries, 100)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_hnsw_links_out_of_range(indexes, tmp_path, capsys):

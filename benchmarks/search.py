@@ -1,0 +1,127 @@
+"""Search past one flat index: queries/s and recall@100 of flat, IVF and HNSW binary indexes at 100k to 10M codes.
+
+    python benchmarks/search.py --model-run bench_out/search-model --out benchmarks/results/search.json
+
+The codes are a trained student's: the quickstart recipe's teacher and student at 64 bits
+(``hashdistill run quickstart --set teacher.bits=64 --stages teacher,student --out bench_out/search-model``),
+encoding scikit-learn's digits. Their ~1,600 database codes are replicated to N items by drawing a real
+code at random and flipping each bit independently with probability ``--flip`` (so items cluster around
+real codes, as a catalogue of many photos of the same products would); the queries are the 180 real test
+codes under the same noise. recall@100 counts a returned item as right when it is no farther than the
+100th exact neighbour (ties make "the" exact top 100 ambiguous), exact = IndexBinaryFlat.
+Every timing in one process, the same 2 threads, median of 3 passes over the queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from common import machine, print_table, write_json
+
+from hashdistill.codes import pack_codes
+from hashdistill.data import build_dataset
+from hashdistill.distill.models import load_model
+from hashdistill.evaluate import torch_encoder
+from hashdistill.export.index import RECALL_QUERIES, HashIndex
+from hashdistill.recipe import load_recipe
+
+
+def student_codes(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The trained student's packed codes of the digits database (train + val) and of the test split."""
+    recipe = load_recipe(run / "recipe.yaml")
+    model, _ = load_model(str(run / "checkpoints" / "student.safetensors"))
+    encode = torch_encoder(model, torch.device("cpu"))
+    parts = {split: pack_codes(encode(build_dataset(recipe.data, split))) for split in ("train", "val", "test")}
+    return np.concatenate([parts["train"], parts["val"]]), parts["test"]
+
+
+def replicate(codes: np.ndarray, n: int, flip: float, rng: np.random.Generator, chunk: int = 1_000_000) -> np.ndarray:
+    """n codes: each a random row of ``codes`` with every bit flipped with probability ``flip``."""
+    out = np.empty((n, codes.shape[1]), dtype=np.uint8)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        bits = np.unpackbits(codes[rng.integers(0, len(codes), size)], axis=1)
+        bits ^= (rng.random(bits.shape, dtype=np.float32) < flip).astype(np.uint8)
+        out[start:start + size] = np.packbits(bits, axis=1)
+    return out
+
+
+def queries_per_s(index, queries: np.ndarray, k: int) -> float:
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        index.search(queries, k)
+        times.append(time.perf_counter() - start)
+    return len(queries) / float(np.median(times))
+
+
+def tie_aware_recall(rows: np.ndarray, database: np.ndarray, queries: np.ndarray, kth: np.ndarray) -> float:
+    found = np.bitwise_count(database[np.maximum(rows, 0)] ^ queries[:, None, :]).sum(axis=2)
+    return float(np.mean(((rows >= 0) & (found <= kth)).sum(axis=1) / rows.shape[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-run", default="bench_out/search-model")
+    parser.add_argument("--out", default="benchmarks/results/search.json")
+    parser.add_argument("--sizes", default="100000,1000000,10000000")
+    parser.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest size HNSW is built at (build time)")
+    parser.add_argument("--flip", type=float, default=0.03)
+    parser.add_argument("--k", type=int, default=100)
+    args = parser.parse_args()
+    started = time.time()
+    faiss.omp_set_num_threads(2)
+    database_codes, test_codes = student_codes(Path(args.model_run))
+    bits = database_codes.shape[1] * 8
+    rng = np.random.default_rng(0)
+    queries = replicate(test_codes, len(test_codes), args.flip, rng)
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        database = replicate(database_codes, n, args.flip, rng)
+        start = time.perf_counter()
+        flat = HashIndex(database, bits, kind="flat")
+        flat_build = time.perf_counter() - start
+        flat_qps = queries_per_s(flat.structure, queries, args.k)
+        kth = flat.structure.search(queries, args.k)[0][:, -1:]
+        rows.append({"items": n, "kind": "flat", "setting": "exact", "build_seconds": flat_build,
+                     "queries_per_s": flat_qps, "speedup_vs_flat": 1.0, "recall_at_100": 1.0,
+                     "bytes_per_item": flat.bytes_per_item()})
+        del flat
+        for kind in ("ivf", "hnsw"):
+            if kind == "hnsw" and n > args.hnsw_max:
+                continue
+            start = time.perf_counter()
+            index = HashIndex(database, bits, kind=kind)  # measures its own recall curve on database samples
+            build = time.perf_counter() - start
+            build_recall = dict(map(tuple, index.recall["curve"]))
+            for value, _ in index.recall["curve"]:
+                index.structure.set_speed(value)
+                qps = queries_per_s(index.structure, queries, args.k)
+                recall = tie_aware_recall(index.structure.search(queries, args.k)[1], database, queries, kth)
+                rows.append({"items": n, "kind": kind, "setting": f"{index.describe()['speed_param']}={value}",
+                             "params": index.structure.params, "build_seconds": build, "queries_per_s": qps,
+                             "speedup_vs_flat": qps / flat_qps, "recall_at_100": recall,
+                             "build_recall_at_100": build_recall[value], "default": value == index.recall["default"],
+                             "bytes_per_item": index.bytes_per_item()})
+            del index
+        print_table([r for r in rows if r["items"] == n], ["items", "kind", "setting", "queries_per_s",
+                                                            "speedup_vs_flat", "recall_at_100", "build_seconds"])
+    largest = max(r["items"] for r in rows)
+    good = [r for r in rows if r["items"] == largest and r["kind"] != "flat" and r["recall_at_100"] >= 0.99]
+    recommended = max(good, key=lambda r: r["speedup_vs_flat"]) if good else None
+    write_json(args.out, {
+        "benchmark": "search", "machine": machine(), "args": vars(args), "bits": bits,
+        "database_codes": len(database_codes), "queries": len(queries), "rows": rows,
+        "recommended": recommended, "largest_items": largest,
+        "speedup_vs_flat_10m": recommended["speedup_vs_flat"] if recommended and largest == 10_000_000 else None,
+        "recall_at_100_10m": recommended["recall_at_100"] if recommended and largest == 10_000_000 else None,
+        "build_recall_queries": RECALL_QUERIES, "wall_seconds": time.time() - started})
+
+
+if __name__ == "__main__":
+    main()
