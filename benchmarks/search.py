@@ -4,10 +4,10 @@
 
 The codes are a trained student's: the quickstart recipe's teacher and student at 64 bits
 (``hashdistill run quickstart --set teacher.bits=64 --stages teacher,student --out bench_out/search-model``),
-encoding scikit-learn's digits. Their ~1,600 database codes are replicated to N items by drawing a real
-code at random and flipping each bit independently with probability ``--flip`` (so items cluster around
-real codes, as a catalogue of many photos of the same products would); the queries are the 180 real test
-codes under the same noise. recall@100 counts a returned item as right when it is no farther than the
+encoding scikit-learn's digits. Its codes of the database (train + val) are replicated to N items by
+drawing a real code at random and flipping each bit independently with probability ``--flip`` (so items
+cluster around real codes, as a catalogue of many photos of the same products would); the queries are
+its codes of the test split under the same noise. recall@100 counts a returned item as right when it is no farther than the
 100th exact neighbour (ties make "the" exact top 100 ambiguous), exact = IndexBinaryFlat.
 Every timing in one process, the same 2 threads, median of 3 passes over the queries.
 """
