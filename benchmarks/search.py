@@ -7,8 +7,8 @@ The codes are a trained student's: the quickstart recipe's teacher and student a
 encoding scikit-learn's digits. Its codes of the database (train + val) are replicated to N items by
 drawing a real code at random and flipping each bit independently with probability ``--flip`` (so items
 cluster around real codes, as a catalogue of many photos of the same products would); the queries are
-its codes of the test split under the same noise. recall@100 counts a returned item as right when it is no farther than the
-100th exact neighbour (ties make "the" exact top 100 ambiguous), exact = IndexBinaryFlat.
+its codes of the test split under the same noise. recall@100 counts a returned item as right when it is no
+farther than the 100th exact neighbour (ties make "the" exact top 100 ambiguous), exact = IndexBinaryFlat.
 Every timing in one process, the same 2 threads, median of 3 passes over the queries.
 """
 

@@ -3,10 +3,10 @@
 The search structure is one of :data:`~.index_kinds.KINDS` (``flat`` exact; ``ivf`` and ``hnsw``
 approximate), picked by name or by the data (``auto``: flat below :data:`AUTO_FLAT_BELOW` codes, IVF from
 there, where exact search stops being cheap). An approximate index measures, when it is built, its
-recall@k against exact search at each speed setting (nprobe / efSearch) on a seeded sample of its own codes
-taken as queries, records that curve, and searches by default at the cheapest setting that reaches
-:data:`TARGET_RECALL`. Recall counts a returned item as right when its distance is no larger than the k-th
-exact distance (ties make "the" exact top k ambiguous).
+recall@k against exact search at each speed setting (nprobe / efSearch) on a held-out sample of its own
+rows (left out of the build, used as queries, then added), records that curve, and searches by default at
+the cheapest setting that reaches :data:`TARGET_RECALL`. Recall counts a returned item as right when its
+distance is no larger than the k-th exact distance (ties make "the" exact top k ambiguous).
 
 Persisted as ONE ``.npz`` file, read back with ``allow_pickle=False``: codes, ids, labels, display paths,
 label names, a JSON record of the model that encoded the database, the kind, its parameters, the recall
@@ -80,11 +80,30 @@ class HashIndex:
                             f"{self.labels.shape} labels, {self.paths.shape} paths")
         if len(np.unique(self.ids)) != n:
             raise UserError("index ids must be unique")
-        kind = choose_kind(kind, n)
-        self.structure = structure or KINDS[kind].build(packed, dict(params or {}), np.random.default_rng(seed))
-        self.recall = (recall or {}) if structure is not None else measure_recall(self.structure, packed, seed)
+        if structure is not None:
+            self.structure, self.recall = structure, recall or {}
+        else:
+            self._build(choose_kind(kind, n), dict(params or {}), np.random.default_rng(seed))
         if self.recall.get("default") is not None:
             self.structure.set_speed(self.recall["default"])
+
+    def _build(self, kind: str, params: dict[str, int], rng: np.random.Generator) -> None:
+        """Build the search structure; an approximate one is first built without a held-out sample of rows,
+        which then query it (recall against exact search over the same rows) and are added afterwards.
+
+        The held-out rows end up last: the rows are reordered (ids, labels and paths with them)."""
+        n = len(self.codes)
+        held = min(RECALL_QUERIES, n // 10) if KINDS[kind].speed_param is not None else 0
+        if held:
+            chosen = np.zeros(n, dtype=bool)
+            chosen[rng.choice(n, held, replace=False)] = True
+            order = np.concatenate([np.flatnonzero(~chosen), np.flatnonzero(chosen)])
+            self.codes, self.ids, self.labels, self.paths = (
+                np.ascontiguousarray(column[order]) for column in (self.codes, self.ids, self.labels, self.paths))
+        self.structure = KINDS[kind].build(self.codes[: n - held], params, rng)
+        self.recall = measure_recall(self.structure, self.codes[: n - held], self.codes[n - held:])
+        if held:
+            self.structure.add(self.codes[n - held:])
 
     @property
     def kind(self) -> str:
@@ -184,29 +203,29 @@ def choose_kind(kind: str, n: int) -> str:
     return kind
 
 
-def measure_recall(structure: SearchStructure, packed: np.ndarray, seed: int = 0, k: int = RECALL_K,
-                   queries: int = RECALL_QUERIES) -> dict[str, Any]:
-    """recall@k against exact search at every speed setting of an approximate index, and the default setting:
-    the cheapest one reaching TARGET_RECALL (else the most thorough). Flat search is exact: nothing to measure."""
+def measure_recall(structure: SearchStructure, indexed: np.ndarray, queries: np.ndarray,
+                   k: int = RECALL_K) -> dict[str, Any]:
+    """recall@k of ``structure`` (built over ``indexed``) against exact search, for ``queries`` not in it, at
+    every speed setting; and the default setting: the cheapest one reaching TARGET_RECALL (else the most
+    thorough). Flat search is exact: nothing to measure."""
     spec = KINDS[structure.kind]
-    n = len(packed)
-    if spec.speed_param is None or n == 0:
+    n = len(indexed)
+    if spec.speed_param is None or n == 0 or len(queries) == 0:
         return {"k": min(k, n), "queries": 0, "curve": [], "default": None}
     k = min(k, n)
-    sample = packed[np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))]
-    exact = faiss.IndexBinaryFlat(packed.shape[1] * 8)
-    exact.add(packed)
-    kth = exact.search(sample, k)[0][:, -1:]
+    exact = faiss.IndexBinaryFlat(indexed.shape[1] * 8)
+    exact.add(indexed)
+    kth = exact.search(queries, k)[0][:, -1:]
     curve = []
     values = [v for v in spec.speed_values if structure.kind != "ivf" or v <= structure.params["nlist"]]
     for value in values:
         structure.set_speed(value)
-        _, rows = structure.search(sample, k)
-        found = np.bitwise_count(packed[np.maximum(rows, 0)] ^ sample[:, None, :]).sum(axis=2)
+        _, rows = structure.search(queries, k)
+        found = np.bitwise_count(indexed[np.maximum(rows, 0)] ^ queries[:, None, :]).sum(axis=2)
         good = ((rows >= 0) & (found <= kth)).sum(axis=1)
         curve.append([int(value), float(np.mean(np.minimum(good, k) / k))])
     default = next((v for v, r in curve if r >= TARGET_RECALL), curve[-1][0])
-    return {"k": k, "queries": len(sample), "curve": curve, "default": default, "target": TARGET_RECALL}
+    return {"k": k, "queries": len(queries), "curve": curve, "default": default, "target": TARGET_RECALL}
 
 
 def load_index(path: str | os.PathLike) -> HashIndex:
