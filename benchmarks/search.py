@@ -102,7 +102,8 @@ def main() -> None:
             for value, _ in index.recall["curve"]:
                 index.structure.set_speed(value)
                 qps = queries_per_s(index.structure, queries, args.k)
-                recall = tie_aware_recall(index.structure.search(queries, args.k)[1], database, queries, kth)
+                rows_found = index.structure.search(queries, args.k)[1]  # rows of index.codes (held-out rows last)
+                recall = tie_aware_recall(rows_found, index.codes, queries, kth)
                 rows.append({"items": n, "kind": kind, "setting": f"{index.describe()['speed_param']}={value}",
                              "params": index.structure.params, "build_seconds": build, "queries_per_s": qps,
                              "speedup_vs_flat": qps / flat_qps, "recall_at_100": recall,
