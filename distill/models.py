@@ -187,14 +187,15 @@ def build_checked(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source
                   ternary: bool = False) -> nn.Module:
     """Build the model the metadata describes, paying only for what the file's tensors justify.
 
-    The model is first built on the meta device (no memory): its parameter shapes must match the file's
-    tensors (so metadata asking for millions of channels costs nothing before it is refused), and one
+    Sizes in the timm arguments are first bounded by the file's tensors; then the model is built on the meta
+    device (no tensor memory): its parameter shapes must match the file's tensors, and one
     forward pass at the recorded input size must run (timm accepts some arguments it only rejects then).
     Only then is the real model built. ``ternary``: the file stores packed codes for its ternary layers,
     whose shapes :func:`~hashdistill.quantize.ternary_checkpoint.load_ternary_into` checks instead.
     """
     validate_meta(meta, source)
     check_class_codebook(meta, tensors, source)
+    _check_sizes_fit_the_file(meta.get("arch_kwargs") or {}, tensors, source)
     with torch.device("meta"):
         skeleton = build_from_meta(meta)
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
@@ -213,6 +214,19 @@ def build_checked(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source
                             f"describes expects {shape} (another bit width or architecture?)")
     probe_forward(skeleton, meta.get("input_size", 32), f"{source}: the model its metadata describes")
     return build_from_meta(meta)
+
+
+def _check_sizes_fit_the_file(kwargs: dict[str, Any], tensors: dict[str, torch.Tensor], source: Any) -> None:
+    """Bound every size in a file's timm arguments by the file itself, before even a meta-device model is built
+    (which allocates no tensors but still creates every module): a count of blocks cannot exceed the number of
+    tensors stored, a width cannot exceed the largest dimension of any of them."""
+    limit = max([len(tensors), *(max(t.shape, default=1) for t in tensors.values())])
+    for name, value in kwargs.items():
+        values = value if isinstance(value, list) else [value]
+        sizes = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        if len(values) > len(tensors) or any(abs(v) > limit for v in sizes):
+            raise UserError(f"{source}: metadata 'arch_kwargs' asks for {name}={short(value)}, more than the "
+                            f"file's {len(tensors)} tensors (largest dimension {limit}) can hold")
 
 
 def probe_forward(skeleton: nn.Module, size: int, what: str) -> None:

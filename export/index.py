@@ -93,6 +93,9 @@ class HashIndex:
 
         The held-out rows end up last: the rows are reordered (ids, labels and paths with them)."""
         n = len(self.codes)
+        if kind == "flat" and params:
+            raise UserError(f"parameters {short(params)} are for an approximate index, but this one is flat "
+                            f"({n} codes; auto builds ivf from {AUTO_FLAT_BELOW:,}): pass the kind explicitly")
         held = min(RECALL_QUERIES, n // 10) if KINDS[kind].speed_param is not None else 0
         if held:
             chosen = np.zeros(n, dtype=bool)
@@ -218,7 +221,7 @@ def measure_recall(structure: SearchStructure, indexed: np.ndarray, queries: np.
     kth = exact.search(queries, k)[0][:, -1:]
     curve = []
     values = [v for v in spec.speed_values if structure.kind != "ivf" or v <= structure.params["nlist"]]
-    for value in values:
+    for value in list(dict.fromkeys(structure.set_speed(v) for v in values)):  # in force (hnsw: <= nodes)
         structure.set_speed(value)
         _, rows = structure.search(queries, k)
         found = np.bitwise_count(indexed[np.maximum(rows, 0)] ^ queries[:, None, :]).sum(axis=2)
@@ -255,6 +258,7 @@ def load_index(path: str | os.PathLike) -> HashIndex:
             raise ValueError("the model, parameter and recall records must be JSON objects")
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {short(kind)}")
+        _check_recall_record(recall, path)
         bits = int(fields["bits"])
         packed = np.ascontiguousarray(fields["codes"])
         if packed.dtype != np.uint8 or packed.ndim != 2 or not 1 <= bits <= 8 * packed.shape[1]:
@@ -264,6 +268,22 @@ def load_index(path: str | os.PathLike) -> HashIndex:
                          fields["label_names"].tolist(), model, structure=structure, recall=recall)
     except (ValueError, TypeError, AttributeError, IndexError, OverflowError) as exc:  # wrong type or shape
         raise UserError(f"{path}: index contents are corrupt ({short(str(exc))})") from None
+
+
+def _check_recall_record(recall: dict[str, Any], path: Path) -> None:
+    """The recall record sets the default search setting: a curve of [setting, recall] pairs, k, and a default
+    that is one of the curve's settings (a hostile efSearch of 2**31 would allocate gigabytes per query)."""
+    if not recall:
+        return
+    curve, k, default = recall.get("curve"), recall.get("k"), recall.get("default")
+    pairs_ok = isinstance(curve, list) and len(curve) <= 64 and all(
+        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)
+        and pair[0] >= 1 and isinstance(pair[1], int | float) and not isinstance(pair[1], bool)
+        and 0 <= pair[1] <= 1 for pair in curve)
+    k_ok = isinstance(k, int) and not isinstance(k, bool) and k >= 0
+    if not pairs_ok or not k_ok or not (default is None or default in [pair[0] for pair in curve]):
+        raise UserError(f"{path}: the recall record is corrupt (expected a curve of [setting, recall in 0..1] "
+                        "pairs, k and a default setting from the curve)")
 
 
 def _check_memory(path: Path) -> None:

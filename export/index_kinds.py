@@ -32,6 +32,7 @@ import numpy as np
 from hashdistill.errors import UserError
 
 MAX_HNSW_LEVELS = 32
+MAX_EF_CONSTRUCTION = 4096
 
 
 def default_nlist(n: int) -> int:
@@ -77,6 +78,8 @@ class SearchStructure:
                 raise UserError(f"{spec.speed_param} must be a positive integer, got {value!r}")
             if self.kind == "ivf":
                 value = min(value, self.params["nlist"])
+            elif self.kind == "hnsw":  # exploring more candidates than there are nodes buys nothing
+                value = min(value, max(self.groups.count, 1))
             setattr(self._speed_target(), spec.speed_param, value)
         return int(getattr(self._speed_target(), spec.speed_param))
 
@@ -171,9 +174,11 @@ class IVFKind:
 
     def build(self, codes: np.ndarray, params: dict[str, int], rng: np.random.Generator) -> SearchStructure:
         n = len(codes)
-        nlist = params.get("nlist") or default_nlist(n)
+        nlist = params.get("nlist")
+        nlist = default_nlist(n) if nlist is None else nlist
         if not 1 <= nlist <= n:
-            raise UserError(f"an IVF index of {n} codes needs 1 <= nlist <= {n}, got {nlist}")
+            raise UserError(f"an IVF index built on {n} codes (the rows less a held-out sample that measures recall) "
+                            f"needs 1 <= nlist <= {n}, got {nlist}")
         quantizer = faiss.IndexBinaryFlat(codes.shape[1] * 8)
         index = faiss.IndexBinaryIVF(quantizer, codes.shape[1] * 8, nlist)
         sample = min(n, self.TRAIN_PER_LIST * nlist)
@@ -221,12 +226,14 @@ class HNSWKind:
     name, speed_param, speed_values = "hnsw", "efSearch", (16, 32, 64, 128, 256, 512)
 
     def build(self, codes: np.ndarray, params: dict[str, int], rng: np.random.Generator) -> SearchStructure:
-        m = params.get("M") or 16
+        m, construction = params.get("M", 16), params.get("efConstruction", 40)
         if not 2 <= m <= 256:
             raise UserError(f"HNSW parameter M must be in [2, 256], got {m}")
+        if not 1 <= construction <= MAX_EF_CONSTRUCTION:
+            raise UserError(f"HNSW parameter efConstruction must be in [1, {MAX_EF_CONSTRUCTION}], got {construction}")
         groups = CodeGroups.of(codes)
         index = faiss.IndexBinaryHNSW(codes.shape[1] * 8, m)
-        index.hnsw.efConstruction = params.get("efConstruction") or 40
+        index.hnsw.efConstruction = construction
         index.add(groups.distinct)
         return SearchStructure(self.name, index, {"M": int(m), "efConstruction": int(index.hnsw.efConstruction)},
                                groups=groups)
@@ -251,9 +258,14 @@ class HNSWKind:
         u = len(distinct)
         if n and (group.min() < 0 or group.max() >= u or not np.array_equal(distinct[group], codes)):
             raise UserError("HNSW groups do not match the index's codes")
+        construction = params.get("efConstruction", 40)
+        if not isinstance(construction, int) or isinstance(construction, bool) or \
+                not 1 <= construction <= MAX_EF_CONSTRUCTION:
+            raise UserError(f"HNSW parameter efConstruction must be an integer in [1, {MAX_EF_CONSTRUCTION}], "
+                            f"got {construction!r}")
         index = faiss.IndexBinaryHNSW(width * 8, m)
         graph = index.hnsw
-        graph.efConstruction = int(params.get("efConstruction") or 40)
+        graph.efConstruction = construction
         levels, offsets = arrays.get("hnsw_levels"), arrays.get("hnsw_offsets")
         neighbors, entry = arrays.get("hnsw_neighbors"), arrays.get("hnsw_entry")
         if not (_array(levels, np.int32, (u,)) and _array(offsets, np.uint64, (u + 1,))
@@ -267,6 +279,7 @@ class HNSWKind:
             raise UserError("HNSW offsets do not match the node levels")
         if len(neighbors) and (neighbors.min() < -1 or neighbors.max() >= u):
             raise UserError(f"HNSW links must name nodes 0..{u - 1} (or -1)")
+        _check_link_levels(levels, offsets, neighbors, per_level)
         entry_point, max_level = (int(v) for v in entry)
         if u and not (0 <= entry_point < u and max_level == levels[entry_point] - 1):
             raise UserError("HNSW entry point is inconsistent with the graph")
@@ -290,6 +303,23 @@ class HNSWKind:
 KINDS: dict[str, FlatKind | IVFKind | HNSWKind] = {kind.name: kind for kind in (FlatKind(), IVFKind(), HNSWKind())}
 ARRAY_KEYS = ("ivf_centroids", "ivf_assign", "hnsw_distinct", "hnsw_group", "hnsw_levels", "hnsw_offsets",
               "hnsw_neighbors", "hnsw_entry")
+
+
+def _check_link_levels(levels: np.ndarray, offsets: np.ndarray, neighbors: np.ndarray, per_level: np.ndarray,
+                       chunk: int = 1 << 20) -> None:
+    """A link in a node's level-l slots must name a node that reaches level l: faiss reads that node's level-l
+    slots without checking, so a crafted graph would make it read past the end of the links."""
+    for start in range(0, len(levels), chunk):
+        nodes = np.arange(start, min(start + chunk, len(levels)))
+        sizes = (offsets[nodes + 1] - offsets[nodes]).astype(np.int64)
+        node = np.repeat(nodes, sizes)
+        within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        slot_level = np.searchsorted(per_level, within, side="right") - 1
+        links = neighbors[int(offsets[nodes[0]]): int(offsets[nodes[-1] + 1])]
+        named = links >= 0
+        if (levels[links[named]] <= slot_level[named]).any():
+            bad = int(node[named][np.argmax(levels[links[named]] <= slot_level[named])])
+            raise UserError(f"HNSW node {bad} links at a level to a node that does not reach it")
 
 
 def _array(value: Any, dtype: type, shape: tuple[int, ...] | None) -> bool:

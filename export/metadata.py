@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,7 @@ class EdgeMetadata:
 
 def _as_int(text: str) -> int | str:
     """An integer prop (ONNX stores every value as text); anything else is handed on for the error message."""
-    return int(text) if isinstance(text, str) and text.strip().lstrip("-").isdigit() and len(text) < 20 else text
+    return int(text) if isinstance(text, str) and re.fullmatch(r"-?[0-9]{1,18}", text) else text
 
 
 def parse_props(props: dict[str, str], source: str) -> EdgeMetadata:
@@ -137,7 +138,7 @@ def parse_props(props: dict[str, str], source: str) -> EdgeMetadata:
     rows = parse_json(props["class_codebook"], f"{source}: metadata 'class_codebook'")
     width = codes.packed_width(bits)
     if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_CLASSES or \
-            not all(isinstance(row, str) and len(row) == 2 * width for row in rows):
+            not all(isinstance(row, str) and re.fullmatch(f"[0-9a-fA-F]{{{2 * width}}}", row) for row in rows):
         raise UserError(f"{source}: metadata 'class_codebook' must list 1 to {MAX_CLASSES:,} hex codes of "
                         f"{width} bytes each, got {short(rows)}")
     try:

@@ -6,6 +6,7 @@ and codes flip only for logits near zero, which real data decides.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from torch import nn
 
 from hashdistill import codes
 from hashdistill.errors import UserError
+from hashdistill.rundir import STAGING_SUFFIX  # names the folders a half-done export leaves, so only they are removed
 
 from .loading import load_any_model
 from .onnx_export import export_onnx
@@ -27,7 +29,6 @@ from .runtime import EdgeModel
 
 MIN_IDENTICAL_CODE_RATE = 0.999
 DEFAULT_VERIFY_IMAGES = 512
-STAGING_SUFFIX = ".export-staging"  # names the folders a half-done export leaves, so only they are removed
 
 
 def verify_export(onnx_path: str | os.PathLike, model: nn.Module, images: torch.Tensor,
@@ -88,7 +89,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
     if images is None:
         images = reference_images(meta)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_path.parent.glob(f".{out_path.name}.*{STAGING_SUFFIX}"):  # left by a killed export
+    for stale in out_path.parent.glob(f".{glob.escape(out_path.name)}.*{STAGING_SUFFIX}"):  # a killed export's
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=STAGING_SUFFIX) as tmp:

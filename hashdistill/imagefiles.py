@@ -28,10 +28,12 @@ def read_rgb(path: str | os.PathLike):
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except Image.DecompressionBombError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice the limit
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"cannot read image {path}: it declares more pixels than PIL's decompression-bomb limit "
                         f"({Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except _decode_errors() as exc:  # damage can still show up at full decode
@@ -50,14 +52,16 @@ def is_readable_image(path: Path) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            is_jpeg = img.format == "JPEG"
-            img.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                is_jpeg = img.format == "JPEG"
+                img.verify()
         if is_jpeg:
             with open(path, "rb") as fh:
                 fh.seek(max(0, path.stat().st_size - 64))
                 return fh.read().rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
-    except (*_decode_errors(), Image.DecompressionBombError):
+    except (*_decode_errors(), Image.DecompressionBombError, Image.DecompressionBombWarning):
         return False
     return True
 

@@ -21,7 +21,7 @@ from hashdistill import codes
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
 from hashdistill.recipe import Recipe
-from hashdistill.rundir import STAGES, RunDir, is_run_dir
+from hashdistill.rundir import STAGES, RunDir, foreign_entries, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
 
 SWEEP_DIR = "bits-sweep"
@@ -261,8 +261,10 @@ def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: 
         raise UserError(f"{path} is a file, not a run directory; choose another --out")
     if path.exists() and any(path.iterdir()):
         if not is_run_dir(path):
-            raise UserError(f"{path} already exists and holds files that hashdistill did not write; it is left "
-                            "untouched (even with --force): choose another --out")
+            foreign = foreign_entries(path) if path.is_dir() else []
+            example = f" (such as {foreign[0]})" if foreign else ""
+            raise UserError(f"{path} already exists and holds files that hashdistill did not write{example}; it is "
+                            "left untouched (even with --force): choose another --out")
         if not force:
             raise UserError(f"run directory {path} already exists: pass --resume {path} to continue it, "
                             "--force to start over, or --out to choose another")

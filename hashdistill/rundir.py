@@ -23,19 +23,42 @@ MARKER_FILE = ".hashdistill-run"  # written into every run directory: what `--fo
 LEGACY_ENTRIES = {RECIPE_FILE_NAME, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, "checkpoints", "bits-sweep",
                   "index.npz", "pr_curves.png", "taxonomy.png", "bits_sweep.png"}
 TEMP_SUFFIX = ".tmp"  # hashdistill.atomic's temporary files: .<name>.<random>.tmp
+STAGING_SUFFIX = ".export-staging"  # the folder an export verifies its file in: .<file>.<random>.export-staging
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """True for a folder hashdistill recognisably wrote: it has the marker, or (older runs) a recipe.yaml and
-    checkpoints/ and nothing but the entries a run writes."""
+    """True for a folder hashdistill wrote and nothing else did: it has the marker (or, for runs older than the
+    marker, a recipe.yaml and checkpoints/), and holds only what a run writes (:func:`foreign_entries`)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or path.is_symlink():
         return False
-    if (path / MARKER_FILE).is_file():
-        return True
     names = {entry.name for entry in path.iterdir()}
-    known = all(name in LEGACY_ENTRIES or name.endswith(".onnx") or name.endswith(TEMP_SUFFIX) for name in names)
-    return RECIPE_FILE_NAME in names and (path / "checkpoints").is_dir() and known
+    ours = MARKER_FILE in names or (RECIPE_FILE_NAME in names and (path / "checkpoints").is_dir())
+    return ours and not foreign_entries(path)
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Entries of a run directory that a run does not write: a user's files there make it theirs.
+
+    A run writes the files named in LEGACY_ENTRIES (and its ONNX model and temporary files) at the top,
+    checkpoints and temporary files in checkpoints/, and run directories of their own under bits-sweep/.
+    """
+    foreign = []
+    for entry in path.iterdir():
+        name = entry.name
+        if entry.is_symlink():
+            foreign.append(name)
+        elif name == "checkpoints" and entry.is_dir():
+            foreign += [f"checkpoints/{p.name}" for p in entry.iterdir()
+                        if p.is_symlink() or not p.is_file() or not p.name.endswith((".safetensors", TEMP_SUFFIX))]
+        elif name == "bits-sweep" and entry.is_dir():
+            foreign += [f"bits-sweep/{p.name}" for p in entry.iterdir() if not is_run_dir(p)]
+        elif entry.is_dir() and name.startswith(".") and name.endswith(STAGING_SUFFIX):
+            continue  # a killed export's staging folder
+        elif not (name in LEGACY_ENTRIES or name == MARKER_FILE or name.endswith(".onnx")
+                  or name.endswith(TEMP_SUFFIX)) or entry.is_dir() != (name in ("checkpoints", "bits-sweep")):
+            foreign.append(name)
+    return foreign
 
 
 class RunDir:

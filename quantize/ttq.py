@@ -237,6 +237,8 @@ def apply_ternary(model: nn.Module, names: list[str], config: TTQConfig) -> None
     for name in names:
         module = modules[name]
         weight = module.weight.detach()
+        if not bool(torch.isfinite(weight).all()):
+            raise UserError(f"layer '{name}' has non-finite weights (NaN or inf); ternarize a model that trained well")
         rule = TernaryWeight(1.0, 1.0, config.threshold, config.target_sparsity)
         rule = rule.to(weight.device, weight.dtype)
         if config.scale_init == "mean":

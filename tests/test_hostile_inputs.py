@@ -70,9 +70,18 @@ def test_force_never_deletes_a_folder_hashdistill_did_not_write(tmp_path, capsys
     (mine / "holiday.jpg").write_bytes(b"my own bytes")
     (mine / "recipe.yaml").write_text("name: mine\n")  # even a recipe.yaml does not make it a run directory
     err = refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", mine, "--force",
-                  expect="holds files that hashdistill did not write; it is left untouched")
+                  expect="holds files that hashdistill did not write (such as")
     assert "--force to" not in err
     assert (mine / "holiday.jpg").read_bytes() == b"my own bytes"
+
+
+def test_a_run_directory_the_user_added_files_to_is_theirs(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")  # marked: hashdistill wrote it
+    (run.path / "my_photos").mkdir()
+    (run.path / "checkpoints" / "notes.txt").write_text("mine")
+    refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", run.path, "--force",
+            expect="holds files that hashdistill did not write (such as")
+    assert (run.path / "checkpoints" / "notes.txt").read_text() == "mine" and (run.path / "my_photos").is_dir()
 
 
 def test_force_replaces_a_run_directory(tmp_path, capsys):
@@ -124,11 +133,19 @@ def _peak_rss_mb(argv: list[str]) -> tuple[int, str, float]:
     return child.returncode, err, usage.ru_maxrss / 1024
 
 
-def test_model_arguments_asking_for_millions_of_channels_cost_nothing(arts, tmp_path):
-    path = variant(arts, tmp_path, "student", arch_kwargs={"in_chans": 3_000_000})
+@pytest.mark.parametrize("kwargs", [{"in_chans": 3_000_000}, {"depth": 10_000_000}, {"embed_dim": 1_000_000}])
+def test_model_arguments_asking_for_millions_of_channels_cost_nothing(arts, tmp_path, kwargs):
+    path = variant(arts, tmp_path, "student", arch_kwargs=kwargs)
+    start = time.perf_counter()
     code, err, peak_mb = _peak_rss_mb(["eval", str(path)])
-    assert code == 2 and "has shape" in err and err.count("\n") == 1, err
+    assert code == 2 and "more than the file's" in err and err.count("\n") == 1, err
     assert peak_mb < 1500, f"peak memory {peak_mb:.0f} MB"
+    assert time.perf_counter() - start < 60
+
+
+def test_model_arguments_within_the_files_sizes_are_still_compared(arts, tmp_path, capsys):
+    path = variant(arts, tmp_path, "student", arch_kwargs={"embed_dim": 32})  # plausible, but not these tensors
+    refused(capsys, tmp_path, "eval", path, expect="the model the metadata describes expects")
 
 
 @pytest.mark.parametrize("command", ["export", "index"])
@@ -157,6 +174,9 @@ def _onnx_variant(source: Path, folder: Path, **props: str) -> Path:
     ({"class_names": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
     ({"mean": '"0.5"'}, "metadata 'mean' must be a list of 3 finite numbers"),
     ({"std": "[1, 0, 1]"}, "metadata 'std' must be a list of 3 finite positive numbers"),
+    ({"bits": "--8"}, "metadata 'bits' must be an integer"),
+    ({"bits": "\u00b2"}, "metadata 'bits' must be an integer"),
+    ({"class_codebook": json.dumps(["ab  "] * 4)}, "metadata 'class_codebook' must list"),
 ])
 @pytest.mark.parametrize("command", ["eval", "index"])
 def test_onnx_metadata_is_checked_before_use(student_onnx, tmp_path, capsys, props, expect, command):
@@ -172,9 +192,9 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _decompression_bomb(path: Path) -> Path:
-    """A 200-byte PNG that declares 40000 x 40000 pixels: PIL refuses it before decoding."""
-    header = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 2, 0, 0, 0)
+def _decompression_bomb(path: Path, side: int = 40_000) -> Path:
+    """A 200-byte PNG that declares side x side pixels: PIL refuses 40000^2 before decoding."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
                      + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
     return path
@@ -185,6 +205,15 @@ def test_a_decompression_bomb_query_is_refused(arts, tmp_path, capsys):
     capsys.readouterr()
     bomb = _decompression_bomb(tmp_path / "bomb.png")
     refused(capsys, tmp_path, "index", "search", tmp_path / "i.npz", bomb, expect="decompression-bomb limit")
+
+
+def test_an_image_between_one_and_two_bomb_limits_is_refused_too(tmp_path):
+    """PIL only warns for 1-2x its MAX_IMAGE_PIXELS and then decodes (10000^2 RGB: 300 MB)."""
+    from hashdistill.errors import UserError
+    from hashdistill.imagefiles import read_rgb
+
+    with pytest.raises(UserError, match="decompression-bomb limit"):
+        read_rgb(_decompression_bomb(tmp_path / "big.png", side=10_000))
 
 
 def test_a_decompression_bomb_in_a_folder_is_skipped_and_counted(arts, tmp_path, capsys):

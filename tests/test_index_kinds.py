@@ -207,6 +207,39 @@ def test_hnsw_links_out_of_range(indexes, tmp_path, capsys):
             expect="HNSW links must name nodes")
 
 
+def test_hnsw_links_must_respect_levels(indexes, tmp_path, capsys):
+    """faiss reads a linked node's slots at the link's level unchecked: a link to a lower node reads out of bounds."""
+    _, path = indexes["hnsw"]
+    with np.load(path) as npz:
+        levels, offsets, neighbors = npz["hnsw_levels"], npz["hnsw_offsets"], npz["hnsw_neighbors"].copy()
+    high = int(np.flatnonzero(levels >= 2)[0])
+    low = int(np.flatnonzero(levels == 1)[0])
+    neighbors[int(offsets[high]) + 32] = low  # the first level-1 slot (M=16: 32 level-0 slots first)
+    refused(capsys, tmp_path, "index", "info", _damaged(path, tmp_path, hnsw_neighbors=neighbors),
+            expect="links at a level to a node that does not reach it")
+
+
+@pytest.mark.parametrize(("recall", "kind"), [
+    ('{"k": 100, "queries": 200, "curve": [[16, 0.9]], "default": 2147483647}', "hnsw"),
+    ('{"k": 100, "curve": 5, "default": null}', "ivf"),
+    ('{"k": "100", "curve": [[4, 0.99]], "default": 4}', "ivf"),
+    ('{"k": 100, "curve": [[4, "high"]], "default": 4}', "ivf"),
+])
+def test_a_damaged_recall_record_exits_2(indexes, tmp_path, capsys, recall, kind):
+    _, path = indexes[kind]
+    refused(capsys, tmp_path, "index", "info", _damaged(path, tmp_path, recall=np.array(recall)),
+            expect="the recall record is corrupt")
+
+
+def test_build_parameters_are_never_silently_replaced(database):
+    with pytest.raises(UserError, match="needs 1 <= nlist"):
+        HashIndex(database, BITS, kind="ivf", params={"nlist": 0})
+    with pytest.raises(UserError, match="M must be in"):
+        HashIndex(database, BITS, kind="hnsw", params={"M": 0})
+    with pytest.raises(UserError, match="are for an approximate index, but this one is flat"):
+        HashIndex(database, BITS, kind="auto", params={"nlist": 8})
+
+
 def test_an_index_larger_than_memory_is_refused_before_loading(indexes, tmp_path, monkeypatch, capsys):
     _, path = indexes["hnsw"]
     monkeypatch.setattr(index_module, "_available_memory", lambda: 1000)

@@ -355,3 +355,11 @@ def test_non_positive_scale_in_a_checkpoint_is_refused(tmp_path):
     tensors["hash_head.wn"] = torch.tensor(-0.5)
     with pytest.raises(UserError, match="scale wn must be one positive finite number"):
         load_ternary_into(Student(), tensors, meta)
+
+
+def test_non_finite_weights_are_a_user_error():
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="non-finite weights"):
+        ternarize_(layer)
