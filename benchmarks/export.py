@@ -3,8 +3,9 @@
 Models are UNTRAINED (random init, timm pretrained=False): file size and latency do not depend on
 the weights' values, and parity is still measured on real images. The teacher is an LLC ResNet50,
 the students a fp32 MobileNetV3-small and its ternary version (TTQ on every nn.Linear and the 1x1
-head conv; exported packed at opset 18 and as INT2 at opset 25). Latency is the median of several
-runs in this one process, so the ratios are comparable; search compares faiss IndexBinaryFlat with
+head conv; exported packed at opset 18 and as INT2 at opset 25), and the ternary one with its float layers
+stored as int8 (``hashdistill export --int8``), as ``.onnx`` and as ORT format (``--mobile``). Latency is the
+median of several runs in this one process, so the ratios are comparable; search compares faiss IndexBinaryFlat with
 the numpy popcount baseline (hashdistill.codes) over random codes.
 
     python benchmarks/export.py --out benchmarks/results/export.json
@@ -33,8 +34,9 @@ from hashdistill.checkpoint import save_checkpoint
 from hashdistill.data import build_dataset, dataset_info
 from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher, model_meta
 from hashdistill.export.index import HashIndex
+from hashdistill.export.mobile import quantize_int8, to_mobile
 from hashdistill.export.onnx_export import export_onnx
-from hashdistill.export.verify import measure_parity
+from hashdistill.export.verify import measure_parity, same_code_rate
 from hashdistill.quantize.ternary_checkpoint import save_ternary
 from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
 from hashdistill.recipe import DataConfig
@@ -62,12 +64,19 @@ def main() -> None:
     search = [benchmark_search(int(bits), args.database, args.queries, args.k, args.latency_runs)
               for bits in args.search_bits.split(",")]
     print_table(models, ["model", "opset", "checkpoint_bytes", "onnx_bytes", "ternary_layers", "identical_code_rate",
-                         "max_abs_logit_diff", "ort_ms_b1", "torch_ms_b1", "ort_ms_b64", "torch_ms_b64"])
+                         "identical_code_rate_vs_float_onnx", "ort_ms_b1", "torch_ms_b1", "ort_ms_b64", "torch_ms_b64"])
     print()
     print_table(search, ["bits", "database", "queries", "k", "faiss_qps", "numpy_qps", "faiss_speedup"])
+    by_name = {row["model"]: row for row in models}
+    fp32, small = by_name["student " + args.student], by_name["ternary student + int8"]
     write_json(args.out, {"benchmark": "export", "machine": machine(), "wall_seconds": time.time() - started,
                           "args": vars(args), "weights": "untrained (random init)", "models": models,
-                          "search": search})
+                          "search": search,
+                          "whole_file_ratio": fp32["onnx_bytes"] / small["onnx_bytes"],
+                          "student_teacher_latency_ratio_b64": small["ort_ms_b64"]
+                          / by_name["teacher " + args.teacher]["ort_ms_b64"],
+                          "whole_file_map_drop_points": None,  # needs a trained student: not measured here
+                          "edge_file_agreement": None})  # needs the image-in model: not built yet
 
 
 def benchmark_models(args: argparse.Namespace, folder: Path) -> list[dict]:
@@ -94,14 +103,22 @@ def benchmark_models(args: argparse.Namespace, folder: Path) -> list[dict]:
              ("ternary student", ternary, ternary_meta, "ternary", 18),
              ("ternary student (INT2)", ternary, ternary_meta, "ternary", 25)]
     rows = []
-    for name, model, meta, stem, opset in cases:
+    for name, model, meta, stem, opset in [*cases, ("ternary student + int8", ternary, ternary_meta, "ternary", 18),
+                                           ("ternary student + int8 (.ort)", ternary, ternary_meta, "ternary", 18)]:
         print(f"exporting {name} (opset {opset}) ...", flush=True)
-        path = export_onnx(model, meta, folder / f"{stem}-{opset}.onnx", opset=opset)
+        path = export_onnx(model, meta, folder / f"{stem}-{opset}.onnx", opset=opset, force=True)
+        float_path = path
+        if "int8" in name:
+            path = quantize_int8(path, folder / f"{stem}-int8.onnx")
+        if ".ort" in name:
+            path = to_mobile(path)["ort"]
         parity = measure_parity(path, model, images)
+        parity["identical_code_rate_vs_float_onnx"] = same_code_rate(float_path, path, images)
         row = {"model": name, "opset": opset, "checkpoint_bytes": (folder / f"{stem}.safetensors").stat().st_size,
                "onnx_bytes": parity["file_bytes"], "ternary_layers": len(ternary_layers(model)),
                "ternary_encoding": parity["ternary_encoding"], "parity_images": parity["images"],
                "identical_code_rate": parity["identical_code_rate"],
+               "identical_code_rate_vs_float_onnx": parity["identical_code_rate_vs_float_onnx"],
                "max_abs_logit_diff": parity["max_abs_logit_diff"]}
         rows.append({**row, **latencies(path, model, images, args.latency_runs)})
     return rows

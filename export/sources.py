@@ -48,11 +48,11 @@ class ImageSet:
 
 
 def open_encoder(source: str | os.PathLike) -> Encoder:
-    """An ``.onnx`` file opens with the torch-free runtime; anything else is read as a checkpoint."""
+    """An ``.onnx`` or ``.ort`` file opens with the torch-free runtime; anything else is read as a checkpoint."""
     path = Path(source)
     if not path.is_file():
         raise UserError(f"model not found: {path}")
-    if path.suffix.lower() == ".onnx":
+    if path.suffix.lower() in (".onnx", ".ort"):
         from .runtime import EdgeModel
 
         return EdgeModel(path)

@@ -76,15 +76,22 @@ def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: torch
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = 18,
                       images: torch.Tensor | None = None, force: bool = False,
-                      ternary_encoding: str | None = None) -> dict[str, Any]:
+                      ternary_encoding: str | None = None, int8: bool = False, mobile: bool = False) -> dict[str, Any]:
     """Load a checkpoint, export it and verify the file; the file appears only if verification passes.
 
     ``images``: normalised [N, 3, S, S]; default: up to 512 images of the checkpoint's test split.
-    Returns the figures to print (sizes, parity, timings).
+    ``int8``: store the float layers' weights as int8 (:func:`~.mobile.quantize_int8`; the ternary layers stay
+    packed) and report how many images keep the float file's codes. ``mobile``: also write the ORT-format
+    model, its required-operators config and the mobile usability report beside the file, and check that the
+    ``.ort`` file gives the same codes. Returns the figures to print (sizes, parity, timings).
     """
+    from .mobile import float_initializer_bytes, mobile_outputs, quantize_int8, to_mobile
+
     out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise UserError(f"{out_path} already exists; pass --force to overwrite it")
+    outputs = [out_path, *(mobile_outputs(out_path) if mobile else [])]
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]} already exists; pass --force to overwrite it")
     model, meta = load_any_model(checkpoint_path)
     if images is None:
         images = reference_images(meta)
@@ -98,9 +105,31 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
         export_onnx(model, meta, staged, opset=opset, ternary_encoding=ternary_encoding)
         seconds = time.perf_counter() - start
         figures = verify_export(staged, model, images)
+        if int8:
+            quantized = quantize_int8(staged, Path(tmp) / f"int8-{out_path.name}")
+            figures["int8"] = {"float_file_bytes": figures["file_bytes"], "file_bytes": quantized.stat().st_size,
+                               "float_initializer_bytes": float_initializer_bytes(quantized),
+                               "identical_code_rate_vs_float_onnx": same_code_rate(staged, quantized, images)}
+            figures["file_bytes"] = figures["int8"]["file_bytes"]
+            os.replace(quantized, staged)
         os.replace(staged, out_path)
+    if mobile:
+        written = to_mobile(out_path)
+        figures["mobile"] = {**{k: str(v) for k, v in written.items()}, "ort_file_bytes": written["ort"].stat().st_size,
+                             "identical_code_rate_vs_onnx": same_code_rate(out_path, written["ort"], images)}
     return {"checkpoint": str(checkpoint_path), "onnx": str(out_path), "kind": meta.get("kind"),
             "arch": meta.get("arch"), "bits": int(model.bits), "opset": opset, "export_seconds": seconds, **figures}
+
+
+def same_code_rate(reference: str | os.PathLike, candidate: str | os.PathLike, images: torch.Tensor,
+                   batch_size: int = 64) -> float:
+    """Fraction of ``images`` whose packed codes are the same from two model files (.onnx or .ort)."""
+    first, second = EdgeModel(reference), EdgeModel(candidate)
+    same = 0
+    for batch in torch.split(images.float().cpu(), batch_size):
+        array = batch.numpy()
+        same += int((first.run(array)[0] == second.run(array)[0]).all(axis=1).sum())
+    return same / len(images)
 
 
 def reference_images(meta: dict[str, Any], limit: int = DEFAULT_VERIFY_IMAGES) -> torch.Tensor:

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--int8", action="store_true",
+                   help="float layers' weights as int8 (onnxruntime dynamic quantization); ternary ones stay packed")
+    p.add_argument("--mobile", action="store_true",
+                   help="also write MODEL.ort, its required-operators config and the mobile usability report")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(handler=cmd_export)
 
@@ -234,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if output:
             _fresh_output(output, args.force)
     path = Path(args.model)
-    if path.suffix == ".onnx":
+    if path.suffix.lower() in (".onnx", ".ort"):
         from hashdistill.codes import unpack_codes
         from hashdistill.export.runtime import EdgeModel
 
@@ -303,7 +307,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from hashdistill.export.verify import export_checkpoint
 
     output = _fresh_output(args.output, args.force)
-    figures = export_checkpoint(args.checkpoint, output, opset=args.opset, force=args.force)
+    figures = export_checkpoint(args.checkpoint, output, opset=args.opset, force=args.force, int8=args.int8,
+                                mobile=args.mobile)
     _print_figures(figures)
 
 
