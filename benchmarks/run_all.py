@@ -257,6 +257,11 @@ def headline() -> list[str]:
         best = min(quantize["rows"], key=lambda r: abs(r["t"] - 0.05))
         rows.append((f"ternary student (t={best['t']})", f"FC layers {best['compression']:.1f}x smaller, mAP drop "
                      f"{best['map_drop_points']:.2f} points, MHD drop {best['mhd_drop_points']:.2f} points"))
+    if export and export.get("whole_file_ratio"):
+        small = next(r for r in export["models"] if r["model"] == "ternary student + int8")
+        rows.append(("phone model (ternary + int8 ONNX)", f"whole file {export['whole_file_ratio']:.2f}x smaller "
+                     f"than fp32 ({small['onnx_bytes'] / 1e6:.2f} MB); codes equal the float file's on "
+                     f"{small['identical_code_rate_vs_float_onnx']:.1%} of images ({export['weights']} weights)"))
     search = load("search")
     if search and search.get("recommended"):
         best = search["recommended"]
