@@ -10,6 +10,9 @@ metadata records the timm name (and a student's extra timm arguments), bit width
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import timm
@@ -29,6 +32,8 @@ from hashdistill.untrusted import (
     short,
 )
 
+from .weights import hub_reachable, load_backbone_weights
+
 TEACHER, STUDENT, FLOAT = "teacher", "student", "float"
 TERNARY = "ternary-student"  # a student whose FC layers are ternarized (written by hashdistill.quantize)
 
@@ -39,28 +44,67 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (hard - x).detach()
 
 
-def create_backbone(name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def create_backbone(name: str, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None,
+                    weights: str | None = None) -> nn.Module:
     """A timm model without classifier (``num_classes=0``); a bad name or argument is a user error.
 
     ``model_kwargs`` go to ``timm.create_model`` (e.g. resnet ``channels`` for a thin student); they
     may come from an untrusted checkpoint, so arguments that make timm read files are refused.
+    ``weights``: a weights file on disk to start from (:mod:`.weights`); ``pretrained``: timm's hub weights,
+    failing within seconds when the hub cannot be reached and the weights are not cached.
     """
     model_kwargs = model_kwargs or {}
     if not isinstance(model_kwargs, dict) or unsafe_model_kwargs(model_kwargs) or \
             not all(_is_plain_value(v) for v in model_kwargs.values()):
         raise UserError(f"timm model arguments {model_kwargs!r} are not allowed (numbers, strings, booleans or "
                         "lists of numbers only; not the ones hashdistill sets or that make timm read files)")
+    if pretrained and weights:
+        raise UserError(f"'{name}': give either pretrained: true (hub weights) or a weights file, not both")
+    offline = pretrained and not hub_reachable()
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+        with _hub_offline(offline):
+            backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
     except (TypeError, ValueError) as exc:
         raise UserError(f"timm model '{name}' does not take the arguments {model_kwargs!r}: {exc}") from None
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise UserError(f"unknown timm model '{name}' (see timm.list_models())") from None
-        raise
-    except OSError as exc:  # hub unreachable with pretrained=True
-        raise UserError(f"could not fetch pretrained weights for '{name}': {exc}. Set pretrained: false "
-                        "or make the Hugging Face hub reachable.") from None
+        if not pretrained:
+            raise
+        raise UserError(f"could not fetch pretrained weights for '{name}': {' '.join(str(exc).split())[:200]}. "
+                        "Give a weights file instead (teacher.weights / student.weights).") from None
+    except OSError as exc:  # hub unreachable (or offline without a cached copy) with pretrained=True
+        hint = "the Hugging Face hub is unreachable and they are not in the local cache" if offline else str(exc)
+        raise UserError(f"could not fetch pretrained weights for '{name}': {' '.join(hint.split())[:200]}. Give a "
+                        "weights file instead (teacher.weights / student.weights) or set pretrained: false.") from None
+    if weights:
+        load_backbone_weights(backbone, weights)
+    return backbone
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for one call: the hub client then uses its cache and fails at once instead of retrying."""
+    if not offline:
+        yield
+        return
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        saved, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
+    except (ImportError, AttributeError):
+        hub_constants, saved = None, None
+    try:
+        yield
+    finally:
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -72,9 +116,10 @@ def feature_dim(backbone: nn.Module) -> int:
 class LLCTeacher(nn.Module):
     """LLC: timm backbone -> bias-free projection P to k bits, plus a latent class codebook W (L x k)."""
 
-    def __init__(self, backbone: str, bits: int, num_classes: int, pretrained: bool = False):
+    def __init__(self, backbone: str, bits: int, num_classes: int, pretrained: bool = False,
+                 weights: str | None = None):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, weights=weights)
         self.hash_head = nn.Linear(feature_dim(self.backbone), bits, bias=False)
         self.codebook = nn.Parameter(torch.randn(num_classes, bits) * 0.1)
 
@@ -99,9 +144,9 @@ class HashStudent(nn.Module):
     """Any timm backbone plus a linear hash head to the teacher's k bits, decoding with its codebook."""
 
     def __init__(self, backbone: str, bits: int, num_classes: int, pretrained: bool = False,
-                 model_kwargs: dict[str, Any] | None = None):
+                 model_kwargs: dict[str, Any] | None = None, weights: str | None = None):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained, model_kwargs)
+        self.backbone = create_backbone(backbone, pretrained, model_kwargs, weights)
         self.hash_head = nn.Linear(feature_dim(self.backbone), bits)
         self.register_buffer("codes", torch.ones(num_classes, bits))
 
@@ -121,9 +166,9 @@ class HashStudent(nn.Module):
 class FloatClassifier(nn.Module):
     """The float baseline: the same backbone with a plain linear classifier (cross-entropy)."""
 
-    def __init__(self, backbone: str, num_classes: int, pretrained: bool = False):
+    def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, weights: str | None = None):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained)
+        self.backbone = create_backbone(backbone, pretrained, weights=weights)
         self.classifier = nn.Linear(feature_dim(self.backbone), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

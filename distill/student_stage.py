@@ -53,7 +53,7 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, image_size: int) -> Ha
     with torch.device("meta"):
         skeleton = HashStudent(cfg.model, teacher.bits, classes, False, cfg.model_kwargs)
     probe_forward(skeleton, image_size, f"student '{cfg.model}' with model_kwargs {short(cfg.model_kwargs)}")
-    student = HashStudent(cfg.model, teacher.bits, classes, cfg.pretrained, cfg.model_kwargs)
+    student = HashStudent(cfg.model, teacher.bits, classes, cfg.pretrained, cfg.model_kwargs, cfg.weights)
     student.codes.copy_(teacher.class_codes)
     return student
 

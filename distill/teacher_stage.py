@@ -32,7 +32,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
     train, val = build_dataset(data, "train"), build_dataset(data, "val")
     info = dataset_info(data)
     torch.manual_seed(recipe.seed)
-    teacher = LLCTeacher(cfg.backbone, cfg.bits, len(info["class_names"]), cfg.pretrained)
+    teacher = LLCTeacher(cfg.backbone, cfg.bits, len(info["class_names"]), cfg.pretrained, cfg.weights)
     if cfg.float_baseline is not None and cfg.float_baseline.epochs > 0:
         baseline = train_float_baseline(recipe, run, device)
         teacher.backbone.load_state_dict(baseline.backbone.state_dict())
@@ -79,7 +79,7 @@ def train_float_baseline(recipe: Recipe, run: RunDir, device: torch.device) -> F
     train, val = build_dataset(data, "train"), build_dataset(data, "val")
     info = dataset_info(data)
     torch.manual_seed(recipe.seed)
-    model = FloatClassifier(cfg.backbone, len(info["class_names"]), cfg.pretrained)
+    model = FloatClassifier(cfg.backbone, len(info["class_names"]), cfg.pretrained, cfg.weights)
 
     def loss(m: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         x, y = batch

@@ -82,6 +82,7 @@ class DataConfig:
 class TeacherConfig:
     backbone: str = "resnet50"
     pretrained: bool = False
+    weights: str | None = None  # a weights file to start the backbone from (safetensors, or .pth tensors only)
     bits: int = 16
     float_baseline: OptimConfig | None = None
     phase1: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))
@@ -111,6 +112,7 @@ def unsafe_model_kwargs(kwargs: dict[str, Any]) -> str | None:
 class StudentConfig:
     model: str = "mobilenetv3_small_100"
     pretrained: bool = False
+    weights: str | None = None  # a weights file to start the backbone from (safetensors, or .pth tensors only)
     # Extra ``timm.create_model`` arguments, e.g. a thin resnet18: {channels: [20, 40, 80, 160]}.
     model_kwargs: dict[str, int | float | bool | str | list[int | float]] = field(default_factory=dict)
     train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2))

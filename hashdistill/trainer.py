@@ -109,6 +109,7 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
         sampler.set_epoch(epoch)
         model.train()
         started, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        watch = DivergenceWatch(device)
         for step, batch in enumerate(tqdm(loader, desc=f"{task.name} {epoch + 1}/{task.optim.epochs}",
                                           disable=quiet, leave=False)):
             global_step = epoch * steps_per_epoch + step
@@ -116,19 +117,15 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
             batch = [t.to(device, non_blocking=True) for t in batch]
             with autocast:
                 loss = task.batch_loss(wrapped, batch)
-            if not _finite_on_every_rank(loss, world):
-                last = run.checkpoint(f"{task.name}-last")
-                kept = f"The last good checkpoint is kept: {last}" if last.is_file() else \
-                    "No checkpoint of this stage had been written yet"
-                raise TrainingDiverged(
-                    f"stage '{task.name}': the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. "
-                    f"{kept}. Try a lower learning rate "
-                    f"(now {task.optim.lr}), a longer warmup (warmup_epochs) or check the input data.")
+            watch.record(loss, step)
+            if (step + 1) % CHECK_FINITE_EVERY == 0:
+                watch.stop_if_diverged(task, run, epoch, world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(batch[0])
             seen += len(batch[0])
+        watch.stop_if_diverged(task, run, epoch, world)  # before anything of this epoch is saved
         elapsed = time.perf_counter() - started
         record = {"stage": task.name, "epoch": epoch, "train_loss": (loss_sum / max(seen, 1)).item(),
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen * world / max(elapsed, 1e-9),
@@ -143,12 +140,42 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
     return state["final"]
 
 
-def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
-    """Under DDP every rank must stop together: one rank raising alone would leave the others in all-reduce."""
-    finite = torch.isfinite(loss.detach()).float()
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
+CHECK_FINITE_EVERY = 50  # steps between the host's looks at the divergence flag (each look waits for the device)
+
+
+class DivergenceWatch:
+    """Notices a NaN/inf loss without making the host wait for the device on every step.
+
+    Each step folds ``isfinite(loss)`` into flags that stay on the device (the first bad step and its loss);
+    the host reads them every CHECK_FINITE_EVERY steps and before an epoch's checkpoint is written. Steps run
+    between a bad loss and the look are thrown away with everything else of the epoch: no checkpoint is ever
+    written from them, so the last good one is what the run stops with. Under DDP every rank looks at the
+    same steps and stops together.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        fresh = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(fresh, step, self.first_bad)
+        self.bad_loss = torch.where(fresh, loss.detach().float(), self.bad_loss)
+
+    def stop_if_diverged(self, task: TrainTask, run: RunDir, epoch: int, world: int) -> None:
+        bad = (self.first_bad >= 0).float()
+        if world > 1:  # one rank raising alone would leave the others waiting in all-reduce
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bool(bad):
+            return
+        last = run.checkpoint(f"{task.name}-last")
+        kept = f"The last good checkpoint is kept: {last}" if last.is_file() else \
+            "No checkpoint of this stage had been written yet"
+        where = f"step {int(self.first_bad) + 1}" if self.first_bad >= 0 else "a step (on another process)"
+        value = self.bad_loss.item() if self.first_bad >= 0 else "not finite"
+        raise TrainingDiverged(
+            f"stage '{task.name}': the loss became {value} at epoch {epoch + 1}, {where}. {kept}. Try a lower "
+            f"learning rate (now {task.optim.lr}), a longer warmup (warmup_epochs) or check the input data.")
 
 
 def _advance(state: dict[str, Any], record: dict[str, Any], task: TrainTask) -> dict[str, Any]:

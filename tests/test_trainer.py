@@ -77,6 +77,34 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     assert (tmp_path / "checkpoints" / "toy-last.safetensors").read_bytes() == before
 
 
+def test_divergence_is_noticed_without_a_host_sync_per_step(tmp_path, monkeypatch):
+    """The host looks at the flag every CHECK_FINITE_EVERY steps and at the epoch's end, not at every step; the
+    first bad step is still the one reported, and nothing of the diverged epoch is saved."""
+    from hashdistill import trainer
+
+    monkeypatch.setattr(trainer, "CHECK_FINITE_EVERY", 4)
+    looks = []
+    real = trainer.DivergenceWatch.stop_if_diverged
+
+    def counting(self, *args):
+        looks.append(int(self.first_bad))
+        return real(self, *args)
+
+    monkeypatch.setattr(trainer.DivergenceWatch, "stop_if_diverged", counting)
+    task = _task(2)
+    fit(task, RunDir(tmp_path / "ok"), torch.device("cpu"), seed=0)  # 360 images / 32 = 11 steps an epoch
+    assert len(looks) == 2 * (11 // 4 + 1)
+    looks.clear()
+    steps = iter(range(1000))
+    bad = _task(2)
+    normal = bad.batch_loss
+    bad.batch_loss = lambda m, batch: normal(m, batch) * (float("nan") if next(steps) == 5 else 1.0)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 6"):
+        fit(bad, RunDir(tmp_path / "bad"), torch.device("cpu"), seed=0)
+    assert looks == [-1, 5]  # it ran on past the bad step until the next look
+    assert not (tmp_path / "bad" / "checkpoints" / "toy-last.safetensors").exists()
+
+
 def test_best_validation_epoch_is_kept(tmp_path):
     scores = iter([0.5, 0.9, 0.1])
     task = _task(3, validate=lambda m: {"val_score": next(scores)})
