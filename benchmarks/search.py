@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--model-run", default="bench_out/search-model")
     parser.add_argument("--out", default="benchmarks/results/search.json")
     parser.add_argument("--sizes", default="100000,1000000,10000000")
-    parser.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest size HNSW is built at (build time)")
+    parser.add_argument("--hnsw-max", type=int, default=10_000_000, help="largest size HNSW is built at (build time)")
     parser.add_argument("--flip", type=float, default=0.03)
     parser.add_argument("--k", type=int, default=100)
     args = parser.parse_args()
