@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from hashdistill.checkpoint import save_checkpoint
-from hashdistill.data import build_dataset
+from hashdistill.data import batch_augmentation, build_dataset
 from hashdistill.errors import UserError
 from hashdistill.evaluate import torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe, StudentConfig
@@ -41,6 +41,12 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         return (*self.base[index], index)
+
+    def get_batch(self, indices: list[int]) -> list[torch.Tensor]:
+        """A collated batch: the base's own batched fetch where it has one, then the indices."""
+        fetch = getattr(self.base, "get_batch", None)
+        batch = fetch(indices) if fetch else default_collate([self.base[i] for i in indices])
+        return [*batch, torch.as_tensor(indices, dtype=torch.long)]
 
 
 def build_student(cfg: StudentConfig, teacher: nn.Module, image_size: int) -> HashStudent:
@@ -81,7 +87,8 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
     batch_loss = distillation_batch_loss(student, teacher, weights, cfg, train, device, data.eval_batch_size)
     record = fit(TrainTask(name, student, [{"params": list(student.parameters())}], cfg.train, IndexedDataset(train),
                            batch_loss, data.batch_size, data.num_workers,
-                           lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy"),
+                           lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
+                           augment=batch_augmentation(train)),
                  run, device, recipe.seed)
     path = run.checkpoint(name)
     if is_main_process():

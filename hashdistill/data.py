@@ -7,7 +7,8 @@ selection never sees the test set), ``test``, and for OOD recipes ``ood_val`` / 
 
 Small in-memory datasets (Fashion-MNIST, digits, CIFAR-10, synthetic) are resized once to
 ``image_size`` and kept as uint8; grayscale images are repeated to 3 channels so any timm
-backbone accepts them. Every item is ``(image float32 [3, S, S] normalised, label int)``.
+backbone accepts them. Every item is ``(image float32 [3, S, S] normalised, label int)``; a training
+split's augmentation runs on whole batches on the training device (:func:`random_shift_flip`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ class RawImages:
 
 
 class ImageTensorDataset(Dataset):
-    """Images held in memory as uint8 [N, C, S, S], normalised per item; optional light augmentation."""
+    """Images held in memory as uint8 [N, C, S, S], normalised when fetched.
+
+    ``augment`` marks a training split that trains with :func:`random_shift_flip`: the trainer applies it to
+    whole batches on the training device (:func:`batch_augmentation`), never per item. :meth:`get_batch`
+    fetches a whole batch in one indexing operation; the trainer's loader uses it.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
                  mean: tuple[float, ...], std: tuple[float, ...], augment: bool = False):
@@ -63,19 +69,61 @@ class ImageTensorDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index].float().div_(255).expand(3, -1, -1)
-        if self.augment:
-            image = random_flip_and_shift(image)
         return (image - self.mean) / self.std, int(self.labels[index])
 
+    def get_batch(self, indices: list[int]) -> list[torch.Tensor]:
+        """A whole batch, already collated: normalised images [B, 3, S, S] and labels [B]."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index].float().div_(255).expand(-1, 3, -1, -1)
+        return [(images - self.mean) / self.std, self.labels[index]]
 
-def random_flip_and_shift(image: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
-    """Horizontal flip and a small translation (padding with the border), drawn from torch's RNG."""
-    if torch.rand(()) < 0.5:
-        image = image.flip(-1)
-    dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,)))
-    padded = F.pad(image.unsqueeze(0), (max_shift,) * 4, mode="replicate").squeeze(0)
-    h, w = image.shape[-2:]
-    return padded[:, max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
+
+MAX_SHIFT = 2  # pixels: random_shift_flip's translation range, padding with the border
+
+
+def random_shift_flip(images: torch.Tensor, max_shift: int = MAX_SHIFT) -> torch.Tensor:
+    """Per image of a batch [B, C, H, W]: a random translation by up to ``max_shift`` pixels (padding with
+    the border) and a horizontal flip with probability 1/2, on the batch's device, drawn from torch's RNG for
+    that device (seeded per epoch by the trainer, so a resumed run replays the same augmentations).
+
+    On a GPU one gather does it all without a host sync; on a CPU, slicing each group of images that share a
+    shift (at most (2 * max_shift + 1)^2 groups) is twice as fast. Both give the same images."""
+    b = images.shape[0]
+    device = images.device
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), device=device)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), device=device)
+    flip = torch.rand(b, device=device) < 0.5
+    crop = _gathered_crops if images.is_cuda else _grouped_crops
+    return crop(padded, images.shape[-2:], dy, dx, flip)
+
+
+def _gathered_crops(padded: torch.Tensor, size: torch.Size, dy: torch.Tensor, dx: torch.Tensor,
+                    flip: torch.Tensor) -> torch.Tensor:
+    (h, w), device, b, c = size, padded.device, padded.shape[0], padded.shape[1]
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    columns = torch.arange(w, device=device)
+    columns = torch.where(flip[:, None], columns.flip(0), columns) + dx[:, None]
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows, columns[:, None, None, :]]
+
+
+def _grouped_crops(padded: torch.Tensor, size: torch.Size, dy: torch.Tensor, dx: torch.Tensor,
+                   flip: torch.Tensor) -> torch.Tensor:
+    h, w = size
+    out = padded.new_empty((padded.shape[0], padded.shape[1], h, w))
+    for y, x in torch.unique(torch.stack([dy, dx], dim=1), dim=0).tolist():
+        chosen = ((dy == y) & (dx == x)).nonzero().squeeze(1)
+        out[chosen] = padded[chosen, :, y:y + h, x:x + w]
+    flipped = flip.nonzero().squeeze(1)
+    out[flipped] = out[flipped].flip(-1)
+    return out
+
+
+def batch_augmentation(dataset: Dataset) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The augmentation the trainer applies to each training batch of ``dataset`` (None: none)."""
+    return random_shift_flip if getattr(dataset, "augment", False) else None
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:

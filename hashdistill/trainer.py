@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from hashdistill.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
@@ -52,6 +52,7 @@ class TrainTask:
     num_workers: int = 0
     validate: Callable[[nn.Module], dict[str, float]] | None = None
     select: str | None = None
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to each batch's images on the device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,8 +98,13 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
 
     wrapped = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(task.train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    loader = DataLoader(task.train_data, batch_size=task.batch_size, sampler=sampler,
-                        num_workers=task.num_workers, drop_last=len(task.train_data) > task.batch_size * world)
+    drop_last = len(task.train_data) > task.batch_size * world
+    if hasattr(task.train_data, "get_batch"):  # the dataset fetches and collates whole batches itself
+        loader = DataLoader(_Batches(task.train_data), sampler=BatchSampler(sampler, task.batch_size, drop_last),
+                            batch_size=None, num_workers=task.num_workers)
+    else:
+        loader = DataLoader(task.train_data, batch_size=task.batch_size, sampler=sampler,
+                            num_workers=task.num_workers, drop_last=drop_last)
     steps_per_epoch = max(1, len(loader))
     total_steps = steps_per_epoch * task.optim.epochs
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -115,6 +121,8 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
             global_step = epoch * steps_per_epoch + step
             _set_lr(optimizer, task.optim, global_step, total_steps, steps_per_epoch)
             batch = [t.to(device, non_blocking=True) for t in batch]
+            if task.augment is not None:
+                batch[0] = task.augment(batch[0])
             with autocast:
                 loss = task.batch_loss(wrapped, batch)
             watch.record(loss, step)
@@ -138,6 +146,19 @@ def fit(task: TrainTask, run: RunDir, device: torch.device, seed: int) -> dict[s
         _save_state(task, run, optimizer, state, is_best=state["best_epoch"] == epoch)
     _load_best(task, run)
     return state["final"]
+
+
+class _Batches(Dataset):
+    """A dataset whose items are whole batches: ``batches[indices]`` is ``dataset.get_batch(indices)``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> list[torch.Tensor]:
+        return self.dataset.get_batch(indices)
 
 
 CHECK_FINITE_EVERY = 50  # steps between the host's looks at the divergence flag (each look waits for the device)

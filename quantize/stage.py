@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from hashdistill.checkpoint import read_metadata
-from hashdistill.data import build_dataset
+from hashdistill.data import batch_augmentation, build_dataset
 from hashdistill.distill.losses import NEEDS_TEACHER
 from hashdistill.distill.models import STUDENT, TEACHER, TERNARY, load_model
 from hashdistill.distill.student_stage import IndexedDataset, check_same_data, distillation_batch_loss
@@ -54,7 +54,8 @@ def quantize_student(student_path: str | Path, out_path: str | Path, recipe: Rec
                                          data.eval_batch_size)
     record = fit(TrainTask("quantize", student, groups, cfg.train, IndexedDataset(train), batch_loss,
                            data.batch_size, data.num_workers,
-                           lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy"),
+                           lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
+                           augment=batch_augmentation(train)),
                  run, device, recipe.seed)
     report = {"layers": layer_report(student), "quantized": quantized, "losses": weights,
               "teacher": str(teacher_path or meta.get("training", {}).get("teacher")) if teacher else None,

@@ -93,3 +93,46 @@ def test_cifar_loader_refuses_code_in_pickles(tmp_path):
     with pytest.raises(UserError, match="not a CIFAR-10 batch"):
         build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)), "train")
     assert not (tmp_path / "pwned").exists()
+
+
+def _reference_shift_flip(images: torch.Tensor, seed: int, max_shift: int = 2) -> torch.Tensor:
+    """The same draws as random_shift_flip, applied one image at a time."""
+    torch.manual_seed(seed)
+    b, _, h, w = images.shape
+    dy = torch.randint(0, 2 * max_shift + 1, (b,))
+    dx = torch.randint(0, 2 * max_shift + 1, (b,))
+    flip = torch.rand(b) < 0.5
+    out = []
+    for i in range(b):
+        padded = torch.nn.functional.pad(images[i:i + 1], (max_shift,) * 4, mode="replicate")[0]
+        crop = padded[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out.append(crop.flip(-1) if flip[i] else crop)
+    return torch.stack(out)
+
+
+def test_batch_augmentation_shifts_and_flips_each_image_reproducibly():
+    from hashdistill.data import random_shift_flip
+
+    images = torch.randn(64, 3, 12, 10)
+    torch.manual_seed(5)
+    augmented = random_shift_flip(images)
+    torch.testing.assert_close(augmented, _reference_shift_flip(images, 5), rtol=0, atol=0)
+    torch.manual_seed(5)
+    assert torch.equal(random_shift_flip(images), augmented)  # seeded: a resumed epoch replays it
+    assert not torch.equal(augmented, images)
+    from hashdistill.data import _gathered_crops  # the GPU path: the same images from the same draws
+
+    torch.manual_seed(5)
+    dy, dx, flip = torch.randint(0, 5, (64,)), torch.randint(0, 5, (64,)), torch.rand(64) < 0.5
+    padded = torch.nn.functional.pad(images, (2,) * 4, mode="replicate")
+    assert torch.equal(_gathered_crops(padded, images.shape[-2:], dy, dx, flip), augmented)
+
+
+def test_batched_fetch_equals_item_by_item():
+    from torch.utils.data import default_collate
+
+    dataset = build_dataset(DataConfig(dataset="synthetic", image_size=16), "train")
+    indices = [5, 0, 17, 3]
+    batch = dataset.get_batch(indices)
+    reference = default_collate([dataset[i] for i in indices])
+    assert torch.equal(batch[0], reference[0]) and torch.equal(batch[1], reference[1])

@@ -114,3 +114,32 @@ def test_best_validation_epoch_is_kept(tmp_path):
     assert read_metadata(tmp_path / "checkpoints" / "toy-best.safetensors")["epoch"] == 1
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["val_score"] for x in lines] == [0.5, 0.9, 0.1]
+
+
+def test_augmented_training_resumes_bit_identically(tmp_path):
+    """The trainer augments whole batches (on the device) from the epoch's seed: a resumed run replays them."""
+    from hashdistill.data import random_shift_flip
+
+    def task(validate=None):
+        t = _task(3, validate=validate)
+        t.augment = random_shift_flip
+        return t
+
+    full = task()
+    fit(full, RunDir(tmp_path / "full"), torch.device("cpu"), seed=3)
+    calls = iter(range(100))
+
+    def interrupt_in_second_epoch(model):
+        if next(calls) == 1:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(task(interrupt_in_second_epoch), RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
+    resumed = task()
+    fit(resumed, RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
+    for a, b in zip(_weights(full.model), _weights(resumed.model)):
+        assert torch.equal(a, b)
+    plain = _task(3)
+    fit(plain, RunDir(tmp_path / "plain"), torch.device("cpu"), seed=3)
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(full.model), _weights(plain.model)))
