@@ -49,7 +49,13 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
 
 
 def hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers within a few seconds (no request is made, only a connection)."""
+    """Whether the Hugging Face hub answers within a few seconds (no request is made, only a connection).
+
+    With a proxy, a mirror (HF_ENDPOINT) or HF_HUB_OFFLINE set, the hub client knows its way better than a
+    direct connection does: it is left to it."""
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT",
+                                           "HF_HUB_OFFLINE")):
+        return True
     try:
         with socket.create_connection((HUB_HOST, 443), timeout=HUB_TIMEOUT_S):
             return True

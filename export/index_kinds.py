@@ -306,9 +306,13 @@ ARRAY_KEYS = ("ivf_centroids", "ivf_assign", "hnsw_distinct", "hnsw_group", "hns
 
 
 def _check_link_levels(levels: np.ndarray, offsets: np.ndarray, neighbors: np.ndarray, per_level: np.ndarray,
-                       chunk: int = 1 << 20) -> None:
+                       slots_per_chunk: int = 1 << 22) -> None:
     """A link in a node's level-l slots must name a node that reaches level l: faiss reads that node's level-l
-    slots without checking, so a crafted graph would make it read past the end of the links."""
+    slots without checking, so a crafted graph would make it read past the end of the links.
+
+    Works through the nodes in chunks of about ``slots_per_chunk`` links (a few int64 arrays of that size)."""
+    widest = int(per_level[levels.max()]) if len(levels) else 1
+    chunk = max(1, slots_per_chunk // max(widest, 1))
     for start in range(0, len(levels), chunk):
         nodes = np.arange(start, min(start + chunk, len(levels)))
         sizes = (offsets[nodes + 1] - offsets[nodes]).astype(np.int64)

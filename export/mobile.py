@@ -15,6 +15,7 @@ temporary folder; the results are moved next to the model only when all of them 
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from hashdistill.atomic import atomic_write_bytes, atomic_write_text
 from hashdistill.errors import UserError
 
 ORT_SUFFIX, OPS_SUFFIX, USABILITY_SUFFIX = ".ort", ".required_operators.config", ".mobile-usability.txt"
+TOOL_TIMEOUT_S = 600
 WEIGHTED = ["MatMul", "Gemm", "Conv"]  # the ops whose float weights int8 quantization stores as int8
 
 
@@ -104,8 +106,9 @@ def to_mobile(onnx_path: str | os.PathLike) -> dict[str, Path]:
         converted = _tool("convert_onnx_models_to_ort", str(work / path.name), "--output_dir", str(work / "out"),
                           "--optimization_style", "Fixed",
                           env={"ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL": "disable"})
-        made_ort = sorted((work / "out").glob(f"{path.stem}*{ORT_SUFFIX}"))
-        made_ops = sorted((work / "out").glob(f"{path.stem}.required_operators*.config"))
+        stem = glob.escape(path.stem)
+        made_ort = sorted((work / "out").glob(f"{stem}*{ORT_SUFFIX}"))
+        made_ops = sorted((work / "out").glob(f"{stem}.required_operators*.config"))
         if len(made_ort) != 1 or len(made_ops) != 1:
             raise UserError(f"{path}: onnxruntime's ORT-format conversion produced no model ({converted[-300:]})")
         made_ort, made_ops = made_ort[0], made_ops[0]
@@ -118,8 +121,11 @@ def to_mobile(onnx_path: str | os.PathLike) -> dict[str, Path]:
 
 def _tool(name: str, *args: str, env: dict[str, str] | None = None) -> str:
     """Run one of onnxruntime.tools' command-line tools; its combined output, or a UserError if it fails."""
-    done = subprocess.run([sys.executable, "-m", f"onnxruntime.tools.{name}", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+    try:
+        done = subprocess.run([sys.executable, "-m", f"onnxruntime.tools.{name}", *args], capture_output=True,
+                              text=True, timeout=TOOL_TIMEOUT_S, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        raise UserError(f"onnxruntime.tools.{name} did not finish within {TOOL_TIMEOUT_S} s") from None
     output = done.stdout + done.stderr
     if done.returncode != 0:
         raise UserError(f"onnxruntime.tools.{name} failed (exit {done.returncode}): {' '.join(output.split())[-300:]}")

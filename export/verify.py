@@ -28,6 +28,7 @@ from .onnx_export import export_onnx
 from .runtime import EdgeModel
 
 MIN_IDENTICAL_CODE_RATE = 0.999
+MIN_INT8_CODE_RATE = 0.9  # int8 weights may move logits near 0 across the sign; more than this is a broken file
 DEFAULT_VERIFY_IMAGES = 512
 
 
@@ -77,7 +78,7 @@ def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: torch
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = 18,
                       images: torch.Tensor | None = None, force: bool = False,
                       ternary_encoding: str | None = None, int8: bool = False, mobile: bool = False) -> dict[str, Any]:
-    """Load a checkpoint, export it and verify the file; the file appears only if verification passes.
+    """Load a checkpoint, export it and verify the files; they appear (together) only if verification passes.
 
     ``images``: normalised [N, 3, S, S]; default: up to 512 images of the checkpoint's test split.
     ``int8``: store the float layers' weights as int8 (:func:`~.mobile.quantize_int8`; the ternary layers stay
@@ -85,9 +86,11 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
     model, its required-operators config and the mobile usability report beside the file, and check that the
     ``.ort`` file gives the same codes. Returns the figures to print (sizes, parity, timings).
     """
-    from .mobile import float_initializer_bytes, mobile_outputs, quantize_int8, to_mobile
+    from .mobile import ORT_SUFFIX, float_initializer_bytes, mobile_outputs, quantize_int8, to_mobile
 
     out_path = Path(out_path)
+    if out_path.suffix.lower() == ORT_SUFFIX:
+        raise UserError(f"{out_path}: name the .onnx file; --mobile writes the .ort file beside it")
     outputs = [out_path, *(mobile_outputs(out_path) if mobile else [])]
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not force:
@@ -107,16 +110,27 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
         figures = verify_export(staged, model, images)
         if int8:
             quantized = quantize_int8(staged, Path(tmp) / f"int8-{out_path.name}")
+            rate = same_code_rate(staged, quantized, images)
+            if rate < MIN_INT8_CODE_RATE:
+                raise UserError(f"{out_path}: with int8 weights only {rate:.1%} of {len(images)} images keep the "
+                                f"float file's codes (need {MIN_INT8_CODE_RATE:.0%}); export without --int8")
             figures["int8"] = {"float_file_bytes": figures["file_bytes"], "file_bytes": quantized.stat().st_size,
                                "float_initializer_bytes": float_initializer_bytes(quantized),
-                               "identical_code_rate_vs_float_onnx": same_code_rate(staged, quantized, images)}
+                               "identical_code_rate_vs_float_onnx": rate}
             figures["file_bytes"] = figures["int8"]["file_bytes"]
             os.replace(quantized, staged)
+        if mobile:
+            written = to_mobile(staged)
+            rate = same_code_rate(staged, written["ort"], images)
+            if rate < MIN_IDENTICAL_CODE_RATE:
+                raise UserError(f"{out_path}: the .ort file gives the .onnx file's codes on only {rate:.2%} of "
+                                f"{len(images)} images")
+            figures["mobile"] = {"ort_file_bytes": written["ort"].stat().st_size, "identical_code_rate_vs_onnx": rate}
         os.replace(staged, out_path)
-    if mobile:
-        written = to_mobile(out_path)
-        figures["mobile"] = {**{k: str(v) for k, v in written.items()}, "ort_file_bytes": written["ort"].stat().st_size,
-                             "identical_code_rate_vs_onnx": same_code_rate(out_path, written["ort"], images)}
+        if mobile:  # all files verified: they appear together
+            for (key, made), final in zip(written.items(), mobile_outputs(out_path)):
+                os.replace(made, final)
+                figures["mobile"][key] = str(final)
     return {"checkpoint": str(checkpoint_path), "onnx": str(out_path), "kind": meta.get("kind"),
             "arch": meta.get("arch"), "bits": int(model.bits), "opset": opset, "export_seconds": seconds, **figures}
 

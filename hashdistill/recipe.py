@@ -153,6 +153,8 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _check(self.opset >= 18, "opset", "must be >= 18")
+        _check(re.fullmatch(r"[\w.-]+\.onnx", self.file or "") is not None and not self.file.startswith("."),
+               "file", "must be a plain file name ending in .onnx (it is written into the run directory)")
 
 
 @dataclass

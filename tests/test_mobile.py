@@ -77,3 +77,14 @@ def test_cli_export_for_phones(export_root, tmp_path, capsys):
     assert "identical_code_rate_vs_float_onnx" in printed and "ort_file_bytes" in printed
     out.unlink()  # the .ort and its config remain: refused without --force
     refused(capsys, tmp_path, "export", ternary, "-o", out, "--mobile", expect="m.ort already exists")
+
+
+def test_the_output_is_the_onnx_file_and_export_file_a_plain_name(export_root, tmp_path, capsys):
+    from hashdistill.errors import UserError
+    from hashdistill.recipe import ExportConfig
+
+    refused(capsys, tmp_path, "export", checkpoints(export_root).ternary, "-o", tmp_path / "m.ort", "--mobile",
+            expect="name the .onnx file; --mobile writes the .ort file beside it")
+    for bad in ("exports/model.onnx", "model.ONNX", ".model.onnx", "model"):
+        with pytest.raises(UserError, match="export.file|plain file name"):
+            ExportConfig(file=bad)

@@ -88,3 +88,21 @@ def test_pretrained_without_the_hub_fails_in_seconds():
     with pytest.raises(UserError, match="could not fetch pretrained weights for 'resnet18'.*weights file"):
         create_backbone("resnet18", pretrained=True)
     assert time.perf_counter() - start < 15
+
+
+@pytest.mark.skipif(hub_reachable(), reason="the hub is reachable here: nothing to fail")
+def test_the_offline_switch_is_undone_after_the_attempt(monkeypatch):
+    import os
+
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = hub_constants.HF_HUB_OFFLINE
+    with pytest.raises(UserError):
+        create_backbone("resnet18", pretrained=True)
+    assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE == before
+
+
+def test_a_proxy_or_mirror_is_left_to_the_hub_client(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a mirror: no direct probe of the hub is made
+    assert hub_reachable()
