@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hashdistill.checkpoint import read_metadata
-from hashdistill.data import build_dataset
+from hashdistill.data import build_dataset, random_shift_flip
 from hashdistill.recipe import DataConfig, OptimConfig
 from hashdistill.rundir import RunDir
 from hashdistill.trainer import TrainingDiverged, TrainTask, fit
@@ -16,7 +16,7 @@ from hashdistill.trainer import TrainingDiverged, TrainTask, fit
 DATA = DataConfig(dataset="synthetic", image_size=16)
 
 
-def _task(epochs: int, lr: float = 1e-2, validate=None) -> TrainTask:
+def _task(epochs: int, lr: float = 1e-2, validate=None, augment=None) -> TrainTask:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 4))
 
@@ -25,15 +25,17 @@ def _task(epochs: int, lr: float = 1e-2, validate=None) -> TrainTask:
         return F.cross_entropy(m(x), y)
 
     return TrainTask("toy", model, [{"params": list(model.parameters())}], OptimConfig(epochs=epochs, lr=lr),
-                     build_dataset(DATA, "train"), loss, batch_size=32, validate=validate)
+                     build_dataset(DATA, "train"), loss, batch_size=32, validate=validate, augment=augment)
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_resume_is_bit_identical(tmp_path):
-    full = _task(4)
+@pytest.mark.parametrize("augment", [None, random_shift_flip], ids=["plain", "batch-augmented"])
+def test_resume_is_bit_identical(tmp_path, augment):
+    """Also with batch augmentation on the device: the epoch's seed replays the same augmentations."""
+    full = _task(4, augment=augment)
     fit(full, RunDir(tmp_path / "full"), torch.device("cpu"), seed=3)
 
     # an interrupted run: killed during epoch 3 (after epoch 2's checkpoint), then resumed from scratch objects
@@ -45,14 +47,19 @@ def test_resume_is_bit_identical(tmp_path):
         return {}
 
     with pytest.raises(KeyboardInterrupt):
-        fit(_task(4, validate=interrupt_in_third_epoch), RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
-    resumed = _task(4)
+        fit(_task(4, validate=interrupt_in_third_epoch, augment=augment), RunDir(tmp_path / "cut"),
+            torch.device("cpu"), seed=3)
+    resumed = _task(4, augment=augment)
     fit(resumed, RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
 
     for a, b in zip(_weights(full.model), _weights(resumed.model)):
         assert torch.equal(a, b)
     epochs = [r["epoch"] for r in RunDir(tmp_path / "cut").metrics()]
     assert epochs == [0, 1, 2, 3]
+    if augment is not None:  # and the augmentation did change the training
+        plain = _task(4)
+        fit(plain, RunDir(tmp_path / "plain"), torch.device("cpu"), seed=3)
+        assert not all(torch.equal(a, b) for a, b in zip(_weights(full.model), _weights(plain.model)))
 
 
 def test_finished_stage_is_not_retrained(tmp_path):
@@ -115,31 +122,3 @@ def test_best_validation_epoch_is_kept(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["val_score"] for x in lines] == [0.5, 0.9, 0.1]
 
-
-def test_augmented_training_resumes_bit_identically(tmp_path):
-    """The trainer augments whole batches (on the device) from the epoch's seed: a resumed run replays them."""
-    from hashdistill.data import random_shift_flip
-
-    def task(validate=None):
-        t = _task(3, validate=validate)
-        t.augment = random_shift_flip
-        return t
-
-    full = task()
-    fit(full, RunDir(tmp_path / "full"), torch.device("cpu"), seed=3)
-    calls = iter(range(100))
-
-    def interrupt_in_second_epoch(model):
-        if next(calls) == 1:
-            raise KeyboardInterrupt
-        return {}
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(task(interrupt_in_second_epoch), RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
-    resumed = task()
-    fit(resumed, RunDir(tmp_path / "cut"), torch.device("cpu"), seed=3)
-    for a, b in zip(_weights(full.model), _weights(resumed.model)):
-        assert torch.equal(a, b)
-    plain = _task(3)
-    fit(plain, RunDir(tmp_path / "plain"), torch.device("cpu"), seed=3)
-    assert not all(torch.equal(a, b) for a, b in zip(_weights(full.model), _weights(plain.model)))
