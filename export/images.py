@@ -1,7 +1,7 @@
 """User images -> model input, with numpy and PIL only (the edge runtime has no torch).
 
 An image is a file path or a uint8 array, HxW (grayscale) or HxWx3 (RGB). It is converted to RGB
-and resized bilinearly with PIL exactly as ``hashdistill.imagefolder.load_image`` does in training,
+and resized bilinearly with PIL exactly as ``hashdistill.imagefiles.load_image`` does in training,
 then scaled to [0, 1] and normalised with the model's mean/std in float32, as the training datasets do.
 """
 

@@ -137,7 +137,7 @@ class Pipeline:
             return False
         data = dataclasses.replace(self.recipe.data, train_limit=None, augment=False)  # the whole database
         if data.dataset == "imagefolder":  # the database is the training folder's image files
-            from hashdistill.imagefolder import train_folder
+            from hashdistill.data.imagefolder import train_folder
 
             images = str(train_folder(data))
         else:

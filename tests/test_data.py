@@ -120,7 +120,7 @@ def test_batch_augmentation_shifts_and_flips_each_image_reproducibly():
     torch.manual_seed(5)
     assert torch.equal(random_shift_flip(images), augmented)  # seeded: a resumed epoch replays it
     assert not torch.equal(augmented, images)
-    from hashdistill.data import _gathered_crops  # the GPU path: the same images from the same draws
+    from hashdistill.data.augment import _gathered_crops  # the GPU path: the same images from the same draws
 
     torch.manual_seed(5)
     dy, dx, flip = torch.randint(0, 5, (64,)), torch.randint(0, 5, (64,)), torch.rand(64) < 0.5

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hashdistill.data import _SPLIT_SEED, _train_or_val
 from hashdistill.errors import UserError
 from hashdistill.imagefiles import load_image, scan_image_files
 from hashdistill.recipe import DataConfig
+
+from .splits import SPLIT_SEED, train_or_val
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,9 +69,9 @@ def build_imagefolder_split(cfg: DataConfig, split: str) -> ImageFileDataset:
             raise UserError(f"{root}/test has classes {test_classes}, but train has {classes}")
         index = np.arange(len(paths))
     elif not (root / "test").is_dir():
-        order = np.random.default_rng(_SPLIT_SEED).permutation(len(paths))
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(paths))
         n_test = max(1, len(paths) // 5)
         index = np.sort(order[:n_test]) if split == "test" else np.sort(order[n_test:])
     if split in ("train", "val"):
-        index = _train_or_val(index, split, cfg.val_fraction)
+        index = train_or_val(index, split, cfg.val_fraction)
     return ImageFileDataset([paths[i] for i in index], [labels[i] for i in index], classes, cfg.image_size)

@@ -1,0 +1,72 @@
+"""Datasets: one entry point, ``build_dataset(cfg, split)``; sources, splits, tensors, augmentation apart.
+
+Splits: ``train`` and ``val`` (carved from the training set with a fixed seed, so model
+selection never sees the test set), ``test``, and for OOD recipes ``ood_val`` / ``ood_test``
+(images of the held-out ``ood_classes`` from the training / test set). Labels are remapped to
+0..L-1 over the in-distribution classes.
+
+Small in-memory datasets (Fashion-MNIST, digits, CIFAR-10, synthetic) are resized once to
+``image_size`` and kept as uint8; grayscale images are repeated to 3 channels so any timm
+backbone accepts them. Every item is ``(image float32 [3, S, S] normalised, label int)``; a training
+split's augmentation runs on whole batches on the training device (:func:`random_shift_flip`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hashdistill.errors import UserError
+from hashdistill.recipe import DataConfig
+
+from .augment import MAX_SHIFT, batch_augmentation, random_shift_flip
+from .sources import LOADERS, load_raw
+from .sources.fashion_mnist import FASHION_MNIST_DIRS
+from .splits import SPLIT_SEED, SPLITS, check_classes, train_or_val
+from .tensors import ImageTensorDataset, RawImages, resize_images
+
+__all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "SPLITS", "ImageTensorDataset", "RawImages",
+           "batch_augmentation", "build_dataset", "dataset_info", "random_shift_flip"]
+
+
+def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
+    """Build one split of the configured dataset (see the module docstring for the splits)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if cfg.dataset == "imagefolder":
+        from .imagefolder import build_imagefolder_split
+
+        return build_imagefolder_split(cfg, split)
+    raw = load_raw(cfg)
+    in_classes = cfg.in_classes if cfg.in_classes is not None else [
+        c for c in range(len(raw.class_names)) if c not in cfg.ood_classes]
+    check_classes(cfg, in_classes, len(raw.class_names))
+    if split.startswith("ood") and not cfg.ood_classes:
+        raise UserError(f"split '{split}' needs data.ood_classes in the recipe")
+
+    source_images, source_labels = (raw.test_images, raw.test_labels) if split in ("test", "ood_test") \
+        else (raw.train_images, raw.train_labels)
+    wanted = cfg.ood_classes if split.startswith("ood") else in_classes
+    index = np.flatnonzero(np.isin(source_labels, wanted))
+    if split in ("train", "val"):
+        index = train_or_val(index, split, cfg.val_fraction)
+    limit = cfg.train_limit if split in ("train", "val", "ood_val") else cfg.test_limit
+    if limit is not None and len(index) > limit:
+        index = np.sort(np.random.default_rng(SPLIT_SEED).choice(index, limit, replace=False))
+    if split.startswith("ood"):
+        labels = np.full(len(index), -1, dtype=np.int64)
+        names = [raw.class_names[c] for c in cfg.ood_classes]
+    else:
+        remap = {c: i for i, c in enumerate(in_classes)}
+        labels = np.array([remap[int(c)] for c in source_labels[index]], dtype=np.int64)
+        names = [raw.class_names[c] for c in in_classes]
+    images = resize_images(source_images[index], cfg.image_size)
+    return ImageTensorDataset(images, torch.from_numpy(labels), names, raw.mean, raw.std,
+                              augment=cfg.augment and split == "train")
+
+
+def dataset_info(cfg: DataConfig) -> dict:
+    """Class names, mean and std of the configured dataset (for checkpoint and ONNX metadata)."""
+    ds = build_dataset(cfg, "val")
+    return {"class_names": ds.class_names, "mean": ds.mean.flatten().tolist(), "std": ds.std.flatten().tolist(),
+            "input_size": cfg.image_size}

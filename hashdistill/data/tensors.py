@@ -1,0 +1,64 @@
+"""In-memory datasets: uint8 images resized once, normalised when fetched, item by item or a batch at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+@dataclass
+class RawImages:
+    """A dataset's images before splitting: uint8 [N, C, H, W] with integer labels."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class ImageTensorDataset(Dataset):
+    """Images held in memory as uint8 [N, C, S, S], normalised when fetched.
+
+    ``augment`` marks a training split that trains with :func:`random_shift_flip`: the trainer applies it to
+    whole batches on the training device (:func:`batch_augmentation`), never per item. :meth:`get_batch`
+    fetches a whole batch in one indexing operation; the trainer's loader uses it.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                 mean: tuple[float, ...], std: tuple[float, ...], augment: bool = False):
+        self.images, self.labels, self.class_names = images, labels, class_names
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index].float().div_(255).expand(3, -1, -1)
+        return (image - self.mean) / self.std, int(self.labels[index])
+
+    def get_batch(self, indices: list[int]) -> list[torch.Tensor]:
+        """A whole batch, already collated: normalised images [B, 3, S, S] and labels [B]."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index].float().div_(255).expand(-1, 3, -1, -1)
+        return [(images - self.mean) / self.std, self.labels[index]]
+
+
+def resize_images(images: np.ndarray, size: int) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if tensor.shape[-1] == size and tensor.shape[-2] == size:
+        return tensor
+    out = []
+    for chunk in tensor.split(4096):
+        resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True,
+                                align_corners=False)
+        out.append(resized.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else torch.empty((0, tensor.shape[1], size, size), dtype=torch.uint8)
