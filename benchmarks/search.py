@@ -27,7 +27,7 @@ from hashdistill.codes import pack_codes
 from hashdistill.data import build_dataset
 from hashdistill.distill.models import load_model
 from hashdistill.evaluate import torch_encoder
-from hashdistill.export.index import RECALL_QUERIES, HashIndex
+from hashdistill.export.index import RECALL_QUERIES, HashIndex, tie_aware_recall
 from hashdistill.recipe import load_recipe
 
 
@@ -58,11 +58,6 @@ def queries_per_s(index, queries: np.ndarray, k: int) -> float:
         index.search(queries, k)
         times.append(time.perf_counter() - start)
     return len(queries) / float(np.median(times))
-
-
-def tie_aware_recall(rows: np.ndarray, database: np.ndarray, queries: np.ndarray, kth: np.ndarray) -> float:
-    found = np.bitwise_count(database[np.maximum(rows, 0)] ^ queries[:, None, :]).sum(axis=2)
-    return float(np.mean(((rows >= 0) & (found <= kth)).sum(axis=1) / rows.shape[1]))
 
 
 def main() -> None:

@@ -70,16 +70,9 @@ class HashIndex:
         n = len(packed)
         self.bits = int(bits)
         self.codes = packed
-        self.ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-        self.labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-        self.paths = np.full(n, "", dtype="<U1") if paths is None else np.asarray(paths, dtype=np.str_)
+        self.ids, self.labels, self.paths = _columns(n, np.arange(n) if ids is None else ids, labels, paths)
         self.label_names = [str(name) for name in label_names]
         self.model = dict(model or {})
-        if not self.ids.shape == self.labels.shape == self.paths.shape == (n,):
-            raise UserError(f"index columns differ in length: {n} codes, {self.ids.shape} ids, "
-                            f"{self.labels.shape} labels, {self.paths.shape} paths")
-        if len(np.unique(self.ids)) != n:
-            raise UserError("index ids must be unique")
         if structure is not None:
             self.structure, self.recall = structure, recall or {}
         else:
@@ -171,12 +164,8 @@ class HashIndex:
             raise UserError(f"new entries must be packed {self.bits}-bit codes, uint8 (n, {self.codes.shape[1]}); "
                             f"got {packed.dtype} {packed.shape}")
         start = int(self.ids.max()) + 1 if len(self) else 0
-        new_ids = np.arange(start, start + n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-        new_labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-        new_paths = np.full(n, "", dtype="<U1") if paths is None else np.asarray(paths, dtype=np.str_)
-        if not new_ids.shape == new_labels.shape == new_paths.shape == (n,):
-            raise UserError("new entries' ids, labels and paths must match the codes in length")
-        if np.isin(new_ids, self.ids).any() or len(np.unique(new_ids)) != n:
+        new_ids, new_labels, new_paths = _columns(n, np.arange(start, start + n) if ids is None else ids, labels, paths)
+        if np.isin(new_ids, self.ids).any():
             raise UserError("new entries' ids must be unique and not already in the index")
         self.structure.add(packed)
         self.codes = np.concatenate([self.codes, packed])
@@ -195,6 +184,27 @@ class HashIndex:
                  kind=np.array(self.kind), params=np.array(json.dumps(self.structure.params)),
                  recall=np.array(json.dumps(self.recall)), **KINDS[self.kind].arrays(self.structure))
         return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _columns(n: int, ids: Any, labels: Any, paths: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids (unique), labels (-1 = none) and display paths ("" = none) for n codes, checked to match them."""
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    paths = np.full(n, "", dtype="<U1") if paths is None else np.asarray(paths, dtype=np.str_)
+    if not ids.shape == labels.shape == paths.shape == (n,):
+        raise UserError(f"index columns differ in length: {n} codes, {ids.shape} ids, {labels.shape} labels, "
+                        f"{paths.shape} paths")
+    if len(np.unique(ids)) != n:
+        raise UserError("index ids must be unique")
+    return ids, labels, paths
+
+
+def tie_aware_recall(rows: np.ndarray, indexed: np.ndarray, queries: np.ndarray, kth: np.ndarray) -> float:
+    """Mean fraction of the returned ``rows`` (-1 = none) no farther from their query than its k-th exact
+    neighbour (``kth``, shape (q, 1)): ties make "the" exact top k ambiguous, distances do not."""
+    found = np.bitwise_count(indexed[np.maximum(rows, 0)] ^ queries[:, None, :]).sum(axis=2)
+    good = ((rows >= 0) & (found <= kth)).sum(axis=1)
+    return float(np.mean(np.minimum(good, rows.shape[1]) / rows.shape[1]))
 
 
 def choose_kind(kind: str, n: int) -> str:
@@ -224,9 +234,7 @@ def measure_recall(structure: SearchStructure, indexed: np.ndarray, queries: np.
     for value in list(dict.fromkeys(structure.set_speed(v) for v in values)):  # in force (hnsw: <= nodes)
         structure.set_speed(value)
         _, rows = structure.search(queries, k)
-        found = np.bitwise_count(indexed[np.maximum(rows, 0)] ^ queries[:, None, :]).sum(axis=2)
-        good = ((rows >= 0) & (found <= kth)).sum(axis=1)
-        curve.append([int(value), float(np.mean(np.minimum(good, k) / k))])
+        curve.append([int(value), tie_aware_recall(rows, indexed, queries, kth)])
     default = next((v for v, r in curve if r >= TARGET_RECALL), curve[-1][0])
     return {"k": k, "queries": len(queries), "curve": curve, "default": default, "target": TARGET_RECALL}
 

@@ -347,9 +347,10 @@ def cmd_index_info(args: argparse.Namespace) -> None:
     from hashdistill.export.index import load_index
 
     index = load_index(args.index)
-    _print_index(index.describe())
+    info = index.describe()
+    _print_index(info)
     for value, recall in index.recall.get("curve", []):
-        print(f"  {index.describe()['speed_param']}={value}: recall@{index.recall['k']} {recall:.4f}")
+        print(f"  {info['speed_param']}={value}: recall@{index.recall['k']} {recall:.4f}")
 
 
 def cmd_index_search(args: argparse.Namespace) -> None:

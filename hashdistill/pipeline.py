@@ -21,11 +21,8 @@ from hashdistill import codes
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
 from hashdistill.recipe import Recipe
-from hashdistill.rundir import STAGES, RunDir, foreign_entries, is_run_dir
+from hashdistill.rundir import INDEX_FILE, STAGES, SWEEP_DIR, RunDir, foreign_entries, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
-
-SWEEP_DIR = "bits-sweep"
-INDEX_FILE = "index.npz"
 
 
 class Pipeline:

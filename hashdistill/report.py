@@ -15,10 +15,9 @@ from hashdistill.checkpoint import read_metadata
 from hashdistill.codes import to_signs
 from hashdistill.errors import UserError
 from hashdistill.plots import plot_bits_sweep, plot_pr_curves
-from hashdistill.rundir import REPORT_FILE, RunDir
+from hashdistill.rundir import BITS_PLOT, PR_PLOT, REPORT_FILE, TAXONOMY_PLOT, RunDir
 from hashdistill.taxonomy import class_tree, format_tree, plot_dendrogram
 
-PR_PLOT, TAXONOMY_PLOT, BITS_PLOT = "pr_curves.png", "taxonomy.png", "bits_sweep.png"
 COLUMNS = [("bits", "bits"), ("params", "params"), ("file_bytes", "file bytes"), ("latency_ms_b1", "CPU ms (b=1)"),
            ("latency_ms_b64", "CPU ms (b=64)"), ("map_tie_aware", "mAP (tie-aware)"),
            ("map", "mAP (order-dependent)"), ("precision_at_radius", "P@r2 (mean per query)"),

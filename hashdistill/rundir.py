@@ -18,10 +18,12 @@ STAGES = ("teacher", "bits-sweep", "student", "quantize", "export", "index")  # 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
+CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE = "checkpoints", "bits-sweep", "index.npz"
+PR_PLOT, TAXONOMY_PLOT, BITS_PLOT = "pr_curves.png", "taxonomy.png", "bits_sweep.png"
 MARKER_FILE = ".hashdistill-run"  # written into every run directory: what `--force` may replace
 # What a run directory written before the marker existed may hold (anything else: not ours to delete).
-LEGACY_ENTRIES = {RECIPE_FILE_NAME, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, "checkpoints", "bits-sweep",
-                  "index.npz", "pr_curves.png", "taxonomy.png", "bits_sweep.png"}
+LEGACY_ENTRIES = {RECIPE_FILE_NAME, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE,
+                  PR_PLOT, TAXONOMY_PLOT, BITS_PLOT}
 TEMP_SUFFIX = ".tmp"  # hashdistill.atomic's temporary files: .<name>.<random>.tmp
 STAGING_SUFFIX = ".export-staging"  # the folder an export verifies its file in: .<file>.<random>.export-staging
 
@@ -33,7 +35,7 @@ def is_run_dir(path: str | Path) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
     names = {entry.name for entry in path.iterdir()}
-    ours = MARKER_FILE in names or (RECIPE_FILE_NAME in names and (path / "checkpoints").is_dir())
+    ours = MARKER_FILE in names or (RECIPE_FILE_NAME in names and (path / CHECKPOINTS_DIR).is_dir())
     return ours and not foreign_entries(path)
 
 
@@ -48,15 +50,15 @@ def foreign_entries(path: Path) -> list[str]:
         name = entry.name
         if entry.is_symlink():
             foreign.append(name)
-        elif name == "checkpoints" and entry.is_dir():
+        elif name == CHECKPOINTS_DIR and entry.is_dir():
             foreign += [f"checkpoints/{p.name}" for p in entry.iterdir()
                         if p.is_symlink() or not p.is_file() or not p.name.endswith((".safetensors", TEMP_SUFFIX))]
-        elif name == "bits-sweep" and entry.is_dir():
+        elif name == SWEEP_DIR and entry.is_dir():
             foreign += [f"bits-sweep/{p.name}" for p in entry.iterdir() if not is_run_dir(p)]
         elif entry.is_dir() and name.startswith(".") and name.endswith(STAGING_SUFFIX):
             continue  # a killed export's staging folder
         elif not (name in LEGACY_ENTRIES or name == MARKER_FILE or name.endswith(".onnx")
-                  or name.endswith(TEMP_SUFFIX)) or entry.is_dir() != (name in ("checkpoints", "bits-sweep")):
+                  or name.endswith(TEMP_SUFFIX)) or entry.is_dir() != (name in (CHECKPOINTS_DIR, SWEEP_DIR)):
             foreign.append(name)
     return foreign
 
@@ -100,7 +102,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
 
     def checkpoint(self, name: str) -> Path:
         return self.checkpoints / f"{name}.safetensors"
@@ -113,8 +115,8 @@ class RunDir:
         """Append one JSON line to metrics.jsonl (after cutting a line a kill left half-written)."""
         if self.writer:
             path = self.path / METRICS_FILE
-            text = path.read_text() if path.is_file() else ""
-            if text and not text.endswith("\n"):
+            if _ends_torn(path):
+                text = path.read_text()
                 atomic_write_text(path, text[: text.rfind("\n") + 1])
             with open(path, "a") as fh:
                 fh.write(json.dumps(record, default=float) + "\n")
@@ -162,3 +164,12 @@ class RunDir:
             summary = self.summary()
             summary[stage] = figures
             atomic_write_text(self.path / SUMMARY_FILE, json.dumps(summary, indent=2, default=float))
+
+
+def _ends_torn(path: Path) -> bool:
+    """Whether a log file's last line lacks its newline (a kill mid-append); reads one byte."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) != b"\n"
