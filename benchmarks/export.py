@@ -36,6 +36,7 @@ from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher
 from hashdistill.export.index import HashIndex
 from hashdistill.export.mobile import quantize_int8, to_mobile
 from hashdistill.export.onnx_export import export_onnx
+from hashdistill.export.runtime import EdgeModel
 from hashdistill.export.verify import measure_parity, same_code_rate
 from hashdistill.quantize.ternary_checkpoint import save_ternary
 from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
@@ -56,11 +57,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--search-bits", default="16,64")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--edge-files", type=int, default=200, help="image files in the edge agreement check")
     args = parser.parse_args()
     started = time.time()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         models = benchmark_models(args, Path(tmp))
+        edge_files = edge_file_agreement(Path(tmp), args.edge_files)
     search = [benchmark_search(int(bits), args.database, args.queries, args.k, args.latency_runs)
               for bits in args.search_bits.split(",")]
     print_table(models, ["model", "opset", "checkpoint_bytes", "onnx_bytes", "ternary_layers", "identical_code_rate",
@@ -76,14 +79,15 @@ def main() -> None:
                           "student_teacher_latency_ratio_b64": small["ort_ms_b64"]
                           / by_name["teacher " + args.teacher]["ort_ms_b64"],
                           "whole_file_map_drop_points": None,  # needs a trained student: not measured here
-                          "edge_file_agreement": None})  # needs the image-in model: not built yet
+                          "edge_files": edge_files,
+                          "edge_file_agreement": edge_files["agreement"]})
 
 
 def benchmark_models(args: argparse.Namespace, folder: Path) -> list[dict]:
     """Export teacher, fp32 student and ternary student; sizes, parity on real images, latencies."""
     cfg = DataConfig(dataset=args.dataset, image_size=args.image_size)
     test = build_dataset(cfg, "test")
-    images = torch.stack([test[i][0] for i in range(min(args.parity_images, len(test)))])
+    images = [test.pixels(i) for i in range(min(args.parity_images, len(test)))]
     info = dataset_info(cfg)
     extra = {"data": dataclasses.asdict(cfg), "recipe_hash": "benchmark"}
     classes = len(info["class_names"])
@@ -124,19 +128,59 @@ def benchmark_models(args: argparse.Namespace, folder: Path) -> list[dict]:
     return rows
 
 
-def latencies(path: Path, model: torch.nn.Module, images: torch.Tensor, runs: int) -> dict[str, float]:
-    """Median ms per batch of 1 and 64 images: onnxruntime (CPU) and PyTorch eager, same inputs."""
+def latencies(path: Path, model: torch.nn.Module, images: list[np.ndarray], runs: int) -> dict[str, float]:
+    """Median ms per batch of 1 and 64 images: onnxruntime (CPU) on the image-in file (uint8 pixels in, its
+    pre-processing included) and PyTorch eager on the same pixels through EvalTransform.apply."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning would slow torch
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    transform = EdgeModel(path).meta.transform
     figures = {}
     for batch in (1, 64):
-        x = images[:batch] if len(images) >= batch else images[:1].expand(batch, -1, -1, -1).contiguous()
-        feed = {"images": x.numpy()}
-        figures[f"ort_ms_b{batch}"] = median_ms(partial(session.run, None, feed), runs)
+        pixels = np.stack([images[i % len(images)] for i in range(batch)])
+        figures[f"ort_ms_b{batch}"] = median_ms(partial(session.run, None, {"images": pixels}), runs)
         with torch.no_grad():
-            figures[f"torch_ms_b{batch}"] = median_ms(partial(model, x), runs)
+            tensor = torch.from_numpy(pixels)
+            figures[f"torch_ms_b{batch}"] = median_ms(partial(_torch_forward, model, transform, tensor), runs)
     return figures
+
+
+def _torch_forward(model: torch.nn.Module, transform, pixels: torch.Tensor) -> torch.Tensor:
+    return model(transform.apply(pixels))
+
+
+def edge_file_agreement(folder: Path, count: int) -> dict:
+    """Codes of the ternary student on Fashion-MNIST test images written as PNG and JPEG files of several sizes and
+    aspect ratios, by training-time evaluation (ImageFileDataset's eval items), the image-in ONNX graph run
+    directly, and the edge runtime (EdgeModel.encode on the paths): the fraction of files where all three agree."""
+    from PIL import Image
+
+    from hashdistill.data.imagefolder import ImageFileDataset
+    from hashdistill.export.loading import load_any_model
+
+    model, _ = load_any_model(folder / "ternary.safetensors")
+    onnx_path = folder / "ternary-18.onnx"
+    edge = EdgeModel(onnx_path)
+    raw = build_dataset(DataConfig(dataset="fashion-mnist", image_size=28), "test")
+    shapes = [(28, 28), (40, 30), (23, 57), (100, 64), (64, 64), (31, 90)]
+    paths = []
+    for i in range(count):
+        h, w = shapes[i % len(shapes)]
+        image = Image.fromarray(raw.pixels(i)).resize((w, h), Image.BICUBIC)
+        path = folder / "files" / f"{i:04d}{'.png' if i % 2 else '.jpg'}"
+        path.parent.mkdir(exist_ok=True)
+        image.save(path, quality=90)
+        paths.append(path)
+    items = ImageFileDataset(paths, [0] * len(paths), ["any"], edge.meta.transform)
+    with torch.no_grad():
+        training = codes.pack_codes(model(torch.stack([items[i][0] for i in range(len(items))])).numpy())
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    graph = np.concatenate([session.run(["codes"], {"images": items.pixels(i)[None]})[0] for i in range(len(items))])
+    runtime = edge.encode(paths)
+    agree = (training == graph).all(axis=1) & (graph == runtime).all(axis=1)
+    return {"files": len(paths), "shapes": shapes, "formats": ["png", "jpeg"], "model": "ternary student (opset 18)",
+            "agreement": float(agree.mean()), "training_vs_graph": float((training == graph).all(axis=1).mean()),
+            "graph_vs_runtime": float((graph == runtime).all(axis=1).mean())}
 
 
 def benchmark_search(bits: int, size: int, queries: int, k: int, runs: int) -> dict:

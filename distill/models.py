@@ -211,6 +211,10 @@ def validate_meta(meta: dict[str, Any], source: Any) -> None:
     for key in ("mean", "std"):
         if key in meta:
             require_numbers(meta[key], f"{source}: metadata '{key}'", 3, positive=key == "std")
+    if "crop_pct" in meta:
+        crop = meta["crop_pct"]
+        if isinstance(crop, bool) or not isinstance(crop, int | float) or not 0.05 <= crop <= 1:
+            raise UserError(f"{source}: metadata 'crop_pct' must be a number in [0.05, 1], got {short(crop)}")
     for key, kind_of in (("data", dict), ("arch_kwargs", dict), ("training", dict), ("ternary_layers", dict)):
         if meta.get(key) is not None and not isinstance(meta[key], kind_of):
             raise UserError(f"{source}: metadata '{key}' must be a JSON object, got {short(meta[key])}")

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from hashdistill.checkpoint import save_checkpoint
-from hashdistill.data import batch_augmentation, build_dataset
+from hashdistill.data import batch_augmentation, build_dataset, loader_workers
 from hashdistill.errors import UserError
 from hashdistill.evaluate import torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe, StudentConfig
@@ -28,6 +28,7 @@ from .losses import NEEDS_TEACHER, LossInputs, weighted_loss
 from .models import STUDENT, TEACHER, HashStudent, load_model, model_meta, probe_forward
 
 LABELS_ONLY = {"code_bce": 1.0}
+PREPROCESSING_KEYS = ("class_names", "mean", "std", "input_size", "crop_pct")  # what the student inherits
 
 
 class IndexedDataset(Dataset):
@@ -86,14 +87,14 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
     weights = LABELS_ONLY if labels_only else cfg.losses
     batch_loss = distillation_batch_loss(student, teacher, weights, cfg, train, device, data.eval_batch_size)
     record = fit(TrainTask(name, student, [{"params": list(student.parameters())}], cfg.train, IndexedDataset(train),
-                           batch_loss, data.batch_size, data.num_workers,
+                           batch_loss, data.batch_size, loader_workers(data),
                            lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
                            augment=batch_augmentation(train)),
                  run, device, recipe.seed)
     path = run.checkpoint(name)
     if is_main_process():
         meta = model_meta(STUDENT, cfg.model, teacher.bits,
-                          {k: teacher_meta[k] for k in ("class_names", "mean", "std", "input_size")},
+                          {k: teacher_meta[k] for k in PREPROCESSING_KEYS if k in teacher_meta},
                           arch_kwargs=cfg.model_kwargs, data=dataclasses.asdict(data), recipe_hash=recipe.digest(),
                           training={name: record, "losses": weights, "temperature": cfg.temperature,
                                     "teacher": str(teacher_path)})

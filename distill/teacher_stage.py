@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hashdistill.checkpoint import save_checkpoint
-from hashdistill.data import batch_augmentation, build_dataset, dataset_info
+from hashdistill.data import batch_augmentation, build_dataset, dataset_info, loader_workers
 from hashdistill.evaluate import labels_of, torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
@@ -48,7 +48,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
                 **validation_accuracy(model, val, device, data.eval_batch_size)}
 
     phase1 = fit(TrainTask("teacher-phase1", teacher, [{"params": list(teacher.parameters())}], cfg.phase1, train,
-                           phase1_loss, data.batch_size, data.num_workers, class_code_accuracy, "val_accuracy",
+                           phase1_loss, data.batch_size, loader_workers(data), class_code_accuracy, "val_accuracy",
                            augment=batch_augmentation(train)),
                  run, device, recipe.seed)
 
@@ -61,7 +61,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
 
     trainable = [p for p in teacher.parameters() if p.requires_grad]
     phase2 = fit(TrainTask("teacher-phase2", teacher, [{"params": trainable}], cfg.phase2, train, phase2_loss,
-                           data.batch_size, data.num_workers,
+                           data.batch_size, loader_workers(data),
                            lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
                            augment=batch_augmentation(train)),
                  run, device, recipe.seed)
@@ -92,7 +92,7 @@ def train_float_baseline(recipe: Recipe, run: RunDir, device: torch.device) -> F
         return {"val_accuracy": float((logits.argmax(1) == labels_of(val)).mean())}
 
     record = fit(TrainTask("float-baseline", model, [{"params": list(model.parameters())}], cfg.float_baseline,
-                           train, loss, data.batch_size, data.num_workers, accuracy, "val_accuracy",
+                           train, loss, data.batch_size, loader_workers(data), accuracy, "val_accuracy",
                            augment=batch_augmentation(train)),
                  run, device, recipe.seed)
     if is_main_process():

@@ -1,20 +1,20 @@
 """User images -> model input, with numpy and PIL only (the edge runtime has no torch).
 
-An image is a file path or a uint8 array, HxW (grayscale) or HxWx3 (RGB). It is converted to RGB
-and resized bilinearly with PIL exactly as ``hashdistill.imagefiles.load_image`` does in training,
-then scaled to [0, 1] and normalised with the model's mean/std in float32, as the training datasets do.
+An image is a file path or a uint8 array, HxW (grayscale) or HxWx3 (RGB). It is decoded to RGB uint8 at its
+own size; what follows (resize, crop, normalise) is the model's pre-processing, which runs in ONNX.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from hashdistill.errors import UserError
 from hashdistill.imagefiles import read_rgb, scan_image_files
+from hashdistill.preprocessing import rgb_pixels, same_shape_runs
 
 ImageLike = str | os.PathLike | np.ndarray
 
@@ -33,27 +33,17 @@ def as_items(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return items
 
 
-def load_rgb(item: ImageLike, size: int) -> np.ndarray:
-    """An image as RGB uint8 [size, size, 3], resized bilinearly (PIL) when it is not that size already."""
-    from PIL import Image
-
-    if isinstance(item, np.ndarray):
-        array = _check_array(item)
-        if array.shape[:2] == (size, size):
-            return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
-        image = Image.fromarray(array)
-    else:
-        image = read_rgb(item)
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+def decode(item: ImageLike) -> np.ndarray:
+    """An image (path or uint8 HxW / HxWx3 array) as RGB uint8 [H, W, 3] at its own size: resizing is part of the
+    model's pre-processing (:mod:`hashdistill.preprocessing`), never done here."""
+    return rgb_pixels(item if isinstance(item, np.ndarray) else read_rgb(item))
 
 
-def preprocess(items: Sequence[ImageLike], size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """float32 [N, 3, size, size] model input: RGB / 255, minus mean, over std (per channel)."""
-    batch = np.stack([load_rgb(item, size) for item in items]).astype(np.float32) / np.float32(255)
-    batch = batch.transpose(0, 3, 1, 2)
-    mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
-    return np.ascontiguousarray((batch - mean) / std)
+def decode_batches(items: Sequence[ImageLike], batch_size: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """Decoded images stacked into uint8 [N, H, W, 3] batches of equal size, in order, with their positions."""
+    pixels = [decode(item) for item in items]
+    for run in same_shape_runs([p.shape for p in pixels], batch_size):
+        yield run, np.stack(pixels[run])
 
 
 def scan_folder(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -63,13 +53,3 @@ def scan_folder(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray, list
     """
     paths, labels, classes, _ = scan_image_files(folder, allow_unlabelled=True)
     return paths, np.array(labels, dtype=np.int64), classes
-
-
-def _check_array(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.uint8:
-        raise UserError(f"image arrays must be uint8 (0-255), got {array.dtype}")
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise UserError(f"an image array must be HxW or HxWx3, got shape {array.shape}")
-    return np.ascontiguousarray(array)

@@ -5,9 +5,11 @@ key can never be renamed on one side only. Every value is a string (ONNX's rule)
 class codebook are JSON. The codebook is stored packed, one hex string per class, in THE bit order
 of :mod:`hashdistill.codes` (bit j -> byte j // 8, position 7 - j % 8, MSB first).
 
-Pre-processing is NOT in the graph: the ``images`` input is already resized and normalised. The
-``preprocessing`` key describes the steps and ``input_size`` / ``mean`` / ``std`` parametrise them,
-so the runtime (or any other client) can reproduce them exactly.
+``input_format`` says what the ``images`` input is: ``uint8-nhwc`` (the default export: decoded RGB pixels of
+any size, the pre-processing of :mod:`hashdistill.preprocessing` runs in the graph) or ``float32-nchw``
+(already pre-processed). Either way ``input_size`` / ``crop_pct`` / ``mean`` / ``std`` parametrise that one
+pre-processing (the edge runtime rebuilds its graph from them for a float-input model) and
+``preprocessing`` spells it out for people.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from hashdistill import codes
 from hashdistill.errors import UserError
+from hashdistill.preprocessing import IN_MEMORY_CROP_PCT, EvalTransform
 from hashdistill.untrusted import (
     MAX_BITS,
     MAX_CLASSES,
@@ -39,22 +42,32 @@ BIT_ORDER = "msb-first"
 INPUT, CODES, LOGITS = "images", "codes", "logits"
 JSON_KEYS = ("class_codebook", "class_names", "mean", "std", "data", "ternary_layers")
 INT_KEYS = ("bits", "input_size", "channels")
+IMAGE_IN, FLOAT_IN = "uint8-nhwc", "float32-nchw"
+INPUT_FORMATS = (IMAGE_IN, FLOAT_IN)
 REQUIRED = ("format_version", "bits", "class_codebook", "class_names", "input_size", "mean", "std", "channels",
             "bit_order")
 
 
-def preprocessing_text(size: int) -> str:
-    """Human-readable pre-processing, stored in the file because the graph does not do it."""
-    return (f"not in the graph: decode to RGB uint8 (grayscale repeated to 3 channels), bilinear resize to "
-            f"{size}x{size} (PIL), scale to [0, 1] by /255, subtract 'mean' and divide by 'std' per channel, "
-            f"NCHW float32 -> input '{INPUT}' [batch, 3, {size}, {size}]")
+def preprocessing_text(transform: EvalTransform, input_format: str) -> str:
+    """Human-readable pre-processing: where it runs and its steps."""
+    where = ("in the graph: input 'images' is uint8 RGB [batch, height, width, 3]" if input_format == IMAGE_IN else
+             f"not in the graph: input 'images' is float32 [batch, 3, {transform.input_size}, "
+             f"{transform.input_size}] after these steps")
+    return f"{where}; {transform.describe()}"
+
+
+def checkpoint_transform(meta: dict[str, Any]) -> EvalTransform:
+    """The evaluation pre-processing a checkpoint's metadata records (``crop_pct`` 1 when it predates it)."""
+    return EvalTransform(int(meta["input_size"]), float(meta.get("crop_pct", IN_MEMORY_CROP_PCT)),
+                         tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"]))
 
 
 def build_props(meta: dict[str, Any], class_codes: np.ndarray, *, ternary_layers: list[str],
-                ternary_encoding: str) -> dict[str, str]:
+                ternary_encoding: str, input_format: str = IMAGE_IN) -> dict[str, str]:
     """metadata_props for a model with checkpoint metadata ``meta`` and ±1 class codes (L, k)."""
     class_codes = np.asarray(class_codes)
-    size = int(meta["input_size"])
+    transform = checkpoint_transform(meta)
+    size = transform.input_size
     data = meta.get("data") or {}
     return {
         "hashdistill_format": FORMAT,
@@ -63,6 +76,8 @@ def build_props(meta: dict[str, Any], class_codes: np.ndarray, *, ternary_layers
         "class_codebook": json.dumps([row.tobytes().hex() for row in codes.pack_codes(class_codes)]),
         "class_names": json.dumps(list(meta["class_names"])),
         "input_size": str(size),
+        "input_format": input_format,
+        "crop_pct": repr(transform.crop_pct),
         "mean": json.dumps([float(v) for v in meta["mean"]]),
         "std": json.dumps([float(v) for v in meta["std"]]),
         "channels": "3",
@@ -74,7 +89,7 @@ def build_props(meta: dict[str, Any], class_codes: np.ndarray, *, ternary_layers
         "data": json.dumps(data, sort_keys=True),
         "hashdistill_version": str(meta.get("hashdistill_version", "")),
         "recipe_hash": str(meta.get("recipe_hash", "")),
-        "preprocessing": preprocessing_text(size),
+        "preprocessing": preprocessing_text(transform, input_format),
         "ternary_layers": json.dumps(ternary_layers),
         "ternary_encoding": ternary_encoding,
     }
@@ -91,6 +106,13 @@ class EdgeMetadata:
     mean: np.ndarray
     std: np.ndarray
     props: dict[str, str]
+    input_format: str = FLOAT_IN
+    crop_pct: float = IN_MEMORY_CROP_PCT
+
+    @property
+    def transform(self) -> EvalTransform:
+        """The evaluation pre-processing the model was trained with (in its graph for an image-in model)."""
+        return EvalTransform(self.input_size, self.crop_pct, tuple(map(float, self.mean)), tuple(map(float, self.std)))
 
     @property
     def digest(self) -> str:
@@ -155,4 +177,19 @@ def parse_props(props: dict[str, str], source: str) -> EdgeMetadata:
         value = parse_json(props.get(key) or "null", f"{source}: metadata '{key}'")
         if value is not None and not isinstance(value, kind):
             raise UserError(f"{source}: metadata '{key}' must be a JSON {kind.__name__}, got {short(value)}")
-    return EdgeMetadata(bits, class_codes, names, size, mean, std, dict(props))
+    input_format = props.get("input_format", FLOAT_IN)  # files from before image-in models took floats
+    if input_format not in INPUT_FORMATS:
+        raise UserError(f"{source}: metadata 'input_format' must be one of {', '.join(INPUT_FORMATS)}, "
+                        f"got {short(input_format)}")
+    crop_pct = _as_fraction(props.get("crop_pct", repr(IN_MEMORY_CROP_PCT)), f"{source}: metadata 'crop_pct'")
+    return EdgeMetadata(bits, class_codes, names, size, mean, std, dict(props), input_format, crop_pct)
+
+
+def _as_fraction(text: str, what: str) -> float:
+    try:
+        value = float(text) if isinstance(text, str) and len(text) <= 32 else None
+    except ValueError:
+        value = None
+    if value is None or not 0.05 <= value <= 1.0:
+        raise UserError(f"{what} must be a number in [0.05, 1], got {short(text)}")
+    return value

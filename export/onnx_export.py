@@ -1,8 +1,8 @@
 """Export a hash model to one self-describing ONNX file for edge inference.
 
-Graph: input ``images`` float32 [B, 3, S, S], ALREADY resized and normalised (pre-processing is
-described in the metadata, not done in the graph, so clients may use their platform's image
-pipeline); outputs ``codes`` uint8 [B, ceil(k/8)] packed in THE bit order of
+Graph: input ``images`` uint8 [B, H, W, 3] decoded RGB pixels of any size, pre-processed in the graph
+(:mod:`.preprocess_graph`, the default), or with ``input_format="float32-nchw"`` float32 [B, 3, S, S]
+already pre-processed (the metadata says how); outputs ``codes`` uint8 [B, ceil(k/8)] packed in THE bit order of
 :mod:`hashdistill.codes` (computed in-graph) and ``logits`` float32 [B, k]. The batch is dynamic.
 
 Ternary layers stay 2 bits per weight in the file (see :mod:`.graph` for the two encodings). The
@@ -31,7 +31,8 @@ from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 
 from .graph import CUSTOM_TRANSLATIONS, INT2, PACKED, EdgeGraph, edge_graph
-from .metadata import CODES, INPUT, LOGITS, build_props
+from .metadata import CODES, IMAGE_IN, INPUT, INPUT_FORMATS, LOGITS, build_props, checkpoint_transform
+from .preprocess_graph import image_in_model
 
 MIN_OPSET = 18
 INT2_MIN_OPSET = 25
@@ -39,8 +40,10 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 
 
 def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike, opset: int = 18, *,
-                force: bool = False, ternary_encoding: str | None = None) -> Path:
+                force: bool = False, ternary_encoding: str | None = None, input_format: str = IMAGE_IN) -> Path:
     """Write ``model`` as a single ONNX file (atomically) with its metadata; returns the path.
+
+    ``input_format``: ``"uint8-nhwc"`` (image in, pre-processing in the graph) or ``"float32-nchw"``.
 
     ``ternary_encoding``: ``"packed"`` (uint8 + BitShift/BitwiseAnd + Gather, any opset) or ``"int2"``
     (INT2 + DequantizeLinear + Where, opset >= 25); default: int2 from opset 25, packed below.
@@ -49,6 +52,8 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike,
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it")
     encoding = _pick_encoding(opset, ternary_encoding)
+    if input_format not in INPUT_FORMATS:
+        raise UserError(f"unknown input format '{input_format}'; choose {' or '.join(INPUT_FORMATS)}")
     bits = int(model.bits)
     if meta.get("bits") not in (None, bits):
         raise UserError(f"checkpoint metadata says {meta.get('bits')} bits but the model has {bits}")
@@ -60,7 +65,9 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike,
     _strip_trace_info(proto)
     props = build_props(meta, model.class_codes.detach().cpu().numpy(),
                         ternary_layers=[name.removeprefix("model.") for name in ternary_sizes],
-                        ternary_encoding=encoding if ternary_sizes else "none")
+                        ternary_encoding=encoding if ternary_sizes else "none", input_format=input_format)
+    if input_format == IMAGE_IN:
+        proto = image_in_model(proto, checkpoint_transform(meta))
     helper.set_model_props(proto, props)
     return atomic_write_bytes(path, proto.SerializeToString())
 

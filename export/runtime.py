@@ -1,6 +1,9 @@
 """The edge runtime: an exported model, its metadata and decoding, on numpy + onnxruntime only.
 
 Importing this module must not import torch: it is what ships to devices where torch is absent.
+The default export takes decoded uint8 RGB pixels [N, H, W, 3] of any size and pre-processes them in the graph;
+for a float-input export the runtime runs the same pre-processing graph (:mod:`.preprocess_graph`, rebuilt
+from the metadata) in front of it, so both give the codes training-time evaluation gives on the same image.
 Codes come out of the graph already packed (THE bit order of :mod:`hashdistill.codes`), and the
 class codebook travels inside the file, so classification and the out-of-distribution check need
 nothing but the ``.onnx`` file.
@@ -13,14 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from hashdistill import codes
 from hashdistill.errors import UserError
 from hashdistill.untrusted import short
 
-from .images import ImageLike, as_items, preprocess
-from .metadata import CODES, INPUT, LOGITS, EdgeMetadata, parse_props
+from .images import ImageLike, as_items, decode_batches
+from .metadata import CODES, IMAGE_IN, INPUT, LOGITS, EdgeMetadata, parse_props
+from .preprocess_graph import check_embedded, preprocess_graph
 
 METHODS = ("mhd", "ed")
 
@@ -45,11 +50,25 @@ class EdgeModel:
         if inputs != [INPUT] or sorted(outputs) != sorted([CODES, LOGITS]):
             raise UserError(f"{self.path}: expected input '{INPUT}' and outputs '{CODES}', '{LOGITS}'; "
                             f"the graph has inputs {inputs} and outputs {outputs}")
-        shape = self.session.get_inputs()[0].shape
-        size = self.meta.input_size
-        if len(shape) != 4 or list(shape[1:]) != [3, size, size]:
-            raise UserError(f"{self.path}: the metadata says {size}x{size} RGB images, but the graph's input "
-                            f"'{INPUT}' has shape {short(shape)}")
+        graph_input = self.session.get_inputs()[0]
+        shape, size = graph_input.shape, self.meta.input_size
+        if self.takes_images:
+            layout, fits = "uint8 [batch, height, width, 3]", graph_input.type == "tensor(uint8)" and \
+                len(shape) == 4 and shape[3] == 3
+        else:
+            layout, fits = f"float [batch, 3, {size}, {size}]", graph_input.type == "tensor(float)" and \
+                len(shape) == 4 and list(shape[1:]) == [3, size, size]
+        if not fits:
+            raise UserError(f"{self.path}: the metadata says input '{INPUT}' is {layout}, but the graph's input is "
+                            f"{graph_input.type} of shape {short(shape)}")
+        if self.takes_images and self.path.suffix.lower() == ".onnx":  # (an .ort file was checked when converted)
+            check_embedded(onnx.load(str(self.path)), self.meta.transform, str(self.path))
+        self._front: ort.InferenceSession | None = None
+
+    @property
+    def takes_images(self) -> bool:
+        """True for an image-in model (uint8 pixels in, pre-processing in the graph)."""
+        return self.meta.input_format == IMAGE_IN
 
     @property
     def bits(self) -> int:
@@ -85,17 +104,29 @@ class EdgeModel:
         return self.meta.class_codes
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
-        """float32 [N, 3, S, S] input from paths or uint8 HxW / HxWx3 arrays (resize, mean/std from metadata)."""
-        return preprocess(as_items(images), self.meta.input_size, self.meta.mean, self.meta.std)
+        """float32 [N, 3, S, S]: the model's pre-processing of paths or uint8 HxW / HxWx3 arrays (any sizes)."""
+        items = as_items(images)
+        batches = [self._preprocess_pixels(pixels) for _, pixels in decode_batches(items, self.batch_size)]
+        return np.concatenate(batches)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Packed codes and logits for an already pre-processed float32 batch [N, 3, S, S]."""
+        """Packed codes and logits for one batch in the graph's own input format: uint8 pixels [N, H, W, 3] for
+        an image-in model, pre-processed float32 [N, 3, S, S] for a float-input one."""
+        batch = np.asarray(batch)
         size = self.meta.input_size
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-            raise UserError(f"model input must be [N, 3, {size}, {size}], got {list(batch.shape)}")
-        packed, logits = self.session.run([CODES, LOGITS], {INPUT: batch})
+        if self.takes_images:
+            if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3 or 0 in batch.shape:
+                raise UserError(f"model input must be uint8 [N, H, W, 3], got {batch.dtype} {list(batch.shape)}")
+        else:
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+                raise UserError(f"model input must be [N, 3, {size}, {size}], got {list(batch.shape)}")
+        packed, logits = self.session.run([CODES, LOGITS], {INPUT: np.ascontiguousarray(batch)})
         return packed, logits
+
+    def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Packed codes and logits for uint8 RGB pixels [N, H, W, 3], whatever the model's input format."""
+        return self.run(pixels if self.takes_images else self._preprocess_pixels(pixels))
 
     def encode(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Packed uint8 codes (N, ceil(bits/8)), bit order as in :mod:`hashdistill.codes`."""
@@ -117,8 +148,12 @@ class EdgeModel:
         """True where an image's code matches no class code exactly (LLC's threshold-free OOD rule)."""
         return codes.is_out_of_distribution(self.encode(images), self.class_codes)
 
+    def _preprocess_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if self._front is None:  # the image-in graph's own front part, built from the metadata
+            front = preprocess_graph(self.meta.transform)
+            self._front = ort.InferenceSession(front.SerializeToString(), providers=["CPUExecutionProvider"])
+        return self._front.run(None, {INPUT: pixels})[0]
+
     def _forward(self, images: ImageLike | Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
-        items = as_items(images)
-        parts = [self.run(self.preprocess(items[i:i + self.batch_size]))
-                 for i in range(0, len(items), self.batch_size)]
+        parts = [self.run_pixels(pixels) for _, pixels in decode_batches(as_items(images), self.batch_size)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,4 +1,5 @@
-"""Encode images with a PyTorch checkpoint, through the same pre-processing as the edge runtime.
+"""Encode images with a PyTorch checkpoint, through the pre-processing of :mod:`hashdistill.preprocessing`
+(the one the edge runtime runs in ONNX).
 
 Used to index a database with the model itself (for example the teacher) instead of an ONNX file.
 """
@@ -17,8 +18,9 @@ import torch
 from hashdistill import codes
 from hashdistill.errors import UserError
 
-from .images import ImageLike, preprocess
+from .images import ImageLike, decode_batches
 from .loading import load_any_model
+from .metadata import checkpoint_transform
 
 
 class CheckpointEncoder:
@@ -34,6 +36,7 @@ class CheckpointEncoder:
         if not isinstance(data, dict):
             raise UserError(f"{path}: checkpoint metadata is corrupt (its 'data' section is not a mapping)")
         self.training_data = data
+        self.transform = checkpoint_transform(self.meta)
 
     def describe(self) -> dict[str, str]:
         """Path, kind, architecture and a hash of the checkpoint metadata."""
@@ -43,9 +46,6 @@ class CheckpointEncoder:
 
     @torch.no_grad()
     def encode(self, items: Sequence[ImageLike]) -> np.ndarray:
-        parts = []
-        for start in range(0, len(items), self.batch_size):
-            batch = preprocess(items[start:start + self.batch_size], self.input_size, self.meta["mean"],
-                               self.meta["std"])
-            parts.append(codes.pack_codes(self.model(torch.from_numpy(batch)).float().numpy()))
+        parts = [codes.pack_codes(self.model(self.transform.apply(torch.from_numpy(pixels))).float().numpy())
+                 for _, pixels in decode_batches(items, self.batch_size)]
         return np.concatenate(parts)

@@ -1,7 +1,9 @@
 """Check an exported file against the PyTorch model it came from, and the one-call checkpoint export.
 
 Parity is measured on real images: random inputs exercise a network far from where it is used,
-and codes flip only for logits near zero, which real data decides.
+and codes flip only for logits near zero, which real data decides. The images are decoded uint8 pixels;
+PyTorch sees them through :meth:`EvalTransform.apply` (training-time evaluation), the file through its own
+input (the pre-processing in its graph, or the runtime's copy of it for a float-input file).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,9 @@ from hashdistill import codes
 from hashdistill.errors import UserError
 from hashdistill.rundir import STAGING_SUFFIX  # names the folders a half-done export leaves, so only they are removed
 
+from .images import decode_batches
 from .loading import load_any_model
+from .metadata import IMAGE_IN
 from .onnx_export import export_onnx
 from .runtime import EdgeModel
 
@@ -32,9 +37,9 @@ MIN_INT8_CODE_RATE = 0.9  # int8 weights may move logits near 0 across the sign;
 DEFAULT_VERIFY_IMAGES = 512
 
 
-def verify_export(onnx_path: str | os.PathLike, model: nn.Module, images: torch.Tensor,
+def verify_export(onnx_path: str | os.PathLike, model: nn.Module, images: Sequence[np.ndarray],
                   batch_size: int = 64) -> dict[str, Any]:
-    """onnx.checker, then onnxruntime (CPU) vs PyTorch on ``images`` (normalised [N, 3, S, S]).
+    """onnx.checker, then onnxruntime (CPU) vs PyTorch on ``images`` (uint8 RGB [H, W, 3] arrays).
 
     Returns the figures of :func:`measure_parity`; raises a UserError when fewer than 99.9% of the
     images get identical codes.
@@ -52,7 +57,7 @@ def verify_export(onnx_path: str | os.PathLike, model: nn.Module, images: torch.
     return figures
 
 
-def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: torch.Tensor,
+def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: Sequence[np.ndarray],
                    batch_size: int = 64) -> dict[str, Any]:
     """identical_code_rate and max_abs_logit_diff of onnxruntime vs PyTorch, file_bytes, the image count and
     the ternary layer count and encoding read back from the file. Never raises on a mismatch."""
@@ -63,10 +68,11 @@ def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: torch
     model.eval()
     device = next(model.parameters()).device
     same, max_diff = 0, 0.0
+    transform = edge.meta.transform
     with torch.no_grad():
-        for batch in torch.split(images.float().cpu(), batch_size):
-            onnx_codes, onnx_logits = edge.run(batch.numpy())
-            torch_logits = model(batch.to(device)).float().cpu().numpy()
+        for _, pixels in decode_batches(images, batch_size):
+            onnx_codes, onnx_logits = edge.run_pixels(pixels)
+            torch_logits = model(transform.apply(torch.from_numpy(pixels)).to(device)).float().cpu().numpy()
             same += int((onnx_codes == codes.pack_codes(torch_logits)).all(axis=1).sum())
             max_diff = max(max_diff, float(np.abs(onnx_logits - torch_logits).max()))
     metadata = edge.metadata
@@ -76,11 +82,13 @@ def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: torch
 
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = 18,
-                      images: torch.Tensor | None = None, force: bool = False,
-                      ternary_encoding: str | None = None, int8: bool = False, mobile: bool = False) -> dict[str, Any]:
+                      images: Sequence[np.ndarray] | None = None, force: bool = False,
+                      ternary_encoding: str | None = None, int8: bool = False, mobile: bool = False,
+                      input_format: str = IMAGE_IN) -> dict[str, Any]:
     """Load a checkpoint, export it and verify the files; they appear (together) only if verification passes.
 
-    ``images``: normalised [N, 3, S, S]; default: up to 512 images of the checkpoint's test split.
+    ``images``: uint8 RGB [H, W, 3] arrays; default: up to 512 images of the checkpoint's test split.
+    ``input_format``: image in (uint8 pixels, pre-processing in the graph; the default) or ``float32-nchw``.
     ``int8``: store the float layers' weights as int8 (:func:`~.mobile.quantize_int8`; the ternary layers stay
     packed) and report how many images keep the float file's codes. ``mobile``: also write the ORT-format
     model, its required-operators config and the mobile usability report beside the file, and check that the
@@ -97,7 +105,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it")
     model, meta = load_any_model(checkpoint_path)
     if images is None:
-        images = reference_images(meta)
+        images = reference_pixels(meta)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_path.parent.glob(f".{glob.escape(out_path.name)}.*{STAGING_SUFFIX}"):  # a killed export's
         if stale.is_dir() and not stale.is_symlink():
@@ -105,7 +113,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=STAGING_SUFFIX) as tmp:
         staged = Path(tmp) / out_path.name
         start = time.perf_counter()
-        export_onnx(model, meta, staged, opset=opset, ternary_encoding=ternary_encoding)
+        export_onnx(model, meta, staged, opset=opset, ternary_encoding=ternary_encoding, input_format=input_format)
         seconds = time.perf_counter() - start
         figures = verify_export(staged, model, images)
         if int8:
@@ -132,22 +140,23 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
                 os.replace(made, final)
                 figures["mobile"][key] = str(final)
     return {"checkpoint": str(checkpoint_path), "onnx": str(out_path), "kind": meta.get("kind"),
-            "arch": meta.get("arch"), "bits": int(model.bits), "opset": opset, "export_seconds": seconds, **figures}
+            "arch": meta.get("arch"), "bits": int(model.bits), "opset": opset, "input_format": input_format,
+            "export_seconds": seconds, **figures}
 
 
-def same_code_rate(reference: str | os.PathLike, candidate: str | os.PathLike, images: torch.Tensor,
+def same_code_rate(reference: str | os.PathLike, candidate: str | os.PathLike, images: Sequence[np.ndarray],
                    batch_size: int = 64) -> float:
-    """Fraction of ``images`` whose packed codes are the same from two model files (.onnx or .ort)."""
+    """Fraction of ``images`` (uint8 RGB arrays) whose packed codes are the same from two model files (.onnx or
+    .ort, image-in or float-input)."""
     first, second = EdgeModel(reference), EdgeModel(candidate)
     same = 0
-    for batch in torch.split(images.float().cpu(), batch_size):
-        array = batch.numpy()
-        same += int((first.run(array)[0] == second.run(array)[0]).all(axis=1).sum())
+    for _, pixels in decode_batches(images, batch_size):
+        same += int((first.run_pixels(pixels)[0] == second.run_pixels(pixels)[0]).all(axis=1).sum())
     return same / len(images)
 
 
-def reference_images(meta: dict[str, Any], limit: int = DEFAULT_VERIFY_IMAGES) -> torch.Tensor:
-    """Up to ``limit`` normalised images of the test split the checkpoint's recipe describes."""
+def reference_pixels(meta: dict[str, Any], limit: int = DEFAULT_VERIFY_IMAGES) -> list[np.ndarray]:
+    """Up to ``limit`` decoded images (uint8 RGB [H, W, 3]) of the test split the checkpoint's recipe describes."""
     from hashdistill.data import build_dataset
     from hashdistill.recipe import data_config_from_dict
 
@@ -155,5 +164,4 @@ def reference_images(meta: dict[str, Any], limit: int = DEFAULT_VERIFY_IMAGES) -
         raise UserError("the checkpoint does not record its dataset; pass verification images explicitly")
     cfg = data_config_from_dict(meta["data"])
     dataset = build_dataset(cfg, "test")
-    count = min(limit, len(dataset))
-    return torch.stack([dataset[i][0] for i in range(count)])
+    return [dataset.pixels(i) for i in range(min(limit, len(dataset)))]

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float layers' weights as int8 (onnxruntime dynamic quantization); ternary ones stay packed")
     p.add_argument("--mobile", action="store_true",
                    help="also write MODEL.ort, its required-operators config and the mobile usability report")
+    p.add_argument("--float-input", action="store_true",
+                   help="the graph takes pre-processed float32 [N, 3, S, S] instead of uint8 RGB images [N, H, W, 3] "
+                        "(the default, with resize, crop and normalisation in the graph)")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(handler=cmd_export)
 
@@ -304,11 +307,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from hashdistill.export.metadata import FLOAT_IN, IMAGE_IN
     from hashdistill.export.verify import export_checkpoint
 
     output = _fresh_output(args.output, args.force)
     figures = export_checkpoint(args.checkpoint, output, opset=args.opset, force=args.force, int8=args.int8,
-                                mobile=args.mobile)
+                                mobile=args.mobile, input_format=FLOAT_IN if args.float_input else IMAGE_IN)
     _print_figures(figures)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,24 +113,41 @@ def validation_accuracy(model: nn.Module, dataset: Dataset, device: torch.device
 
 
 def onnx_encoder(path: str, batch_size: int = 256) -> Encoder:
-    """Code logits of an exported ONNX model on the same pre-processed images as PyTorch sees."""
-    import onnxruntime as ort
+    """Code logits of an exported model on each split's decoded pixels, through the file's own input: the
+    pre-processing in its graph (image-in) or the runtime's copy of it (float-input)."""
+    from hashdistill.export.runtime import EdgeModel
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    edge = EdgeModel(path, batch_size=batch_size)
 
     def encode(dataset: Dataset) -> np.ndarray:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        outputs = [session.run(["logits"], {"images": x.numpy()})[0] for x, *_ in loader]
-        return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+        chunks = [edge.logits(pixels) for pixels in _pixel_chunks(dataset, batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, edge.bits), np.float32)
 
     return encode
 
 
-def cpu_latency_ms(run_batch: Callable[[np.ndarray], object], image_size: int, batch: int, repeats: int = 5) -> float:
+def _pixel_chunks(dataset: Dataset, size: int) -> Iterator[list[np.ndarray]]:
+    """Decoded uint8 images of a dataset (or a ConcatDataset of them), ``size`` at a time."""
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    for part in parts:
+        for start in range(0, len(part), size):
+            yield [part.pixels(i) for i in range(start, min(start + size, len(part)))]
+
+
+def example_input(input_format: str, image_size: int, batch: int) -> np.ndarray:
+    """A random batch in a model's input format (uint8 pixels for image-in files, normalised floats otherwise)."""
+    rng = np.random.default_rng(0)
+    if input_format == "uint8-nhwc":
+        return rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+    return rng.standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+
+
+def cpu_latency_ms(run_batch: Callable[[np.ndarray], object], image_size: int, batch: int, repeats: int = 5,
+                   input_format: str = "float32-nchw") -> float:
     """Median wall time (ms) of one forward pass on a random batch, after one warm-up pass."""
     import time
 
-    images = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    images = example_input(input_format, image_size, batch)
     run_batch(images)
     times = []
     for _ in range(repeats):

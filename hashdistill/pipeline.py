@@ -115,12 +115,15 @@ class Pipeline:
         return trained
 
     def stage_export(self) -> bool:
+        from hashdistill.export.metadata import FLOAT_IN, IMAGE_IN
         from hashdistill.export.verify import export_checkpoint
 
         path = self.run.path / self.recipe.export.file
         exported = not path.is_file()
         if exported and is_main_process():
-            figures = export_checkpoint(self.run.checkpoint("ternary-student"), path, opset=self.recipe.export.opset)
+            export = self.recipe.export
+            figures = export_checkpoint(self.run.checkpoint("ternary-student"), path, opset=export.opset,
+                                        input_format=FLOAT_IN if export.float_input else IMAGE_IN)
             self.run.update_summary("export", figures)
         barrier()
         self._evaluate_onnx("ternary student (ONNX)", path)
@@ -188,9 +191,10 @@ class Pipeline:
         def forward(images: np.ndarray) -> object:
             return session.run(None, {"images": images})
 
+        size, layout = self.recipe.data.image_size, edge.meta.input_format
         self._record(name, figures, params=None, file_bytes=os.path.getsize(path),
-                     latency_ms_b1=cpu_latency_ms(forward, self.recipe.data.image_size, 1),
-                     latency_ms_b64=cpu_latency_ms(forward, self.recipe.data.image_size, 64), kind="onnx",
+                     latency_ms_b1=cpu_latency_ms(forward, size, 1, input_format=layout),
+                     latency_ms_b64=cpu_latency_ms(forward, size, 64, input_format=layout), kind="onnx",
                      arch=edge.metadata.get("arch"), checkpoint=str(path))
 
     def _evaluate_float(self, path: Path) -> None:

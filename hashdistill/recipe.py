@@ -59,9 +59,17 @@ class DataConfig:
     in_classes: list[int] | None = None
     ood_classes: list[int] = field(default_factory=list)
     augment: bool = False
+    # Evaluation pre-processing (hashdistill.preprocessing): resize the shorter side to image_size / crop_pct, center
+    # crop image_size. Default: 0.875 for image folders (timm's), 1 for the in-memory datasets (already square).
+    crop_pct: float | None = None
+    # Training augmentation of image folders (timm.data.create_transform): random resized crop of this area range,
+    # horizontal flip with this probability, and timm's auto_augment policy string (e.g. rand-m9-mstd0.5-inc1).
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    auto_augment: str | None = None
     batch_size: int = 128
     eval_batch_size: int = 256
-    num_workers: int = 0
+    num_workers: int | None = None  # null: min(8, CPU count) for image folders, 0 for the in-memory datasets
     train_limit: int | None = None
     test_limit: int | None = None
 
@@ -69,7 +77,15 @@ class DataConfig:
         _check(8 <= self.image_size <= 1024, "image_size", "must be in [8, 1024]")
         _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(self.num_workers is None or 0 <= self.num_workers <= 256, "num_workers", "must be in [0, 256] or null")
+        _check(self.crop_pct is None or 0.05 <= self.crop_pct <= 1, "crop_pct", "must be in [0.05, 1] or null")
+        _check(self.crop_pct in (None, 1) or self.dataset == "imagefolder", "crop_pct",
+               "must be 1 or null for the in-memory datasets (they are square and already at image_size)")
+        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
+               "must be [min, max] with 0 < min <= max <= 1")
+        _check(0 <= self.hflip <= 1, "hflip", "must be in [0, 1]")
+        _check(self.auto_augment is None or re.fullmatch(r"[\w.-]{1,100}", self.auto_augment) is not None,
+               "auto_augment", "must be a timm auto-augment policy such as rand-m9-mstd0.5-inc1, or null")
         for name in ("train_limit", "test_limit"):
             limit = getattr(self, name)
             _check(limit is None or limit >= 1, name, "must be >= 1 or null")
@@ -150,6 +166,7 @@ class QuantizeConfig:
 class ExportConfig:
     opset: int = 18
     file: str = "model.onnx"
+    float_input: bool = False  # true: the graph takes pre-processed float32 [N, 3, S, S] instead of uint8 images
 
     def __post_init__(self) -> None:
         _check(self.opset >= 18, "opset", "must be >= 18")

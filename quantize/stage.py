@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from hashdistill.checkpoint import read_metadata
-from hashdistill.data import batch_augmentation, build_dataset
+from hashdistill.data import batch_augmentation, build_dataset, loader_workers
 from hashdistill.distill.losses import NEEDS_TEACHER
 from hashdistill.distill.models import STUDENT, TEACHER, TERNARY, load_model
 from hashdistill.distill.student_stage import IndexedDataset, check_same_data, distillation_batch_loss
@@ -53,7 +53,7 @@ def quantize_student(student_path: str | Path, out_path: str | Path, recipe: Rec
     batch_loss = distillation_batch_loss(student, teacher, weights, recipe.student, train, device,
                                          data.eval_batch_size)
     record = fit(TrainTask("quantize", student, groups, cfg.train, IndexedDataset(train), batch_loss,
-                           data.batch_size, data.num_workers,
+                           data.batch_size, loader_workers(data),
                            lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
                            augment=batch_augmentation(train)),
                  run, device, recipe.seed)

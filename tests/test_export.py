@@ -18,6 +18,7 @@ from hashdistill.distill.models import HashStudent
 from hashdistill.errors import UserError
 from hashdistill.export.graph import edge_graph
 from hashdistill.export.loading import load_any_model
+from hashdistill.export.metadata import FLOAT_IN
 from hashdistill.export.onnx_export import check_ternary_packed, export_onnx
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.export.verify import verify_export
@@ -45,24 +46,30 @@ def test_in_graph_packing_follows_the_codes_module_on_new_batch_sizes(export_roo
     model, _ = load_any_model(ckpts.student)
     edge = EdgeModel(path)
     for batch in (1, 7):
-        images = torch.randn(batch, 3, DATA.image_size, DATA.image_size, generator=torch.Generator().manual_seed(batch))
-        packed, logits = edge.run(images.numpy())
+        pixels = np.random.default_rng(batch).integers(0, 256, (batch, 20, 24, 3), dtype=np.uint8)
+        packed, logits = edge.run(pixels)
         assert packed.dtype == np.uint8 and packed.shape == (batch, codes.packed_width(BITS))
         assert logits.dtype == np.float32 and logits.shape == (batch, BITS)
         np.testing.assert_array_equal(packed, codes.pack_codes(logits))
         with torch.no_grad():
-            np.testing.assert_array_equal(packed, codes.pack_codes(model(images).numpy()))
+            expected = model(edge.meta.transform.apply(torch.from_numpy(pixels))).numpy()
+        np.testing.assert_array_equal(packed, codes.pack_codes(expected))
 
 
 def test_odd_bit_widths_pad_the_last_byte_with_zeros(tmp_path, ckpts):
     _, meta = load_any_model(ckpts.student)
     model = HashStudent("test_vit", 11, 4).eval()
-    path = export_onnx(model, {**meta, "bits": 11}, tmp_path / "odd.onnx")
+    path = export_onnx(model, {**meta, "bits": 11}, tmp_path / "odd.onnx", input_format=FLOAT_IN)
     images = torch.randn(5, 3, DATA.image_size, DATA.image_size)
     packed, _ = EdgeModel(path).run(images.numpy())
     with torch.no_grad():
         np.testing.assert_array_equal(packed, codes.pack_codes(model(images).numpy()))
     assert not (packed[:, -1] & 0b11111).any()  # 11 bits: the last 5 bits of byte 2 are padding
+
+
+def _test_pixels(count: int) -> list[np.ndarray]:
+    test = build_dataset(DATA, "test")
+    return [test.pixels(i) for i in range(count)]
 
 
 def _ternary_export(export_root, ckpts, opset: int):
@@ -109,8 +116,7 @@ def test_ternary_export_is_much_smaller_when_linear_layers_dominate(tmp_path, ck
     # Each ternary weight costs 2 bits instead of 32: at least 3.5 of its 4 bytes must be gone from the file.
     assert fp32_bytes - ternary_bytes > 3.5 * ternary_weights
     assert ternary_bytes < fp32_bytes / 3
-    images = torch.stack([build_dataset(DATA, "test")[i][0] for i in range(32)])
-    assert verify_export(ternary, model, images)["identical_code_rate"] == 1.0
+    assert verify_export(ternary, model, _test_pixels(32))["identical_code_rate"] == 1.0
 
 
 @pytest.mark.parametrize("opset", [18, 25])
@@ -120,8 +126,7 @@ def test_ternary_1x1_conv_head_exports(tmp_path, ckpts, opset):
     model = HashStudent("test_efficientnet", BITS, 4).eval()
     assert "backbone.conv_head" in ternarize_(model)
     path = export_onnx(model, {**meta, "arch": "test_efficientnet"}, tmp_path / "conv.onnx", opset=opset)
-    images = torch.stack([build_dataset(DATA, "test")[i][0] for i in range(32)])
-    figures = verify_export(path, model, images)
+    figures = verify_export(path, model, _test_pixels(32))
     assert figures["identical_code_rate"] == 1.0 and figures["ternary_layers"] == 2
 
 
@@ -151,7 +156,8 @@ def test_metadata_round_trip(export_root, ckpts):
     assert props["bit_order"] == "msb-first" and props["channels"] == "3"
     assert (props["kind"], props["arch"], props["recipe_hash"]) == ("teacher", "test_resnet", "0123456789abcdef")
     assert props["hashdistill_version"] == meta["hashdistill_version"]
-    assert "not in the graph" in props["preprocessing"] and json.loads(props["data"])["dataset"] == "synthetic"
+    assert props["input_format"] == "uint8-nhwc" and props["preprocessing"].startswith("in the graph")
+    assert json.loads(props["data"])["dataset"] == "synthetic"
     assert edge.training_data == meta["data"]
     decoded = edge.metadata
     assert decoded["data"] == meta["data"] and decoded["bits"] == BITS and decoded["class_names"] == meta["class_names"]

@@ -14,7 +14,7 @@ from hashdistill.cli import main
 from hashdistill.export.index import build_index, search_images
 from hashdistill.export.mobile import float_initializer_bytes, mobile_outputs
 from hashdistill.export.runtime import EdgeModel
-from hashdistill.export.verify import export_checkpoint, reference_images
+from hashdistill.export.verify import export_checkpoint, reference_pixels
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_ort_file_loads_and_gives_the_same_codes(phone_export):
     ort_path, ops_path, usability = mobile_outputs(folder / "phone.onnx")
     assert phone_export["small"]["mobile"]["identical_code_rate_vs_onnx"] == 1.0
     assert ops_path.read_text().count("ai.onnx;") >= 3 and "partitions" in usability.read_text()
-    images = reference_images(read_metadata(phone_export["ternary"]), limit=32).numpy()
+    images = np.stack(reference_pixels(read_metadata(phone_export["ternary"]), limit=32))
     from_ort, from_onnx = EdgeModel(ort_path), EdgeModel(folder / "phone.onnx")
     assert from_ort.metadata["bits"] == from_onnx.metadata["bits"]
     np.testing.assert_array_equal(from_ort.run(images)[0], from_onnx.run(images)[0])

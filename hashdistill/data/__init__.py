@@ -13,6 +13,8 @@ split's augmentation runs on whole batches on the training device (:func:`random
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -26,7 +28,7 @@ from .splits import SPLIT_SEED, SPLITS, check_classes, train_or_val
 from .tensors import ImageTensorDataset, RawImages, resize_images
 
 __all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "SPLITS", "ImageTensorDataset", "RawImages",
-           "batch_augmentation", "build_dataset", "dataset_info", "random_shift_flip"]
+           "batch_augmentation", "build_dataset", "dataset_info", "loader_workers", "random_shift_flip"]
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
@@ -34,9 +36,11 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if cfg.dataset == "imagefolder":
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
         from .imagefolder import build_imagefolder_split
 
-        return build_imagefolder_split(cfg, split)
+        return build_imagefolder_split(cfg, split, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     raw = load_raw(cfg)
     in_classes = cfg.in_classes if cfg.in_classes is not None else [
         c for c in range(len(raw.class_names)) if c not in cfg.ood_classes]
@@ -65,8 +69,18 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
                               augment=cfg.augment and split == "train")
 
 
+MAX_DEFAULT_WORKERS = 8
+
+
+def loader_workers(cfg: DataConfig) -> int:
+    """Loader processes: the recipe's, else min(8, CPUs) for image folders (decoding is the cost), 0 in memory
+    (their batches are one indexing operation; worker processes would only copy them)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1) if cfg.dataset == "imagefolder" else 0
+
+
 def dataset_info(cfg: DataConfig) -> dict:
-    """Class names, mean and std of the configured dataset (for checkpoint and ONNX metadata)."""
+    """Class names and the evaluation pre-processing of the configured dataset (for checkpoint and ONNX metadata)."""
     ds = build_dataset(cfg, "val")
-    return {"class_names": ds.class_names, "mean": ds.mean.flatten().tolist(), "std": ds.std.flatten().tolist(),
-            "input_size": cfg.image_size}
+    return {"class_names": ds.class_names, **ds.transform.as_metadata()}

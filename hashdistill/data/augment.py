@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .tensors import ImageTensorDataset
+
 MAX_SHIFT = 2  # pixels: random_shift_flip's translation range, padding with the border
 
 
@@ -52,5 +54,6 @@ def _grouped_crops(padded: torch.Tensor, size: torch.Size, dy: torch.Tensor, dx:
 
 
 def batch_augmentation(dataset: Dataset) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The augmentation the trainer applies to each training batch of ``dataset`` (None: none)."""
-    return random_shift_flip if getattr(dataset, "augment", False) else None
+    """The augmentation the trainer applies to each training batch of ``dataset`` (None: none). Image folders
+    augment each image as it is decoded (timm's transforms), so their batches get none here."""
+    return random_shift_flip if isinstance(dataset, ImageTensorDataset) and dataset.augment else None

@@ -1,14 +1,22 @@
-"""Users' own images: ``root/<class>/<image>`` folders, loaded lazily with PIL.
+"""Users' own images: ``root/<class>/<image>`` folders, decoded lazily, one image per item.
 
-Layout: ``root/train/<class>/...`` and ``root/test/<class>/...``; if ``root/test`` is absent
-the test split is carved from the images with a fixed seed. Corrupt or unreadable images are
-skipped when the dataset is built and counted in a warning (the documented rule); a folder with
-no readable image is an error.
+Layout: ``root/train/<class>/...`` and ``root/test/<class>/...``; if ``root/test`` is absent the test split
+is carved from the images with a fixed seed. Listing a folder reads only file headers
+(:func:`hashdistill.imagefiles.scan_image_files`). An image whose damage shows only when it is decoded is
+replaced by the next readable image of the split (so batches keep their size and the order stays
+deterministic), counted, and warned about once per process.
+
+Training items go through timm's training transform (random resized crop, flip, optional auto-augment);
+every other split through THE evaluation pre-processing (:class:`hashdistill.preprocessing.EvalTransform`),
+the one the exported model runs in its graph.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +24,58 @@ import torch
 from torch.utils.data import Dataset
 
 from hashdistill.errors import UserError
-from hashdistill.imagefiles import load_image, scan_image_files
+from hashdistill.imagefiles import read_rgb, scan_image_files
+from hashdistill.preprocessing import IMAGEFOLDER_CROP_PCT, EvalTransform, rgb_pixels
 from hashdistill.recipe import DataConfig
 
 from .splits import SPLIT_SEED, train_or_val
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class ImageFileDataset(Dataset):
-    """Image files resized to a square and normalised on the fly."""
+    """Image files, decoded when fetched: ``(normalised float [3, S, S], label)`` per item."""
 
-    def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], size: int):
-        self.paths, self.labels, self.class_names, self.size = paths, torch.tensor(labels), class_names, size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], transform: EvalTransform,
+                 train_transform: Callable | None = None):
+        self.paths, self.labels, self.class_names = paths, torch.tensor(labels, dtype=torch.long), class_names
+        self.transform, self.train_transform = transform, train_transform
+        self.mean = torch.tensor(transform.mean).view(3, 1, 1)
+        self.std = torch.tensor(transform.std).view(3, 1, 1)
+        self.damaged: set[Path] = set()  # found in this process
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def augment(self) -> bool:
+        """True for a training split with random augmentation (distillation then runs the teacher online)."""
+        return self.train_transform is not None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.paths[index], self.size)
-        tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
-        return (tensor - self.mean) / self.std, int(self.labels[index])
+        index, image = self._decode(index)
+        if self.train_transform is not None:
+            return self.train_transform(image), int(self.labels[index])
+        pixels = torch.from_numpy(rgb_pixels(image))[None]
+        return self.transform.apply(pixels)[0], int(self.labels[index])
+
+    def pixels(self, index: int) -> np.ndarray:
+        """The decoded RGB uint8 [H, W, 3] image behind item ``index`` (what an image-in model takes)."""
+        return rgb_pixels(self._decode(index)[1])
+
+    def _decode(self, index: int):
+        """(index, PIL image) of the first readable image from ``index`` on (wrapping around)."""
+        for step in range(len(self.paths)):
+            candidate = (index + step) % len(self.paths)
+            path = self.paths[candidate]
+            if path in self.damaged:
+                continue
+            try:
+                return candidate, read_rgb(path)
+            except UserError as exc:
+                self.damaged.add(path)
+                if len(self.damaged) == 1:
+                    warnings.warn(f"{exc}; using the next readable image instead (process {os.getpid()}: damaged "
+                                  "files are counted and each is skipped once found)", stacklevel=2)
+        raise UserError(f"none of the {len(self.paths)} images of this split can be decoded")
 
 
 def train_folder(cfg: DataConfig) -> Path:
@@ -50,13 +86,32 @@ def train_folder(cfg: DataConfig) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
+def eval_transform(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> EvalTransform:
+    crop = cfg.crop_pct if cfg.crop_pct is not None else IMAGEFOLDER_CROP_PCT
+    return EvalTransform(cfg.image_size, float(crop), tuple(mean), tuple(std))
+
+
+def train_transform(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+    """timm's training transform (PIL image -> normalised tensor) for the recipe's augmentation fields."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bilinear",
+                                  "mean": tuple(mean), "std": tuple(std)})
+    try:
+        return create_transform(**config, is_training=True, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                                auto_augment=cfg.auto_augment)
+    except (ValueError, KeyError, AssertionError) as exc:  # timm's refusals of a policy string
+        raise UserError(f"data.auto_augment '{cfg.auto_augment}' is not a timm auto-augment policy ({exc})") from None
+
+
 @functools.lru_cache(maxsize=8)
 def _scan(folder: Path) -> tuple[list[Path], list[int], list[str], int]:
-    """One verification pass per folder and process: every split of a run reads the same scan."""
+    """One header pass per folder and process: every split of a run reads the same scan."""
     return scan_image_files(folder)
 
 
-def build_imagefolder_split(cfg: DataConfig, split: str) -> ImageFileDataset:
+def build_imagefolder_split(cfg: DataConfig, split: str, mean: tuple[float, ...], std: tuple[float, ...]
+                            ) -> ImageFileDataset:
     if split.startswith("ood"):
         raise UserError("OOD splits are not supported for data.dataset=imagefolder; "
                         "hold classes out in separate folders")
@@ -74,4 +129,9 @@ def build_imagefolder_split(cfg: DataConfig, split: str) -> ImageFileDataset:
         index = np.sort(order[:n_test]) if split == "test" else np.sort(order[n_test:])
     if split in ("train", "val"):
         index = train_or_val(index, split, cfg.val_fraction)
-    return ImageFileDataset([paths[i] for i in index], [labels[i] for i in index], classes, cfg.image_size)
+    limit = cfg.train_limit if split in ("train", "val") else cfg.test_limit
+    if limit is not None and len(index) > limit:
+        index = np.sort(np.random.default_rng(SPLIT_SEED).choice(index, limit, replace=False))
+    augment = train_transform(cfg, mean, std) if cfg.augment and split == "train" else None
+    return ImageFileDataset([paths[i] for i in index], [labels[i] for i in index], classes,
+                            eval_transform(cfg, mean, std), augment)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from hashdistill.preprocessing import IN_MEMORY_CROP_PCT, EvalTransform
+
 
 @dataclass
 class RawImages:
@@ -37,6 +39,7 @@ class ImageTensorDataset(Dataset):
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.augment = augment
+        self.transform = EvalTransform(int(images.shape[-1]), IN_MEMORY_CROP_PCT, tuple(mean), tuple(std))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -44,6 +47,11 @@ class ImageTensorDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index].float().div_(255).expand(3, -1, -1)
         return (image - self.mean) / self.std, int(self.labels[index])
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Item ``index`` as RGB uint8 [S, S, 3] (what an image-in model takes; its pre-processing is the identity
+        resize and this dataset's normalisation)."""
+        return np.ascontiguousarray(self.images[index].expand(3, -1, -1).permute(1, 2, 0).numpy())
 
     def get_batch(self, indices: list[int]) -> list[torch.Tensor]:
         """A whole batch, already collated: normalised images [B, 3, S, S] and labels [B]."""

@@ -1,0 +1,111 @@
+"""THE evaluation pre-processing: uint8 RGB pixels of any size -> the model's normalised input.
+
+One definition, three users: training-time evaluation of image files (:meth:`EvalTransform.apply`, torch),
+the image-in ONNX graph (:mod:`hashdistill.export.preprocess_graph` builds the same steps from the same
+:class:`EvalTransform`) and the edge runtime (which runs that graph). The steps are those of timm's eval
+transform, written so that each has one exact ONNX counterpart:
+
+1. resize, bilinear with antialiasing, so the shorter side becomes ``resize_size = floor(input_size /
+   crop_pct)`` (timm's rule) and the longer one ``floor(resize_size * long / short)``; ONNX ``Resize``
+   (linear, ``antialias=1``, ``exclude_outside=1``, half-pixel) matches ``F.interpolate(antialias=True)``
+   to float rounding;
+2. center crop ``input_size`` x ``input_size``, offset ``floor((side - input_size) / 2)``;
+3. divide by 255, subtract ``mean`` and divide by ``std`` per channel.
+
+Pixels stay float from decode to normalisation (no rounding to uint8 after the resize), so the torch and
+ONNX paths differ by float noise only, never by a rounding step a noisy value falls on either side of.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hashdistill.errors import UserError
+
+IN_MEMORY_CROP_PCT = 1.0  # the in-memory datasets are square and already at image_size: no crop
+IMAGEFOLDER_CROP_PCT = 0.875  # timm's default eval crop for photographs
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Parameters of the evaluation pre-processing (see the module docstring for the steps)."""
+
+    input_size: int
+    crop_pct: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.crop_pct <= 1.0:
+            raise UserError(f"crop_pct must be in [0.05, 1], got {self.crop_pct}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError(f"mean and std need 3 values each (std > 0), got {self.mean} and {self.std}")
+
+    @property
+    def resize_size(self) -> int:
+        """The shorter side after resizing (timm: ``floor(input_size / crop_pct)``)."""
+        return math.floor(self.input_size / self.crop_pct)
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after step 1; integer arithmetic, as the ONNX graph computes it."""
+        size = self.resize_size
+        if height <= width:
+            return size, size * width // height
+        return size * height // width, size
+
+    def apply(self, pixels):
+        """float32 [N, 3, S, S] model input from uint8 RGB pixels [N, H, W, 3] (a torch tensor)."""
+        import torch
+        import torch.nn.functional as F
+
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise UserError(f"pre-processing needs uint8 pixels [N, H, W, 3], got {pixels.dtype} "
+                            f"{list(pixels.shape)}")
+        height, width = int(pixels.shape[1]), int(pixels.shape[2])
+        images = pixels.permute(0, 3, 1, 2).float()
+        new_h, new_w = self.resized_shape(height, width)
+        if (new_h, new_w) != (height, width):
+            images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (new_h - self.input_size) // 2, (new_w - self.input_size) // 2
+        images = images[:, :, top:top + self.input_size, left:left + self.input_size]
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return (images / 255 - mean) / std
+
+    def as_metadata(self) -> dict[str, object]:
+        """The fields a checkpoint or an ONNX file records to rebuild this transform."""
+        return {"input_size": self.input_size, "crop_pct": self.crop_pct, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    def describe(self) -> str:
+        return (f"decode to RGB uint8; bilinear antialiased resize of the shorter side to {self.resize_size} "
+                f"(the longer by floor(size * long / short)); center crop {self.input_size}x{self.input_size} "
+                f"at floor((side - {self.input_size}) / 2); /255, minus mean, over std per channel")
+
+
+def rgb_pixels(image) -> np.ndarray:
+    """A decoded image (PIL) or an HxW / HxWx3 uint8 array as contiguous RGB uint8 [H, W, 3]."""
+    if isinstance(image, np.ndarray):
+        array = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        if image.dtype != np.uint8:
+            raise UserError(f"image arrays must be uint8 (0-255), got {image.dtype}")
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+            raise UserError(f"an image array must be HxW or HxWx3 and not empty, got shape {image.shape}")
+        return np.ascontiguousarray(array)
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch.from_numpy warns on PIL's view
+
+
+def same_shape_runs(shapes: Sequence[tuple[int, ...]], limit: int) -> list[slice]:
+    """Consecutive stretches of equal shapes, at most ``limit`` long: the batches an image-in model can take."""
+    runs, start = [], 0
+    for i in range(1, len(shapes) + 1):
+        if i == len(shapes) or shapes[i] != shapes[start] or i - start == limit:
+            runs.append(slice(start, i))
+            start = i
+    return runs
