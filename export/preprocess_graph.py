@@ -32,7 +32,7 @@ def preprocess_graph(transform: EvalTransform, opset: int = 18, ir_version: int 
     consts = {
         "resize_size": np.array(transform.resize_size, np.int64), "crop": np.array(size, np.int64),
         "two": np.array(2, np.int64), "three": np.array([3], np.int64), "idx_n": np.array([0], np.int64),
-        "idx_hw": np.array([2, 3], np.int64), "axes_hw": np.array([2, 3], np.int64),
+        "hw_axes": np.array([2, 3], np.int64),
         "scale255": np.array(255, np.float32),
         "mean": np.array(transform.mean, np.float32).reshape(1, 3, 1, 1),
         "std": np.array(transform.std, np.float32).reshape(1, 3, 1, 1),
@@ -43,7 +43,7 @@ def preprocess_graph(transform: EvalTransform, opset: int = 18, ir_version: int 
         node("Transpose", ["as_float"], ["nchw"], perm=[0, 3, 1, 2]),
         node("Shape", ["nchw"], ["shape"]),
         node("Gather", ["shape", "idx_n"], ["n"], axis=0),
-        node("Gather", ["shape", "idx_hw"], ["hw"], axis=0),
+        node("Gather", ["shape", "hw_axes"], ["hw"], axis=0),
         node("ReduceMin", ["hw"], ["short"], keepdims=0),
         node("Mul", ["hw", "resize_size"], ["hw_scaled"]),
         node("Div", ["hw_scaled", "short"], ["resized_hw"]),  # integer division: floor for positive sides
@@ -53,7 +53,7 @@ def preprocess_graph(transform: EvalTransform, opset: int = 18, ir_version: int 
         node("Sub", ["resized_hw", "crop"], ["spare"]),
         node("Div", ["spare", "two"], ["starts"]),
         node("Add", ["starts", "crop"], ["ends"]),
-        node("Slice", ["resized", "starts", "ends", "axes_hw"], ["cropped"]),
+        node("Slice", ["resized", "starts", "ends", "hw_axes"], ["cropped"]),
         node("Div", ["cropped", "scale255"], ["unit"]),
         node("Sub", ["unit", "mean"], ["centred"]),
         node("Div", ["centred", "std"], [PIXELS]),
@@ -78,7 +78,7 @@ def image_in_model(float_model: onnx.ModelProto, transform: EvalTransform) -> on
     front = compose.add_prefix(preprocess_graph(transform, opset, float_model.ir_version), FRONT_PREFIX)
     merged = compose.merge_models(front, float_model, io_map=[(f"{FRONT_PREFIX}{PIXELS}", IMAGE_INPUT)])
     # The float model's input is gone (fed by the pre-processing now): its name is free for the uint8 input.
-    _rename(merged.graph, f"{FRONT_PREFIX}{IMAGE_INPUT}", IMAGE_INPUT)
+    _rename_input(merged.graph, f"{FRONT_PREFIX}{IMAGE_INPUT}", IMAGE_INPUT)
     versions: dict[str, int] = {}  # merge_models lists a domain once per part; tools want it once
     for entry in merged.opset_import:
         versions[entry.domain] = max(versions.get(entry.domain, 0), entry.version)
@@ -115,10 +115,9 @@ def check_embedded(model: onnx.ModelProto, transform: EvalTransform, source: str
                             f"({short(found[key])})")
 
 
-def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
-        node.output[:] = [new if name == old else name for name in node.output]
         node.input[:] = [new if name == old else name for name in node.input]
-    for info in (*graph.input, *graph.output):
+    for info in graph.input:
         if info.name == old:
             info.name = new

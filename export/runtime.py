@@ -39,8 +39,9 @@ class EdgeModel:
         self.batch_size = batch_size
         if not self.path.is_file():
             raise UserError(f"ONNX model not found: {self.path}")
+        contents = self.path.read_bytes()  # read once: onnxruntime and the pre-processing check both parse it
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+            self.session = ort.InferenceSession(contents, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own Exception subclasses (InvalidProtobuf, Fail, ...)
             raise UserError(f"{self.path}: onnxruntime {ort.__version__} cannot load it (truncated, corrupt or made "
                             f"for a newer runtime?): {exc}") from None
@@ -62,7 +63,7 @@ class EdgeModel:
             raise UserError(f"{self.path}: the metadata says input '{INPUT}' is {layout}, but the graph's input is "
                             f"{graph_input.type} of shape {short(shape)}")
         if self.takes_images and self.path.suffix.lower() == ".onnx":  # (an .ort file was checked when converted)
-            check_embedded(onnx.load(str(self.path)), self.meta.transform, str(self.path))
+            check_embedded(onnx.load_from_string(contents), self.meta.transform, str(self.path))
         self._front: ort.InferenceSession | None = None
 
     @property

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from hashdistill import codes, metrics
 from hashdistill.data import build_dataset
+from hashdistill.export.metadata import FLOAT_IN, IMAGE_IN
 from hashdistill.recipe import DataConfig, EvalConfig
 
 Encoder = Callable[[Dataset], np.ndarray]
@@ -137,13 +138,13 @@ def _pixel_chunks(dataset: Dataset, size: int) -> Iterator[list[np.ndarray]]:
 def example_input(input_format: str, image_size: int, batch: int) -> np.ndarray:
     """A random batch in a model's input format (uint8 pixels for image-in files, normalised floats otherwise)."""
     rng = np.random.default_rng(0)
-    if input_format == "uint8-nhwc":
+    if input_format == IMAGE_IN:
         return rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
     return rng.standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
 
 
 def cpu_latency_ms(run_batch: Callable[[np.ndarray], object], image_size: int, batch: int, repeats: int = 5,
-                   input_format: str = "float32-nchw") -> float:
+                   input_format: str = FLOAT_IN) -> float:
     """Median wall time (ms) of one forward pass on a random batch, after one warm-up pass."""
     import time
 

@@ -38,8 +38,6 @@ class ImageFileDataset(Dataset):
                  train_transform: Callable | None = None):
         self.paths, self.labels, self.class_names = paths, torch.tensor(labels, dtype=torch.long), class_names
         self.transform, self.train_transform = transform, train_transform
-        self.mean = torch.tensor(transform.mean).view(3, 1, 1)
-        self.std = torch.tensor(transform.std).view(3, 1, 1)
         self.damaged: set[Path] = set()  # found in this process
 
     def __len__(self) -> int:
