@@ -24,7 +24,7 @@ import numpy as np
 
 from hashdistill import codes
 from hashdistill.errors import UserError
-from hashdistill.preprocessing import IN_MEMORY_CROP_PCT, EvalTransform
+from hashdistill.preprocessing import FLOAT_IN, IMAGE_IN, IN_MEMORY_CROP_PCT, EvalTransform
 from hashdistill.untrusted import (
     MAX_BITS,
     MAX_CLASSES,
@@ -42,7 +42,6 @@ BIT_ORDER = "msb-first"
 INPUT, CODES, LOGITS = "images", "codes", "logits"
 JSON_KEYS = ("class_codebook", "class_names", "mean", "std", "data", "ternary_layers")
 INT_KEYS = ("bits", "input_size", "channels")
-IMAGE_IN, FLOAT_IN = "uint8-nhwc", "float32-nchw"
 INPUT_FORMATS = (IMAGE_IN, FLOAT_IN)
 REQUIRED = ("format_version", "bits", "class_codebook", "class_names", "input_size", "mean", "std", "channels",
             "bit_order")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from hashdistill import codes, metrics
 from hashdistill.data import build_dataset
-from hashdistill.export.metadata import FLOAT_IN, IMAGE_IN
+from hashdistill.preprocessing import FLOAT_IN, IMAGE_IN
 from hashdistill.recipe import DataConfig, EvalConfig
 
 Encoder = Callable[[Dataset], np.ndarray]

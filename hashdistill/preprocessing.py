@@ -26,6 +26,7 @@ import numpy as np
 
 from hashdistill.errors import UserError
 
+IMAGE_IN, FLOAT_IN = "uint8-nhwc", "float32-nchw"  # a model's input: decoded pixels, or this pre-processing's output
 IN_MEMORY_CROP_PCT = 1.0  # the in-memory datasets are square and already at image_size: no crop
 IMAGEFOLDER_CROP_PCT = 0.875  # timm's default eval crop for photographs
 
