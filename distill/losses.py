@@ -9,6 +9,9 @@ Each loss takes a :class:`LossInputs` and returns a scalar. Names (recipe ``stud
 - ``code_bce``: BCE-with-logits(z_s, (C_y + 1) / 2) against the teacher's class codes.
 - ``dsh``: the DSH pairwise loss over the batch (similar pairs pulled together, dissimilar
   pushed beyond a margin, plus a regulariser towards ±1), for unlabeled-style training.
+
+Label -1 marks an image whose label is held back (``data.labelled_fraction``, ``data.unlabelled_root``):
+the label losses skip it, the teacher-matching losses use it like any other.
 """
 
 from __future__ import annotations
@@ -40,18 +43,25 @@ def dth_mse(b: LossInputs) -> torch.Tensor:
 
 
 def code_bce(b: LossInputs) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(b.student, (b.class_codes[b.labels] + 1) / 2)
+    """Mean over the batch's labelled images (an unlabelled image's row is masked out, not indexed away, so no
+    host sync); 0 for a batch without any."""
+    labelled = b.labels >= 0
+    targets = (b.class_codes[b.labels.clamp(min=0)] + 1) / 2
+    per_image = F.binary_cross_entropy_with_logits(b.student, targets, reduction="none").mean(1)
+    return (per_image * labelled).sum() / labelled.sum().clamp(min=1)
 
 
 def dsh(b: LossInputs, regulariser: float = 0.01) -> torch.Tensor:
-    """DSH (Liu et al. 2016): 0.5·d² for similar pairs, 0.5·max(m − d², 0) for dissimilar, m = 2k."""
+    """DSH (Liu et al. 2016): 0.5·d² for similar pairs, 0.5·max(m − d², 0) for dissimilar, m = 2k, over the
+    pairs of labelled images; the regulariser towards ±1 needs no label and covers every image."""
     z = b.student
     margin = b.dsh_margin if b.dsh_margin is not None else 2.0 * z.shape[1]
     dist2 = torch.cdist(z, z).pow(2)
     similar = (b.labels[:, None] == b.labels[None, :]).float()
     pairwise = 0.5 * similar * dist2 + 0.5 * (1 - similar) * F.relu(margin - dist2)
-    off_diagonal = 1 - torch.eye(len(z), device=z.device)
-    pair_loss = (pairwise * off_diagonal).sum() / off_diagonal.sum().clamp(min=1)
+    labelled = (b.labels >= 0).float()
+    pairs = labelled[:, None] * labelled[None, :] * (1 - torch.eye(len(z), device=z.device))
+    pair_loss = (pairwise * pairs).sum() / pairs.sum().clamp(min=1)
     return pair_loss + regulariser * (z.abs() - 1).abs().mean()
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from hashdistill.checkpoint import save_checkpoint
-from hashdistill.data import batch_augmentation, build_dataset, loader_workers
+from hashdistill.data import batch_augmentation, build_dataset, labelled_only, loader_workers
 from hashdistill.errors import UserError
 from hashdistill.evaluate import torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe, StudentConfig
@@ -82,6 +82,8 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
     check_same_data(teacher_meta, recipe, teacher_path)
     teacher.to(device).eval().requires_grad_(False)
     train, val = build_dataset(data, "train"), build_dataset(data, "val")
+    if labels_only:  # the baseline learns from what it has labels for; a distilled student sees every image
+        train = labelled_only(train)
     torch.manual_seed(recipe.seed)
     student = build_student(cfg, teacher, data.image_size)
     weights = LABELS_ONLY if labels_only else cfg.losses

@@ -1,6 +1,7 @@
 """Train an LLC teacher: optional float baseline, phase 1 (class codes), phase 2 (instance codes).
 
-Model selection reads the validation split carved from train, never the test set. Following the
+Model selection reads the validation split carved from train, never the test set. Under
+``data.labelled_fraction`` the teacher trains on the labelled images alone. Following the
 benchmark protocol, when ``teacher.float_baseline`` is set the float classifier is trained first
 and the teacher starts from its backbone, so a comparison isolates the cost of binary codes.
 """
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hashdistill.checkpoint import save_checkpoint
-from hashdistill.data import batch_augmentation, build_dataset, dataset_info, loader_workers
+from hashdistill.data import batch_augmentation, build_dataset, dataset_info, labelled_only, loader_workers
 from hashdistill.evaluate import labels_of, torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
@@ -29,7 +30,7 @@ TEACHER_FILE, FLOAT_FILE = "teacher", "float-baseline"
 def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
     """Both LLC phases (after the float baseline if configured); returns the teacher checkpoint path."""
     cfg, data = recipe.teacher, recipe.data
-    train, val = build_dataset(data, "train"), build_dataset(data, "val")
+    train, val = labelled_only(build_dataset(data, "train")), build_dataset(data, "val")
     info = dataset_info(data)
     torch.manual_seed(recipe.seed)
     teacher = LLCTeacher(cfg.backbone, cfg.bits, len(info["class_names"]), cfg.pretrained, cfg.weights)
@@ -78,7 +79,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
 def train_float_baseline(recipe: Recipe, run: RunDir, device: torch.device) -> FloatClassifier:
     """The same backbone with a linear classifier and plain cross-entropy (the benchmark's reference)."""
     cfg, data = recipe.teacher, recipe.data
-    train, val = build_dataset(data, "train"), build_dataset(data, "val")
+    train, val = labelled_only(build_dataset(data, "train")), build_dataset(data, "val")
     info = dataset_info(data)
     torch.manual_seed(recipe.seed)
     model = FloatClassifier(cfg.backbone, len(info["class_names"]), cfg.pretrained, cfg.weights)

@@ -39,8 +39,9 @@ class EvalSplits:
 
     @classmethod
     def build(cls, cfg: DataConfig) -> EvalSplits:
-        """``data.train_limit`` shortens training only: the database is always the whole training set."""
-        whole = dataclasses.replace(cfg, train_limit=None, augment=False)
+        """``data.train_limit`` shortens training only, and ``data.labelled_fraction`` holds labels back from
+        training only: the database is always the whole training set with all its labels."""
+        whole = dataclasses.replace(cfg, train_limit=None, augment=False, labelled_fraction=1.0, unlabelled_root=None)
         ood = bool(cfg.ood_classes)
         val = build_dataset(whole, "val")
         database = ConcatDataset([build_dataset(whole, "train"), val])
@@ -105,12 +106,15 @@ def code_metrics(logits: dict[str, np.ndarray], splits: EvalSplits, class_codes:
 
 
 def validation_accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256) -> dict:
-    """MHD and ED accuracy of a hash model on the validation split: the model-selection signal."""
+    """MHD and ED accuracy of a hash model on the validation split (the model-selection signal), and the tie-aware
+    mAP of the validation images searching among themselves (each finds itself too), for training curves."""
     z = torch_encoder(model, device, batch_size)(dataset)
     packed, classes = codes.pack_codes(z), codes.pack_codes(model.class_codes.cpu().numpy())
     labels = labels_of(dataset)
+    retrieval = metrics.retrieval_metrics(packed, labels, packed, labels, z.shape[1])
     return {"val_mhd_accuracy": metrics.classification_accuracy(codes.mhd_decode(packed, classes), labels),
-            "val_ed_accuracy": metrics.classification_accuracy(codes.ed_decode(packed, classes), labels)}
+            "val_ed_accuracy": metrics.classification_accuracy(codes.ed_decode(packed, classes), labels),
+            "val_map_tie_aware": retrieval["map_tie_aware"]}
 
 
 def onnx_encoder(path: str, batch_size: int = 256) -> Encoder:

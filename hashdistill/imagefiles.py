@@ -68,21 +68,22 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
-def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False
+def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False, labels_from_folders: bool = True
                      ) -> tuple[list[Path], list[int], list[str], int]:
     """Readable image paths, labels, class names and the number skipped.
 
     Class sub-folders (sorted by name) give labels; a folder without sub-folders gives label -1
-    when ``allow_unlabelled``, else it is an error.
+    when ``allow_unlabelled``, else it is an error. With ``labels_from_folders=False`` every image at any
+    depth gets label -1 (a folder of unlabelled images, whatever its layout).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes and not allow_unlabelled:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if labels_from_folders else []
+    if not classes and labels_from_folders and not allow_unlabelled:
         raise UserError(f"{folder} has no class sub-folders (expected {folder}/<class name>/<images>)")
     groups = [(i, sorted((folder / name).rglob("*"))) for i, name in enumerate(classes)] if classes \
-        else [(-1, sorted(folder.iterdir()))]
+        else [(-1, sorted(folder.rglob("*")))]
     paths, labels, skipped = [], [], 0
     for label, candidates in groups:
         for path in candidates:

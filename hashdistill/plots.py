@@ -63,3 +63,13 @@ def plot_bits_sweep(rows: list[dict], path: str | Path) -> Path:
     ax.set_xlabel("bits")
     ax.set_ylim(0, 1.02)
     return _save(fig, ax, path, "Teacher: code length vs accuracy")
+
+
+def plot_training_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, metric: str) -> Path:
+    """One line per training stage: ``metric`` after each epoch (1-based on the axis)."""
+    fig, ax = _axes(path)
+    for name, points in curves.items():
+        ax.plot([epoch + 1 for epoch, _ in points], [value for _, value in points], marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    return _save(fig, ax, path, f"Training: {metric} on the validation split")

@@ -72,6 +72,13 @@ class DataConfig:
     num_workers: int | None = None  # null: min(8, CPU count) for image folders, 0 for the in-memory datasets
     train_limit: int | None = None
     test_limit: int | None = None
+    # Semi-supervised training: only this fraction of the training images keeps its label (a fixed, seeded,
+    # class-stratified choice, the same in every stage and run). The teacher and a labels-only student train on
+    # the labelled images alone; a distilled student also learns from the rest through the teacher's codes.
+    labelled_fraction: float = 1.0
+    # A folder of images without labels (any layout; sub-folder names are ignored) that a distilled student
+    # also learns from through the teacher's codes. Image folders only.
+    unlabelled_root: str | None = None
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 1024, "image_size", "must be in [8, 1024]")
@@ -89,6 +96,9 @@ class DataConfig:
         for name in ("train_limit", "test_limit"):
             limit = getattr(self, name)
             _check(limit is None or limit >= 1, name, "must be >= 1 or null")
+        _check(0 < self.labelled_fraction <= 1, "labelled_fraction", "must be in (0, 1]")
+        _check(self.unlabelled_root is None or self.dataset == "imagefolder", "unlabelled_root",
+               "needs data.dataset: imagefolder (use labelled_fraction to hold labels back in the other datasets)")
         if self.in_classes is not None:
             _check(len(self.in_classes) >= 2, "in_classes", "needs at least 2 classes")
             _check(not set(self.in_classes) & set(self.ood_classes), "ood_classes", "must not overlap in_classes")

@@ -14,8 +14,8 @@ from hashdistill.atomic import atomic_write_text
 from hashdistill.checkpoint import read_metadata
 from hashdistill.codes import to_signs
 from hashdistill.errors import UserError
-from hashdistill.plots import plot_bits_sweep, plot_pr_curves
-from hashdistill.rundir import BITS_PLOT, PR_PLOT, REPORT_FILE, TAXONOMY_PLOT, RunDir
+from hashdistill.plots import plot_bits_sweep, plot_pr_curves, plot_training_curves
+from hashdistill.rundir import BITS_PLOT, CURVES_PLOT, PR_PLOT, REPORT_FILE, TAXONOMY_PLOT, RunDir
 from hashdistill.taxonomy import class_tree, format_tree, plot_dendrogram
 
 COLUMNS = [("bits", "bits"), ("params", "params"), ("file_bytes", "file bytes"), ("latency_ms_b1", "CPU ms (b=1)"),
@@ -40,6 +40,7 @@ def write_report(run: RunDir) -> Path:
         plot_pr_curves(curves, run.path / PR_PLOT)
         lines += ["## Precision-recall by Hamming radius (pooled over queries)", "",
                   f"![precision-recall curves]({PR_PLOT})", ""]
+    lines += _curves_section(run)
     lines += _bits_sweep_section(run, summary.get("bits_sweep"))
     lines += _ood_section(models)
     lines += _taxonomy_section(run)
@@ -68,6 +69,23 @@ def _cell(value: Any) -> str:
     if isinstance(value, int) and value >= 10_000:
         return f"{value:,}"
     return str(value)
+
+
+CURVE_METRIC = "val_map_tie_aware"
+
+
+def _curves_section(run: RunDir) -> list[str]:
+    """mAP on the validation split after each epoch, one line per hash-code training stage (e.g. a distilled
+    student beside its labels-only baseline)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in run.metrics():
+        if isinstance(record.get(CURVE_METRIC), float) and isinstance(record.get("epoch"), int):
+            curves.setdefault(str(record.get("stage")), []).append((record["epoch"], record[CURVE_METRIC]))
+    if not curves:
+        return []
+    plot_training_curves(curves, run.path / CURVES_PLOT, "mAP (tie-aware)")
+    return ["## Training curves", "", "Tie-aware mAP of the validation images searching among themselves, after "
+            "each epoch.", "", f"![training curves]({CURVES_PLOT})", ""]
 
 
 def _bits_sweep_section(run: RunDir, sweep: dict[str, dict[str, Any]] | None) -> list[str]:

@@ -20,10 +20,11 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE = "checkpoints", "bits-sweep", "index.npz"
 PR_PLOT, TAXONOMY_PLOT, BITS_PLOT = "pr_curves.png", "taxonomy.png", "bits_sweep.png"
+CURVES_PLOT = "training_curves.png"
 MARKER_FILE = ".hashdistill-run"  # written into every run directory: what `--force` may replace
 # What a run directory written before the marker existed may hold (anything else: not ours to delete).
 LEGACY_ENTRIES = {RECIPE_FILE_NAME, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE,
-                  PR_PLOT, TAXONOMY_PLOT, BITS_PLOT}
+                  PR_PLOT, TAXONOMY_PLOT, BITS_PLOT, CURVES_PLOT}
 TEMP_SUFFIX = ".tmp"  # hashdistill.atomic's temporary files: .<name>.<random>.tmp
 STAGING_SUFFIX = ".export-staging"  # the folder an export verifies its file in: .<file>.<random>.export-staging
 

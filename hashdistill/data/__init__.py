@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from hashdistill.errors import UserError
 from hashdistill.recipe import DataConfig
@@ -24,11 +25,12 @@ from hashdistill.recipe import DataConfig
 from .augment import MAX_SHIFT, batch_augmentation, random_shift_flip
 from .sources import LOADERS, load_raw
 from .sources.fashion_mnist import FASHION_MNIST_DIRS
-from .splits import SPLIT_SEED, SPLITS, check_classes, train_or_val
+from .splits import SPLIT_SEED, SPLITS, UNLABELLED, check_classes, hold_back_labels, train_or_val
 from .tensors import ImageTensorDataset, RawImages, resize_images
 
-__all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "SPLITS", "ImageTensorDataset", "RawImages",
-           "batch_augmentation", "build_dataset", "dataset_info", "loader_workers", "random_shift_flip"]
+__all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "SPLITS", "UNLABELLED", "ImageTensorDataset", "RawImages",
+           "batch_augmentation", "build_dataset", "dataset_info", "labelled_only", "loader_workers",
+           "random_shift_flip"]
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
@@ -52,21 +54,32 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
         else (raw.train_images, raw.train_labels)
     wanted = cfg.ood_classes if split.startswith("ood") else in_classes
     index = np.flatnonzero(np.isin(source_labels, wanted))
+    labelled = np.ones(len(index), dtype=bool)
     if split in ("train", "val"):
-        index = train_or_val(index, split, cfg.val_fraction)
+        pool, index = index, train_or_val(index, split, cfg.val_fraction)
+        index, labelled = hold_back_labels(pool, source_labels[pool], index, split, cfg.labelled_fraction)
     limit = cfg.train_limit if split in ("train", "val", "ood_val") else cfg.test_limit
     if limit is not None and len(index) > limit:
-        index = np.sort(np.random.default_rng(SPLIT_SEED).choice(index, limit, replace=False))
+        chosen = np.sort(np.random.default_rng(SPLIT_SEED).choice(len(index), limit, replace=False))
+        index, labelled = index[chosen], labelled[chosen]
     if split.startswith("ood"):
         labels = np.full(len(index), -1, dtype=np.int64)
         names = [raw.class_names[c] for c in cfg.ood_classes]
     else:
         remap = {c: i for i, c in enumerate(in_classes)}
         labels = np.array([remap[int(c)] for c in source_labels[index]], dtype=np.int64)
+        labels[~labelled] = UNLABELLED
         names = [raw.class_names[c] for c in in_classes]
     images = resize_images(source_images[index], cfg.image_size)
     return ImageTensorDataset(images, torch.from_numpy(labels), names, raw.mean, raw.std,
                               augment=cfg.augment and split == "train")
+
+
+def labelled_only(dataset: Dataset) -> Dataset:
+    """The images of a training split whose labels are kept (data.labelled_fraction): what the teacher and a
+    labels-only student train on."""
+    keep = np.flatnonzero(np.asarray(dataset.labels) != UNLABELLED)
+    return dataset if len(keep) == len(dataset) else dataset.subset(keep)
 
 
 MAX_DEFAULT_WORKERS = 8

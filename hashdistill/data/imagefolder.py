@@ -28,7 +28,7 @@ from hashdistill.imagefiles import read_rgb, scan_image_files
 from hashdistill.preprocessing import IMAGEFOLDER_CROP_PCT, EvalTransform, rgb_pixels
 from hashdistill.recipe import DataConfig
 
-from .splits import SPLIT_SEED, train_or_val
+from .splits import SPLIT_SEED, UNLABELLED, hold_back_labels, train_or_val
 
 
 class ImageFileDataset(Dataset):
@@ -54,6 +54,11 @@ class ImageFileDataset(Dataset):
             return self.train_transform(image), int(self.labels[index])
         pixels = torch.from_numpy(rgb_pixels(image))[None]
         return self.transform.apply(pixels)[0], int(self.labels[index])
+
+    def subset(self, indices: np.ndarray) -> ImageFileDataset:
+        """The items at ``indices`` as a dataset of the same kind (same transforms)."""
+        return ImageFileDataset([self.paths[i] for i in indices], self.labels[indices].tolist(), self.class_names,
+                                self.transform, self.train_transform)
 
     def pixels(self, index: int) -> np.ndarray:
         """The decoded RGB uint8 [H, W, 3] image behind item ``index`` (what an image-in model takes)."""
@@ -103,9 +108,10 @@ def train_transform(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, 
 
 
 @functools.lru_cache(maxsize=8)
-def _scan(folder: Path) -> tuple[list[Path], list[int], list[str], int]:
-    """One header pass per folder and process: every split of a run reads the same scan."""
-    return scan_image_files(folder)
+def _scan(folder: Path, unlabelled: bool = False) -> tuple[list[Path], list[int], list[str], int]:
+    """One header pass per folder and process: every split of a run reads the same scan. In an ``unlabelled``
+    folder every image at any depth is unlabelled (sub-folder names are not taken for classes)."""
+    return scan_image_files(folder, labels_from_folders=not unlabelled)
 
 
 def build_imagefolder_split(cfg: DataConfig, split: str, mean: tuple[float, ...], std: tuple[float, ...]
@@ -125,11 +131,19 @@ def build_imagefolder_split(cfg: DataConfig, split: str, mean: tuple[float, ...]
         order = np.random.default_rng(SPLIT_SEED).permutation(len(paths))
         n_test = max(1, len(paths) // 5)
         index = np.sort(order[:n_test]) if split == "test" else np.sort(order[n_test:])
+    labelled = np.ones(len(index), dtype=bool)
     if split in ("train", "val"):
-        index = train_or_val(index, split, cfg.val_fraction)
+        pool, index = index, train_or_val(index, split, cfg.val_fraction)
+        index, labelled = hold_back_labels(pool, np.asarray(labels)[pool], index, split, cfg.labelled_fraction)
     limit = cfg.train_limit if split in ("train", "val") else cfg.test_limit
     if limit is not None and len(index) > limit:
-        index = np.sort(np.random.default_rng(SPLIT_SEED).choice(index, limit, replace=False))
+        chosen = np.sort(np.random.default_rng(SPLIT_SEED).choice(len(index), limit, replace=False))
+        index, labelled = index[chosen], labelled[chosen]
+    chosen_paths = [paths[i] for i in index]
+    chosen_labels = [labels[i] if keep else UNLABELLED for i, keep in zip(index, labelled)]
+    if split == "train" and cfg.unlabelled_root:
+        extra, _, _, _ = _scan(Path(cfg.unlabelled_root).expanduser(), unlabelled=True)
+        chosen_paths += extra
+        chosen_labels += [UNLABELLED] * len(extra)
     augment = train_transform(cfg, mean, std) if cfg.augment and split == "train" else None
-    return ImageFileDataset([paths[i] for i in index], [labels[i] for i in index], classes,
-                            eval_transform(cfg, mean, std), augment)
+    return ImageFileDataset(chosen_paths, chosen_labels, classes, eval_transform(cfg, mean, std), augment)

@@ -13,6 +13,7 @@ from hashdistill.recipe import DataConfig
 
 SPLITS = ("train", "val", "test", "ood_val", "ood_test")
 SPLIT_SEED = 1234
+UNLABELLED = -1  # the label of a training image whose label is held back (data.labelled_fraction)
 
 
 def train_or_val(index: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
@@ -20,6 +21,32 @@ def train_or_val(index: np.ndarray, split: str, val_fraction: float) -> np.ndarr
     n_val = max(1, int(round(len(index) * val_fraction)))
     chosen = order[:n_val] if split == "val" else order[n_val:]
     return np.sort(index[chosen])
+
+
+def labelled_choice(pool_labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Which images of the train + val pool keep their labels: ``fraction`` of each class (at least one), drawn
+    with a fixed seed, so the teacher, the students and the labels-only baseline of every run see the same ones."""
+    keep = np.zeros(len(pool_labels), dtype=bool)
+    if fraction >= 1:
+        keep[:] = True
+        return keep
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    for label in np.unique(pool_labels):
+        members = np.flatnonzero(pool_labels == label)
+        count = max(1, int(round(len(members) * fraction)))
+        keep[rng.choice(members, count, replace=False)] = True
+    return keep
+
+
+def hold_back_labels(pool: np.ndarray, pool_labels: np.ndarray, index: np.ndarray, split: str, fraction: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, labelled)`` of one split of the pool under ``data.labelled_fraction``: the validation split keeps
+    its labelled images only (model selection sees no more labels than training); the training split keeps every
+    image, ``labelled`` marking those whose label may be used."""
+    labelled = np.isin(index, pool[labelled_choice(pool_labels, fraction)])
+    if split == "val":
+        return index[labelled], labelled[labelled]
+    return index, labelled
 
 
 def check_classes(cfg: DataConfig, in_classes: list[int], num_classes: int) -> None:

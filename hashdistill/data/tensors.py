@@ -53,6 +53,12 @@ class ImageTensorDataset(Dataset):
         resize and this dataset's normalisation)."""
         return np.ascontiguousarray(self.images[index].expand(3, -1, -1).permute(1, 2, 0).numpy())
 
+    def subset(self, indices: np.ndarray) -> ImageTensorDataset:
+        """The items at ``indices`` as a dataset of the same kind (same augmentation and normalisation)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return ImageTensorDataset(self.images[index], self.labels[index], self.class_names,
+                                  self.transform.mean, self.transform.std, self.augment)
+
     def get_batch(self, indices: list[int]) -> list[torch.Tensor]:
         """A whole batch, already collated: normalised images [B, 3, S, S] and labels [B]."""
         index = torch.as_tensor(indices, dtype=torch.long)
