@@ -2,7 +2,7 @@
 
 With no random augmentation the teacher's outputs are the same every epoch, so they are
 computed once and cached: a distillation epoch then costs about a student-only epoch. With
-augmentation on, the teacher runs online on each augmented batch.
+augmentation or mixup on, the teacher runs online on exactly the batch the student sees.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from hashdistill.checkpoint import save_checkpoint
-from hashdistill.data import batch_augmentation, build_dataset, labelled_only, loader_workers
+from hashdistill.data import UNLABELLED, batch_augmentation, build_dataset, labelled_only, loader_workers
 from hashdistill.errors import UserError
 from hashdistill.evaluate import torch_encoder, validation_accuracy
 from hashdistill.recipe import Recipe, StudentConfig
@@ -105,18 +105,31 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
     return path
 
 
+def mix_images(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup within a batch: each image blended with another (weight ~ Beta(alpha, alpha), one per batch, from
+    torch's RNG, so a resumed epoch replays it). The mix keeps a label only where both images had the same one;
+    elsewhere it is unlabelled, and only the teacher's codes of the mixed image teach it."""
+    weight = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = torch.randperm(len(x), device=x.device)
+    same = y == y[partner]
+    return weight * x + (1 - weight) * x[partner], torch.where(same, y, torch.full_like(y, UNLABELLED))
+
+
 def distillation_batch_loss(student: HashStudent, teacher: nn.Module, weights: dict[str, float], cfg: StudentConfig,
                             train: Dataset, device: torch.device, eval_batch_size: int):
-    """The trainer's ``batch_loss`` for distillation: cached teacher logits unless augmentation is on."""
+    """The trainer's ``batch_loss`` for distillation: cached teacher logits unless the images change from epoch
+    to epoch (augmentation, mixup); then the teacher runs online on exactly the student's view."""
     loss = weighted_loss(weights)
     needs_teacher = bool(NEEDS_TEACHER & {n for n, w in weights.items() if w > 0})
-    augmented = getattr(train, "augment", False)
+    online = getattr(train, "augment", False) or cfg.mixup > 0
     cache = None
-    if needs_teacher and not augmented:
+    if needs_teacher and not online:
         cache = torch.from_numpy(torch_encoder(teacher, device, eval_batch_size)(train)).to(device)
 
     def batch_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
         x, y, index = batch
+        if cfg.mixup > 0:
+            x, y = mix_images(x, y, cfg.mixup)
         z_t = None
         if needs_teacher:
             if cache is not None:

@@ -145,9 +145,13 @@ class StudentConfig:
     losses: dict[str, float] = field(default_factory=lambda: {"bernoulli_kd": 1.0, "code_bce": 0.5})
     temperature: float = 2.0
     dsh_margin: float | None = None
+    # Mixup between the images of a batch (Beta(mixup, mixup) weights; 0 = off), the teacher online on the mixed
+    # image: "consistent teaching" (Beyer et al. 2022). A label survives only where both images share it.
+    mixup: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0 <= self.mixup <= 10, "mixup", "must be in [0, 10] (0 = off)")
         bad = unsafe_model_kwargs(self.model_kwargs)
         _check(not bad, "model_kwargs", f"'{bad}' is not allowed: hashdistill sets it, or timm reads files with it")
         _check(bool(self.losses), "losses", f"needs at least one of {', '.join(LOSS_NAMES)}")

@@ -136,3 +136,19 @@ def test_batched_fetch_equals_item_by_item():
     batch = dataset.get_batch(indices)
     reference = default_collate([dataset[i] for i in indices])
     assert torch.equal(batch[0], reference[0]) and torch.equal(batch[1], reference[1])
+
+
+def test_augmented_batches_travel_as_uint8_and_are_normalised_after_the_shift():
+    from hashdistill.data import batch_augmentation, random_shift_flip
+
+    dataset = build_dataset(DataConfig(dataset="fashion-mnist", image_size=16, augment=True, train_limit=300),
+                            "train")
+    pixels, labels = dataset.get_batch(list(range(40)))
+    assert pixels.dtype == torch.uint8 and pixels.shape[1] == 1  # a quarter of the bytes, one channel
+    torch.manual_seed(3)
+    augmented = batch_augmentation(dataset)(pixels)
+    torch.manual_seed(3)  # shift and flip commute with the per-channel normalisation
+    reference = random_shift_flip(torch.stack([dataset[i][0] for i in range(40)]))
+    assert augmented.shape == (40, 3, 16, 16) and torch.equal(augmented, reference)
+    plain = build_dataset(DataConfig(dataset="fashion-mnist", image_size=16, train_limit=300), "train")
+    assert batch_augmentation(plain) is None and plain.get_batch([0])[0].dtype == torch.float32

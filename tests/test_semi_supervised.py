@@ -157,3 +157,36 @@ def test_a_folder_of_unlabelled_images_distils_end_to_end(tmp_path):
     seen = [r for r in RunDir(out, writer=False).metrics() if r.get("stage") == "student"]
     assert seen and "val_map_tie_aware" in seen[-1]
     assert "training_curves.png" in (out / "report.md").read_text() and (out / "training_curves.png").is_file()
+
+
+def test_mixup_blends_pairs_keeps_shared_labels_and_teaches_on_the_mixed_image(trained_run):
+    from hashdistill.distill.models import load_model
+    from hashdistill.distill.student_stage import IndexedDataset, build_student, distillation_batch_loss, mix_images
+
+    torch.manual_seed(0)
+    x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 2, 2).contiguous()
+    y = torch.tensor([0, 0, 1, 2, 1, 0])
+    torch.manual_seed(1)
+    mixed, labels = mix_images(x, y, 0.4)
+    torch.manual_seed(1)
+    weight = float(torch.distributions.Beta(0.4, 0.4).sample())
+    partner = torch.randperm(6)
+    assert torch.allclose(mixed, weight * x + (1 - weight) * x[partner])
+    assert labels.tolist() == [int(a) if a == b else UNLABELLED for a, b in zip(y.tolist(), y[partner].tolist())]
+
+    recipe = dataclasses.replace(trained_run["recipe"], student=dataclasses.replace(
+        trained_run["recipe"].student, mixup=0.4, losses={"bernoulli_kd": 1.0, "code_bce": 1.0}))
+    teacher, _ = load_model(str(trained_run["teacher"]))
+    train = build_dataset(recipe.data, "train")
+    seen = []
+    teacher.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    student = build_student(recipe.student, teacher, recipe.data.image_size)
+    batch_loss = distillation_batch_loss(student, teacher, recipe.student.losses, recipe.student, train,
+                                         torch.device("cpu"), 64)
+    assert not seen  # mixup: no cache of unmixed images
+    batch = IndexedDataset(train).get_batch(list(range(16)))
+    torch.manual_seed(2)
+    loss = batch_loss(student, batch)
+    torch.manual_seed(2)
+    expected, _ = mix_images(batch[0], batch[1], 0.4)
+    assert torch.isfinite(loss) and len(seen) == 1 and torch.equal(seen[0], expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -54,6 +55,13 @@ def _grouped_crops(padded: torch.Tensor, size: torch.Size, dy: torch.Tensor, dx:
 
 
 def batch_augmentation(dataset: Dataset) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The augmentation the trainer applies to each training batch of ``dataset`` (None: none). Image folders
+    """What the trainer applies to each training batch of ``dataset`` on the device (None: nothing): for an
+    augmented in-memory split, :func:`random_shift_flip` on its uint8 pixels, then its normalisation. Image folders
     augment each image as it is decoded (timm's transforms), so their batches get none here."""
-    return random_shift_flip if isinstance(dataset, ImageTensorDataset) and dataset.augment else None
+    if isinstance(dataset, ImageTensorDataset) and dataset.augment:
+        return functools.partial(_shift_flip_normalise, dataset)
+    return None
+
+
+def _shift_flip_normalise(dataset: ImageTensorDataset, pixels: torch.Tensor) -> torch.Tensor:
+    return dataset.normalise(random_shift_flip(pixels))

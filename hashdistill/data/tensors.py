@@ -28,9 +28,11 @@ class RawImages:
 class ImageTensorDataset(Dataset):
     """Images held in memory as uint8 [N, C, S, S], normalised when fetched.
 
-    ``augment`` marks a training split that trains with :func:`random_shift_flip`: the trainer applies it to
-    whole batches on the training device (:func:`batch_augmentation`), never per item. :meth:`get_batch`
-    fetches a whole batch in one indexing operation; the trainer's loader uses it.
+    ``augment`` marks a training split that trains with :func:`random_shift_flip`: its :meth:`get_batch` then
+    hands out the uint8 pixels, and the trainer shifts, flips and normalises whole batches on the training device
+    (:func:`batch_augmentation`): a quarter of the bytes to move and a third of the channels to shift for
+    grayscale images, and no per-item Python work. :meth:`get_batch` fetches a whole batch in one indexing
+    operation; the trainer's loader uses it.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
@@ -45,8 +47,12 @@ class ImageTensorDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index].float().div_(255).expand(3, -1, -1)
-        return (image - self.mean) / self.std, int(self.labels[index])
+        return self.normalise(self.images[index][None])[0], int(self.labels[index])
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, S, S] (C = 1 or 3, on any device) -> normalised float [B, 3, S, S]."""
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return torch.sub(pixels.float().div_(255), mean).div_(std)  # broadcasting C = 1 to the 3 channels
 
     def pixels(self, index: int) -> np.ndarray:
         """Item ``index`` as RGB uint8 [S, S, 3] (what an image-in model takes; its pre-processing is the identity
@@ -60,10 +66,11 @@ class ImageTensorDataset(Dataset):
                                   self.transform.mean, self.transform.std, self.augment)
 
     def get_batch(self, indices: list[int]) -> list[torch.Tensor]:
-        """A whole batch, already collated: normalised images [B, 3, S, S] and labels [B]."""
+        """A whole batch, already collated: images [B, 3, S, S] and labels [B]. The images are normalised, or
+        for an augmented split the uint8 pixels [B, C, S, S] that :func:`batch_augmentation` takes."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        images = self.images[index].float().div_(255).expand(-1, 3, -1, -1)
-        return [(images - self.mean) / self.std, self.labels[index]]
+        pixels = self.images[index]
+        return [pixels if self.augment else self.normalise(pixels), self.labels[index]]
 
 
 def resize_images(images: np.ndarray, size: int) -> torch.Tensor:
