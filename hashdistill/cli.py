@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", type=float, help="threshold t: Delta = t * max|w| (default 0.05)")
     p.add_argument("--target-sparsity", type=float, help="pick Delta for this fraction of zeros instead of --t")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    p.add_argument("--scope", choices=["fc", "pointwise"],
+                   help="fc (default): FC layers and 1x1 heads; pointwise: also every 1x1 conv of the body")
     p.add_argument("--teacher", help="teacher to distil from (default: the one recorded in the checkpoint)")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(handler=cmd_quantize)
@@ -286,6 +288,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         overrides.append(f"quantize.target_sparsity={args.target_sparsity}")
     if args.epochs is not None:
         overrides.append(f"quantize.train.epochs={args.epochs}")
+    if args.scope is not None:
+        overrides.append(f"quantize.scope={args.scope}")
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     own = {"data": meta["data"], "student": {key: training[key] for key in ("losses", "temperature")
                                              if key in training}} if "data" in meta else None

@@ -164,6 +164,7 @@ class StudentConfig:
 class QuantizeConfig:
     threshold: float = 0.05
     target_sparsity: float | None = None
+    scope: Literal["fc", "pointwise"] = "fc"  # pointwise: also every 1x1 conv of the body (the whole model shrinks)
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     scale_init: Literal["mean", "one"] = "mean"

@@ -31,7 +31,7 @@ from .ttq import TTQConfig, latent_parameters, layer_report, scale_parameters, t
 
 def ttq_config(recipe: Recipe) -> TTQConfig:
     q = recipe.quantize
-    return TTQConfig(threshold=q.threshold, target_sparsity=q.target_sparsity, include=tuple(q.include),
+    return TTQConfig(threshold=q.threshold, target_sparsity=q.target_sparsity, scope=q.scope, include=tuple(q.include),
                      exclude=tuple(q.exclude), scale_init=q.scale_init)
 
 

@@ -30,6 +30,7 @@ from hashdistill.errors import UserError
 from .packing import packed_size
 
 SCALE_INITS = ("mean", "one")
+SCOPES = ("fc", "pointwise")  # what TTQ may quantize: FC layers and 1x1 heads / also every 1x1 conv in the body
 HEAD_KEYWORDS = ("head", "classifier", "fc")
 SCALE_BYTES = 8  # Wp and Wn as two fp32 values
 TERNARY_TYPES = (nn.Linear, nn.Conv2d)  # what apply_ternary, ternary checkpoints and the exporter all handle
@@ -40,8 +41,10 @@ class TTQConfig:
     """What to ternarize and how to pick the threshold and initial scales.
 
     ``threshold``: Delta = threshold * max|w| (ignored when ``target_sparsity`` is set, which instead picks
-    Delta so that this fraction of the weights is zero). ``include``/``exclude``: fnmatch patterns on
-    module names from ``model.named_modules()``.
+    Delta so that this fraction of the weights is zero). ``scope``: ``fc`` (default) the fully connected layers
+    and 1x1-conv heads; ``pointwise`` also every 1x1 convolution of the body: in a depthwise-separable student
+    (MobileNet, LCNet) they hold over 90% of the weights, so the whole model shrinks, not only its head.
+    ``include``/``exclude``: fnmatch patterns on module names from ``model.named_modules()``, within the scope.
     """
 
     threshold: float = 0.05
@@ -49,11 +52,14 @@ class TTQConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     scale_init: str = "mean"
+    scope: str = "fc"
 
     def __post_init__(self) -> None:
         _check_fraction("threshold", self.threshold)
         if self.target_sparsity is not None:
             _check_fraction("target_sparsity", self.target_sparsity)
+        if self.scope not in SCOPES:
+            raise UserError(f"TTQ config: scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
         if self.scale_init not in SCALE_INITS:
             allowed = ", ".join(SCALE_INITS)
             raise UserError(f"TTQ config: scale_init must be one of {allowed}; got {self.scale_init!r}")
@@ -186,11 +192,13 @@ def refuse_if_ternarized(model: nn.Module) -> None:
         raise UserError(f"model is already ternarized ({len(done)} ternary layers, e.g. {example})")
 
 
-def eligible_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Layers TTQ may quantize: every nn.Linear, and 1x1 nn.Conv2d heads (name has head/classifier/fc).
+def eligible_layers(model: nn.Module, scope: str = "fc") -> dict[str, nn.Module]:
+    """Layers TTQ may quantize: every nn.Linear, and 1x1 nn.Conv2d heads (name has head/classifier/fc); with
+    ``scope="pointwise"`` every 1x1 nn.Conv2d.
 
     The first convolution of the network is never eligible (it sees raw pixels and is tiny), nor is any
-    normalisation layer (they are neither Linear nor Conv2d).
+    normalisation layer (they are neither Linear nor Conv2d), nor a kxk convolution (depthwise filters have
+    9 weights each: too few to share two scales).
     """
     modules = list(model.named_modules())
     first_conv = next((m for _, m in modules if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)), None)
@@ -202,7 +210,7 @@ def eligible_layers(model: nn.Module) -> dict[str, nn.Module]:
             isinstance(module, nn.Conv2d)
             and module is not first_conv
             and module.kernel_size == (1, 1)
-            and any(key in name.lower() for key in HEAD_KEYWORDS)
+            and (scope == "pointwise" or any(key in name.lower() for key in HEAD_KEYWORDS))
         ):
             eligible[name] = module
     return eligible
@@ -211,7 +219,7 @@ def eligible_layers(model: nn.Module) -> dict[str, nn.Module]:
 def select_layers(model: nn.Module, config: TTQConfig) -> list[str]:
     """Names of the eligible layers kept by ``config.include``/``config.exclude``; UserError if none."""
     all_names = [name for name, _ in model.named_modules()]
-    eligible = list(eligible_layers(model))
+    eligible = list(eligible_layers(model, config.scope))
     sample = ", ".join(eligible[:8]) or "none"
     for pattern in config.include + config.exclude:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in all_names):

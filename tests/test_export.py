@@ -130,6 +130,33 @@ def test_ternary_1x1_conv_head_exports(tmp_path, ckpts, opset):
     assert figures["identical_code_rate"] == 1.0 and figures["ternary_layers"] == 2
 
 
+def test_pointwise_scope_shrinks_the_whole_model_and_round_trips(tmp_path, ckpts):
+    """Every 1x1 conv of a depthwise-separable body ternary: the checkpoint loads back to the same model, and the
+    exported file loses most of each ternary weight's 32 bits (these layers are tiny, so each layer's unpacking
+    nodes, some hundreds of bytes, weigh; a layer folded back to fp32 would lose nothing)."""
+    from hashdistill.checkpoint import save_checkpoint
+    from hashdistill.quantize.ternary_checkpoint import save_ternary
+
+    _, meta = load_any_model(ckpts.student)
+    meta = {**meta, "arch": "test_efficientnet"}
+    torch.manual_seed(3)
+    model = HashStudent("test_efficientnet", BITS, 4).eval()
+    save_checkpoint(tmp_path / "student.safetensors", model.state_dict(), meta)
+    fp32 = export_onnx(model, meta, tmp_path / "fp32.onnx")
+    head_only = ternarize_(HashStudent("test_efficientnet", BITS, 4), TTQConfig())
+    names = ternarize_(model, TTQConfig(scope="pointwise"))
+    assert len(names) > len(head_only) and any(".conv_pw" in n or ".conv_pwl" in n for n in names)
+    save_ternary(tmp_path / "ternary.safetensors", model, {**meta, "kind": "ternary-student"})
+    loaded, _ = load_any_model(str(tmp_path / "ternary.safetensors"))
+    assert list(ternary_layers(loaded)) == list(ternary_layers(model))
+    pixels = _test_pixels(32)
+    path = export_onnx(loaded, meta, tmp_path / "pointwise.onnx")
+    figures = verify_export(path, model, pixels)
+    assert figures["identical_code_rate"] == 1.0 and figures["ternary_layers"] == len(names)
+    ternary_weights = sum(m.weight.numel() for m in ternary_layers(model).values())
+    assert fp32.stat().st_size - path.stat().st_size > 3 * ternary_weights
+
+
 def test_a_folded_ternary_weight_is_detected(ckpts):
     model, _ = load_any_model(ckpts.ternary)
     wrapper, sizes = edge_graph(model, BITS, "packed")

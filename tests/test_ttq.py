@@ -1,5 +1,7 @@
 """TTQ: the autograd Function's forward and gradients, scope rules, config, reports and ternary checkpoints."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -168,6 +170,18 @@ def test_scope(include, exclude, expected):
     assert not hasattr(model.stem_fc, "parametrizations")
     assert not hasattr(model.bn, "parametrizations")
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 12)
+
+
+def test_pointwise_scope_takes_every_1x1_conv_of_the_body_but_not_the_first_conv():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1),
+                          nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(2, 3, 6, 6))
+    assert ternarize_(copy.deepcopy(model), TTQConfig()) == ["4"]  # fc scope: the body's 1x1 conv stays float
+    names = ternarize_(model, TTQConfig(scope="pointwise"))
+    assert names == ["2", "4"]  # not the first conv (1x1 too), not the depthwise 3x3
+    assert model(torch.randn(2, 3, 6, 6)).shape == (2, 4)
+    with pytest.raises(UserError, match="scope"):
+        TTQConfig(scope="everything")
 
 
 def test_first_conv_and_batchnorm_never_quantized_even_if_named():
