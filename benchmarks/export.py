@@ -1,15 +1,21 @@
-"""Export figures: ONNX file sizes, CPU latency (onnxruntime vs PyTorch eager), parity, Hamming search speed.
+"""Export figures: ONNX file sizes, CPU latency (onnxruntime vs PyTorch eager), parity, mAP, Hamming search speed.
 
-Models are UNTRAINED (random init, timm pretrained=False): file size and latency do not depend on
-the weights' values, and parity is still measured on real images. The teacher is an LLC ResNet50,
-the students a fp32 MobileNetV3-small and its ternary version (TTQ on every nn.Linear and the 1x1
-head conv; exported packed at opset 18 and as INT2 at opset 25), and the ternary one with its float layers
-stored as int8 (``hashdistill export --int8``), as ``.onnx`` and as ORT format (``--mobile``). Latency is the
-median of several runs in this one process, so the ratios are comparable; search compares faiss IndexBinaryFlat with
-the numpy popcount baseline (hashdistill.codes) over random codes.
+Two kinds of models. By default UNTRAINED ones (random init, timm pretrained=False): an LLC ResNet50 teacher and a
+MobileNetV3-small student; file size and latency do not depend on the weights' values, and parity is still
+measured on real images. With ``--trained-run DIR`` the trained teacher and student of that run directory (e.g. a
+run of the distillation benchmark), and then also each file's tie-aware mAP on Fashion-MNIST (queries = 10k test
+images, database = 60k), from the ONNX file itself.
+
+The student is exported fp32; ternary with TTQ's default scope (every nn.Linear and the 1x1 head conv; packed at
+opset 18 and as INT2 at opset 25); and as the phone model: ternary over every 1x1 conv (``quantize.scope:
+pointwise``) with the remaining float layers stored as int8 (``hashdistill export --int8``), as ``.onnx`` and as
+ORT format (``--mobile``). A trained student's ternary versions are fine-tuned under its distillation loss
+(``quantize_student``, ``--quantize-epochs``). Latency is the median of several runs in this one process, so the
+ratios are comparable; search compares faiss IndexBinaryFlat with the numpy popcount baseline (hashdistill.codes)
+over random codes.
 
     python benchmarks/export.py --out benchmarks/results/export.json
-    python benchmarks/export.py --database 100000 --latency-runs 3    # quicker
+    python benchmarks/export.py --trained-run bench_out/distill/f1-s0 --out benchmarks/results/export.json
 """
 
 from __future__ import annotations
@@ -33,21 +39,29 @@ from hashdistill import codes
 from hashdistill.checkpoint import save_checkpoint
 from hashdistill.data import build_dataset, dataset_info
 from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher, model_meta
+from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits, onnx_encoder
 from hashdistill.export.index import HashIndex
+from hashdistill.export.loading import load_any_model
 from hashdistill.export.mobile import quantize_int8, to_mobile
 from hashdistill.export.onnx_export import export_onnx
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.export.verify import measure_parity, same_code_rate
+from hashdistill.quantize.stage import quantize_student
 from hashdistill.quantize.ternary_checkpoint import save_ternary
 from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
-from hashdistill.recipe import DataConfig
+from hashdistill.recipe import DataConfig, Recipe, load_recipe
+from hashdistill.rundir import RECIPE_FILE_NAME, RunDir
+
+PHONE = "phone model: ternary 1x1 convs + int8"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/export.json")
-    parser.add_argument("--teacher", default="resnet50")
-    parser.add_argument("--student", default="mobilenetv3_small_100")
+    parser.add_argument("--trained-run", help="a run directory with a trained teacher and student (checkpoints/)")
+    parser.add_argument("--quantize-epochs", type=int, default=2, help="TTQ fine-tuning epochs of a trained student")
+    parser.add_argument("--teacher", default="resnet50", help="untrained teacher's timm name")
+    parser.add_argument("--student", default="mobilenetv3_small_100", help="untrained student's timm name")
     parser.add_argument("--bits", type=int, default=16)
     parser.add_argument("--dataset", default="fashion-mnist", help="real images for parity (digits needs no files)")
     parser.add_argument("--image-size", type=int, default=32, help="input size (the fashion-mnist recipe's)")
@@ -62,54 +76,77 @@ def main() -> None:
     started = time.time()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        models = benchmark_models(args, Path(tmp))
-        edge_files = edge_file_agreement(Path(tmp), args.edge_files)
+        folder = Path(tmp)
+        recipe = trained_checkpoints(args, folder) if args.trained_run else untrained_checkpoints(args, folder)
+        models = benchmark_models(args, folder, recipe)
+        edge_files = edge_file_agreement(folder, args.edge_files)
     search = [benchmark_search(int(bits), args.database, args.queries, args.k, args.latency_runs)
               for bits in args.search_bits.split(",")]
-    print_table(models, ["model", "opset", "checkpoint_bytes", "onnx_bytes", "ternary_layers", "identical_code_rate",
-                         "identical_code_rate_vs_float_onnx", "ort_ms_b1", "torch_ms_b1", "ort_ms_b64", "torch_ms_b64"])
+    print_table(models, ["model", "opset", "onnx_bytes", "ternary_layers", "identical_code_rate",
+                         "identical_code_rate_vs_float_onnx", "map_tie_aware", "ort_ms_b1", "ort_ms_b64",
+                         "torch_ms_b64"])
     print()
     print_table(search, ["bits", "database", "queries", "k", "faiss_qps", "numpy_qps", "faiss_speedup"])
     by_name = {row["model"]: row for row in models}
-    fp32, small = by_name["student " + args.student], by_name["ternary student + int8"]
+    fp32, phone, teacher = by_name["student"], by_name[PHONE], by_name["teacher"]
+    drop = 100 * (fp32["map_tie_aware"] - phone["map_tie_aware"]) if recipe else None
     write_json(args.out, {"benchmark": "export", "machine": machine(), "wall_seconds": time.time() - started,
-                          "args": vars(args), "weights": "untrained (random init)", "models": models,
-                          "search": search,
-                          "whole_file_ratio": fp32["onnx_bytes"] / small["onnx_bytes"],
-                          "student_teacher_latency_ratio_b64": small["ort_ms_b64"]
-                          / by_name["teacher " + args.teacher]["ort_ms_b64"],
-                          "whole_file_map_drop_points": None,  # needs a trained student: not measured here
-                          "edge_files": edge_files,
-                          "edge_file_agreement": edge_files["agreement"]})
+                          "args": vars(args), "weights": f"trained ({args.trained_run})" if recipe else
+                          "untrained (random init)", "models": models, "search": search,
+                          "whole_file_ratio": fp32["onnx_bytes"] / phone["onnx_bytes"],
+                          "student_teacher_latency_ratio_b64": phone["ort_ms_b64"] / teacher["ort_ms_b64"],
+                          "fp32_student_teacher_latency_ratio_b64": fp32["ort_ms_b64"] / teacher["ort_ms_b64"],
+                          "whole_file_map_drop_points": drop,
+                          "edge_files": edge_files, "edge_file_agreement": edge_files["agreement"]})
 
 
-def benchmark_models(args: argparse.Namespace, folder: Path) -> list[dict]:
-    """Export teacher, fp32 student and ternary student; sizes, parity on real images, latencies."""
+def untrained_checkpoints(args: argparse.Namespace, folder: Path) -> None:
+    """Random-init teacher and student checkpoints (and both ternary versions) in ``folder``."""
     cfg = DataConfig(dataset=args.dataset, image_size=args.image_size)
-    test = build_dataset(cfg, "test")
-    images = [test.pixels(i) for i in range(min(args.parity_images, len(test)))]
     info = dataset_info(cfg)
     extra = {"data": dataclasses.asdict(cfg), "recipe_hash": "benchmark"}
     classes = len(info["class_names"])
     teacher = LLCTeacher(args.teacher, args.bits, classes).eval()
     student = HashStudent(args.student, args.bits, classes).eval()
     student.codes.copy_(teacher.class_codes)
-    ternary = copy.deepcopy(student)
-    ternarize_(ternary, TTQConfig())
-    teacher_meta = model_meta(TEACHER, args.teacher, args.bits, info, **extra)
+    save_checkpoint(folder / "teacher.safetensors", teacher.state_dict(),
+                    model_meta(TEACHER, args.teacher, args.bits, info, **extra))
     student_meta = model_meta(STUDENT, args.student, args.bits, info, **extra)
-    ternary_meta = {**student_meta, "kind": "ternary-student"}
-    save_checkpoint(folder / "teacher.safetensors", teacher.state_dict(), teacher_meta)
     save_checkpoint(folder / "student.safetensors", student.state_dict(), student_meta)
-    save_ternary(folder / "ternary.safetensors", ternary, ternary_meta)
-    cases = [("teacher " + args.teacher, teacher, teacher_meta, "teacher", 18),
-             ("student " + args.student, student, student_meta, "student", 18),
-             ("ternary student", ternary, ternary_meta, "ternary", 18),
-             ("ternary student (INT2)", ternary, ternary_meta, "ternary", 25)]
+    for scope, stem in (("fc", "ternary"), ("pointwise", "pointwise")):
+        ternary = copy.deepcopy(student)
+        ternarize_(ternary, TTQConfig(scope=scope))
+        save_ternary(folder / f"{stem}.safetensors", ternary, {**student_meta, "kind": "ternary-student"})
+
+
+def trained_checkpoints(args: argparse.Namespace, folder: Path) -> Recipe:
+    """The run's teacher and student, and the student ternarized at both scopes and fine-tuned, in ``folder``."""
+    run = RunDir(args.trained_run, writer=False)
+    for name in ("teacher", "student"):
+        (folder / f"{name}.safetensors").write_bytes(run.checkpoint(name).read_bytes())
+    for scope, stem in (("fc", "ternary"), ("pointwise", "pointwise")):
+        recipe = load_recipe(run.path / RECIPE_FILE_NAME, [f"quantize.scope={scope}",
+                                                          f"quantize.train.epochs={args.quantize_epochs}"])
+        print(f"ternarizing the trained student ({scope}) ...", flush=True)
+        quantize_student(folder / "student.safetensors", folder / f"{stem}.safetensors", recipe,
+                         RunDir(folder / f"quantize-{stem}"), torch.device("cpu"), folder / "teacher.safetensors")
+    return recipe
+
+
+def benchmark_models(args: argparse.Namespace, folder: Path, recipe: Recipe | None) -> list[dict]:
+    """Export teacher, fp32 student and ternary students; sizes, parity on real images, latencies, and with a
+    trained run each file's mAP."""
+    cfg = recipe.data if recipe else DataConfig(dataset=args.dataset, image_size=args.image_size)
+    test = build_dataset(cfg, "test")
+    images = [test.pixels(i) for i in range(min(args.parity_images, len(test)))]
+    splits = EvalSplits.build(cfg) if recipe else None
+    cases = [("teacher", "teacher", 18), ("student", "student", 18), ("ternary student", "ternary", 18),
+             ("ternary student (INT2)", "ternary", 25), ("ternary student + int8", "ternary", 18),
+             (PHONE, "pointwise", 18), (PHONE + " (.ort)", "pointwise", 18)]
     rows = []
-    for name, model, meta, stem, opset in [*cases, ("ternary student + int8", ternary, ternary_meta, "ternary", 18),
-                                           ("ternary student + int8 (.ort)", ternary, ternary_meta, "ternary", 18)]:
+    for name, stem, opset in cases:
         print(f"exporting {name} (opset {opset}) ...", flush=True)
+        model, meta = load_any_model(folder / f"{stem}.safetensors")
         path = export_onnx(model, meta, folder / f"{stem}-{opset}.onnx", opset=opset, force=True)
         float_path = path
         if "int8" in name:
@@ -118,12 +155,17 @@ def benchmark_models(args: argparse.Namespace, folder: Path) -> list[dict]:
             path = to_mobile(path)["ort"]
         parity = measure_parity(path, model, images)
         parity["identical_code_rate_vs_float_onnx"] = same_code_rate(float_path, path, images)
-        row = {"model": name, "opset": opset, "checkpoint_bytes": (folder / f"{stem}.safetensors").stat().st_size,
+        row = {"model": name, "arch": meta["arch"], "opset": opset,
+               "checkpoint_bytes": (folder / f"{stem}.safetensors").stat().st_size,
                "onnx_bytes": parity["file_bytes"], "ternary_layers": len(ternary_layers(model)),
                "ternary_encoding": parity["ternary_encoding"], "parity_images": parity["images"],
                "identical_code_rate": parity["identical_code_rate"],
                "identical_code_rate_vs_float_onnx": parity["identical_code_rate_vs_float_onnx"],
                "max_abs_logit_diff": parity["max_abs_logit_diff"]}
+        if splits is not None and ".ort" not in name:
+            logits = encode_splits(onnx_encoder(str(path), cfg.eval_batch_size), splits)
+            row["map_tie_aware"] = code_metrics(logits, splits, model.class_codes.cpu().numpy(),
+                                                recipe.eval)["map_tie_aware"]
         rows.append({**row, **latencies(path, model, images, args.latency_runs)})
     return rows
 
@@ -156,10 +198,9 @@ def edge_file_agreement(folder: Path, count: int) -> dict:
     from PIL import Image
 
     from hashdistill.data.imagefolder import ImageFileDataset
-    from hashdistill.export.loading import load_any_model
 
-    model, _ = load_any_model(folder / "ternary.safetensors")
-    onnx_path = folder / "ternary-18.onnx"
+    model, _ = load_any_model(folder / "pointwise.safetensors")
+    onnx_path = folder / "pointwise-18.onnx"
     edge = EdgeModel(onnx_path)
     raw = build_dataset(DataConfig(dataset="fashion-mnist", image_size=28), "test")
     shapes = [(28, 28), (40, 30), (23, 57), (100, 64), (64, 64), (31, 90)]
@@ -178,7 +219,8 @@ def edge_file_agreement(folder: Path, count: int) -> dict:
     graph = np.concatenate([session.run(["codes"], {"images": items.pixels(i)[None]})[0] for i in range(len(items))])
     runtime = edge.encode(paths)
     agree = (training == graph).all(axis=1) & (graph == runtime).all(axis=1)
-    return {"files": len(paths), "shapes": shapes, "formats": ["png", "jpeg"], "model": "ternary student (opset 18)",
+    return {"files": len(paths), "shapes": shapes, "formats": ["png", "jpeg"],
+            "model": "the phone model's ternary student (opset 18)",
             "agreement": float(agree.mean()), "training_vs_graph": float((training == graph).all(axis=1).mean()),
             "graph_vs_runtime": float((graph == runtime).all(axis=1).mean())}
 
