@@ -65,11 +65,11 @@ def plot_bits_sweep(rows: list[dict], path: str | Path) -> Path:
     return _save(fig, ax, path, "Teacher: code length vs accuracy")
 
 
-def plot_training_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, metric: str) -> Path:
-    """One line per training stage: ``metric`` after each epoch (1-based on the axis)."""
+def plot_training_curves(curves: dict[str, list[tuple[float, float]]], path: str | Path, metric: str) -> Path:
+    """One line per training stage: ``metric`` after each epoch against the training images seen by then."""
     fig, ax = _axes(path)
     for name, points in curves.items():
-        ax.plot([epoch + 1 for epoch, _ in points], [value for _, value in points], marker=".", label=name)
-    ax.set_xlabel("epoch")
+        ax.plot([seen for seen, _ in points], [value for _, value in points], marker=".", label=name)
+    ax.set_xlabel("training images seen")
     ax.set_ylabel(metric)
     return _save(fig, ax, path, f"Training: {metric} on the validation split")

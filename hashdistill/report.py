@@ -75,17 +75,23 @@ CURVE_METRIC = "val_map_tie_aware"
 
 
 def _curves_section(run: RunDir) -> list[str]:
-    """mAP on the validation split after each epoch, one line per hash-code training stage (e.g. a distilled
-    student beside its labels-only baseline)."""
-    curves: dict[str, list[tuple[int, float]]] = {}
+    """mAP on the validation split against the training images seen so far, one line per hash-code training stage
+    (a distilled student beside its labels-only baseline, which may take more, shorter epochs for the same
+    number of steps)."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    seen: dict[str, float] = {}
     for record in run.metrics():
-        if isinstance(record.get(CURVE_METRIC), float) and isinstance(record.get("epoch"), int):
-            curves.setdefault(str(record.get("stage")), []).append((record["epoch"], record[CURVE_METRIC]))
+        stage, value = str(record.get("stage")), record.get(CURVE_METRIC)
+        if not isinstance(value, float):
+            continue
+        images = float(record.get("images_per_s", 0)) * float(record.get("epoch_seconds", 0))  # this epoch's
+        seen[stage] = seen.get(stage, 0.0) + images
+        curves.setdefault(stage, []).append((seen[stage], value))
     if not curves:
         return []
     plot_training_curves(curves, run.path / CURVES_PLOT, "mAP (tie-aware)")
     return ["## Training curves", "", "Tie-aware mAP of the validation images searching among themselves, after "
-            "each epoch.", "", f"![training curves]({CURVES_PLOT})", ""]
+            "each epoch, against the training images seen.", "", f"![training curves]({CURVES_PLOT})", ""]
 
 
 def _bits_sweep_section(run: RunDir, sweep: dict[str, dict[str, Any]] | None) -> list[str]:
