@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student from a teacher checkpoint (or train both)")
     _recipe_args(p)
     p.add_argument("--teacher", help="teacher checkpoint (default: train one first)")
-    p.add_argument("--labels-only", action="store_true", help="train the student on the class codes only")
+    p.add_argument("--labels-only", action="store_true",
+                   help="train the student on the class codes of the labelled images only (the baseline)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="RUN_DIR")
     p.add_argument("--force", action="store_true")

@@ -190,3 +190,29 @@ def test_mixup_blends_pairs_keeps_shared_labels_and_teaches_on_the_mixed_image(t
     torch.manual_seed(2)
     expected, _ = mix_images(batch[0], batch[1], 0.4)
     assert torch.isfinite(loss) and len(seen) == 1 and torch.equal(seen[0], expected)
+
+
+@pytest.mark.slow
+def test_semi_supervised_distillation_under_torchrun(tmp_path):
+    """Two gloo ranks: the teacher on the labelled images, a distilled and a labels-only student, all through the
+    CLI (run, then distill --labels-only)."""
+    import subprocess
+    import sys
+
+    recipe_path = tmp_path / "semi.yaml"
+    recipe_path.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "labelled_fraction": 0.3}}))
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "hashdistill"]
+    done = subprocess.run([*torchrun, "run", str(recipe_path), "--out", str(out), "--stages", "teacher,student"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([*torchrun, "distill", str(recipe_path), "--teacher", str(out / "checkpoints" /
+                                                                                    "teacher.safetensors"),
+                           "--labels-only", "--resume", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = RunDir(out, writer=False)
+    assert {"teacher", "student"} <= set(run.summary()["models"])
+    assert run.checkpoint("student-labels-only").is_file()
+    stages = [r["stage"] for r in run.metrics()]
+    assert stages.count("student") == TINY["student"]["train"]["epochs"]  # rank 0 alone writes the log
