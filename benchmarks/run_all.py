@@ -144,7 +144,7 @@ def section_distill(data: dict[str, Any]) -> list[str]:
     lines += ["", f"Targets: full labels **{fmt(data.get('kd_gain_points_full_labels'), 2)} points** (>= +2) with "
               f"the student at **{fmt(data.get('student_teacher_map_ratio'), 3)}x** the teacher's mAP (>= 0.98); "
               f"10% labels **{fmt(data.get('kd_gain_points_10pct_labels'), 2)} points** (>= +5). Each run's report.md "
-              "plots the validation mAP of both students against epochs."]
+              "plots the validation mAP of both students against the training images seen."]
     return lines
 
 
