@@ -65,13 +65,14 @@ def main() -> None:
                     "msp_baseline": teacher["ood"]["msp_baseline"], "mhd_acc_in_distribution": teacher["mhd_accuracy"],
                     "float": epochs_and_seconds(first, ("float-baseline",)),
                     "teacher": epochs_and_seconds(folder, ("teacher-phase1", "teacher-phase2"))})
+    if not ood:
+        return
     print_table([{"bits": r["bits"], "detector": name, **r[key]} for r in ood
                  for name, key in (("exact match", "exact_match"), ("max softmax, tuned", "msp_baseline"))],
                 ["bits", "detector", "tpr", "fpr", "youden_j", "auroc", "tpr_at_exact_match_fpr",
                  "samples_to_match_exact_match"])
-    if ood:
-        write_json(args.out, {"benchmark": "teacher", "machine": machine(), "args": vars(args), **figures,
-                              "rows": rows, "ood": ood, "wall_seconds": time.time() - started})
+    write_json(args.out, {"benchmark": "teacher", "machine": machine(), "args": vars(args), **figures,
+                          "rows": rows, "ood": ood, "wall_seconds": time.time() - started})
 
 
 def training_overrides(float_epochs: int, llc_epochs: int) -> list[str]:
