@@ -21,6 +21,7 @@ Timings: interleaved rounds, medians, ratios within the run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -173,6 +174,9 @@ def parity(root: Path, work: Path, args: argparse.Namespace) -> dict[str, float]
             "imagefolder_map_gap_points": 100 * abs(memory_map - folder_map)}
 
 
+PARTS = ("batches", "folder", "parity")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/data.json")
@@ -185,24 +189,32 @@ def main() -> None:
     parser.add_argument("--parity-train", type=int, default=5000, help="training images of the parity runs")
     parser.add_argument("--parity-test", type=int, default=2000, help="test queries of the parity runs")
     parser.add_argument("--parity-epochs", type=int, default=2, help="epochs of each LLC phase in the parity runs")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="which measurements to run (batches: in-memory batches and the divergence check; folder: "
+                        "image folder vs torchvision; parity); the figures of parts not run are kept from --out")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     started = time.time()
     work = Path(args.work)
-    figures = in_memory_batches(args)
-    figures.update(divergence_check(args))
+    out = Path(args.out)
+    figures = json.loads(out.read_text()) if out.is_file() and parts != set(PARTS) else {}  # keep the others
+    if "batches" in parts:
+        figures.update(in_memory_batches(args))
+        figures.update(divergence_check(args))
     root = work / "png-folder"
-    if not (root / "test").is_dir():  # the whole database (train + val) and the parity runs' test queries
+    if parts & {"folder", "parity"} and not (root / "test").is_dir():  # the database (train + val), test queries
         cfg = DataConfig(dataset="fashion-mnist", image_size=32, test_limit=args.parity_test)
         splits = {"train": [build_dataset(cfg, "train"), build_dataset(cfg, "val")],
                   "test": [build_dataset(cfg, "test")]}
         write_png_folder(root, {name: (torch.cat([d.images for d in ds]), torch.cat([d.labels for d in ds]))
                                 for name, ds in splits.items()}, splits["test"][0].class_names)
-    figures.update(folder_vs_torchvision(root, args))
+    if "folder" in parts:
+        figures.update(folder_vs_torchvision(root, args))
+    if "parity" in parts:
+        figures.update(parity(root, work, args))
     print(figures)
-    figures.update(parity(root, work, args))
-    print(figures)
-    write_json(args.out, {"benchmark": "data", "machine": machine(), "args": vars(args), **figures,
-                          "wall_seconds": time.time() - started})
+    write_json(out, {**figures, "benchmark": "data", "machine": machine(), "args": vars(args),
+                     "wall_seconds": time.time() - started})
 
 
 if __name__ == "__main__":
