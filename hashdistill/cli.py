@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs")
     p.add_argument("--scope", choices=["fc", "pointwise"],
                    help="fc (default): FC layers and 1x1 heads; pointwise: also every 1x1 conv of the body")
+    p.add_argument("--min-weights", type=int, help="ternarize only layers with at least this many weights")
     p.add_argument("--teacher", help="teacher to distil from (default: the one recorded in the checkpoint)")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(handler=cmd_quantize)
@@ -291,6 +292,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         overrides.append(f"quantize.train.epochs={args.epochs}")
     if args.scope is not None:
         overrides.append(f"quantize.scope={args.scope}")
+    if args.min_weights is not None:
+        overrides.append(f"quantize.min_weights={args.min_weights}")
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     own = {"data": meta["data"], "student": {key: training[key] for key in ("losses", "temperature")
                                              if key in training}} if "data" in meta else None

@@ -167,6 +167,7 @@ class QuantizeConfig:
     scope: Literal["fc", "pointwise"] = "fc"  # pointwise: also every 1x1 conv of the body (the whole model shrinks)
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    min_weights: int = 0  # only layers with at least this many weights (the wide ones hold the bytes)
     scale_init: Literal["mean", "one"] = "mean"
     train: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=1e-4))
     scale_lr: float = 1e-2  # Wp, Wn train as logarithms: a relative step (Adam: about 1% per step)
@@ -175,6 +176,7 @@ class QuantizeConfig:
         _check(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
         _check(self.target_sparsity is None or 0 < self.target_sparsity < 1, "target_sparsity", "must be in (0, 1)")
         _check(self.scale_lr > 0, "scale_lr", "must be > 0")
+        _check(self.min_weights >= 0, "min_weights", "must be >= 0 (0 = every layer in scope)")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .ttq import TTQConfig, latent_parameters, layer_report, scale_parameters, t
 def ttq_config(recipe: Recipe) -> TTQConfig:
     q = recipe.quantize
     return TTQConfig(threshold=q.threshold, target_sparsity=q.target_sparsity, scope=q.scope, include=tuple(q.include),
-                     exclude=tuple(q.exclude), scale_init=q.scale_init)
+                     exclude=tuple(q.exclude), scale_init=q.scale_init, min_weights=q.min_weights)
 
 
 def quantize_student(student_path: str | Path, out_path: str | Path, recipe: Recipe, run: RunDir,

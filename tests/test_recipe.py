@@ -40,6 +40,8 @@ def test_recipe_file_path(tmp_path):
     ({"student": {"model_kwargs": {"checkpoint_path": "x.pth"}}}, "student.model_kwargs"),
     ({"student": {"model_kwargs": {"channels": {"a": 1}}}}, "student.model_kwargs.channels"),
     ({"quantize": {"threshold": 1.0}}, "quantize.threshold"),
+    ({"quantize": {"min_weights": -1}}, "quantize.min_weights"),
+    ({"quantize": {"min_weights": 0.5}}, "quantize.min_weights"),
     ({"data": {"in_classes": [0, 1], "ood_classes": [1]}}, "data.ood_classes"),
     ({"data": "fashion"}, "data"),
 ])

@@ -184,6 +184,20 @@ def test_pointwise_scope_takes_every_1x1_conv_of_the_body_but_not_the_first_conv
         TTQConfig(scope="everything")
 
 
+def test_min_weights_keeps_only_the_wide_layers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1),
+                          nn.Conv2d(16, 64, 1), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(2, 3, 6, 6))  # weights: "2" 128, "3" 1024, "5" 64 * 4 * 4 * 4 = 4096
+    assert ternarize_(copy.deepcopy(model), TTQConfig(scope="pointwise", min_weights=128)) == ["2", "3", "5"]
+    assert ternarize_(copy.deepcopy(model), TTQConfig(scope="pointwise", min_weights=129)) == ["3", "5"]
+    assert ternarize_(copy.deepcopy(model), TTQConfig(scope="pointwise", min_weights=4096)) == ["5"]
+    with pytest.raises(UserError, match="min_weights leave no layer.*widest holds 4096 weights"):
+        ternarize_(model, TTQConfig(scope="pointwise", min_weights=4097))
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(UserError, match="min_weights must be an integer"):
+            TTQConfig(min_weights=bad)
+
+
 def test_first_conv_and_batchnorm_never_quantized_even_if_named():
     with pytest.raises(UserError, match="nothing to ternarize"):
         ternarize_(Net(), TTQConfig(include=("stem_fc", "bn")))
