@@ -7,12 +7,13 @@ run of the distillation benchmark), and then also each file's tie-aware mAP on F
 images, database = 60k), from the ONNX file itself.
 
 The student is exported fp32; ternary with TTQ's default scope (every nn.Linear and the 1x1 head conv; packed at
-opset 18 and as INT2 at opset 25); and as the phone model: ternary over every 1x1 conv (``quantize.scope:
-pointwise``) with the remaining float layers stored as int8 (``hashdistill export --int8``), as ``.onnx`` and as
-ORT format (``--mobile``). A trained student's ternary versions are fine-tuned under its distillation loss
-(``quantize_student``, ``--quantize-epochs``). Latency is the median of several runs in this one process, so the
-ratios are comparable; search compares faiss IndexBinaryFlat with the numpy popcount baseline (hashdistill.codes)
-over random codes.
+opset 18 and as INT2 at opset 25, and with static int8 for the rest); and as the phone model: ternary over the wide
+1x1 convs (``quantize.scope: pointwise``, ``quantize.min_weights``: ``--phone-min-weights``) with the remaining
+float layers stored as int8 (``hashdistill export --int8``: static, calibrated on training images; also dynamic,
+for its latency), as ``.onnx`` and as ORT format (``--mobile``). A trained student's ternary versions are
+fine-tuned under its distillation loss (``quantize_student``, ``--quantize-epochs``). Latency is the median of
+several runs in this one process, so the ratios are comparable; search compares faiss IndexBinaryFlat with the
+numpy popcount baseline (hashdistill.codes) over random codes.
 
     python benchmarks/export.py --out benchmarks/results/export.json
     python benchmarks/export.py --trained-run bench_out/distill/f1-s0 --out benchmarks/results/export.json
@@ -45,15 +46,15 @@ from hashdistill.export.loading import load_any_model
 from hashdistill.export.mobile import quantize_int8, to_mobile
 from hashdistill.export.onnx_export import export_onnx
 from hashdistill.export.runtime import EdgeModel
-from hashdistill.export.verify import measure_parity, same_code_rate
+from hashdistill.export.verify import CALIBRATION_IMAGES, measure_parity, reference_pixels, same_code_rate
 from hashdistill.quantize.stage import quantize_student
 from hashdistill.quantize.ternary_checkpoint import save_ternary
 from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
 from hashdistill.recipe import DataConfig, Recipe, load_recipe
 from hashdistill.rundir import RECIPE_FILE_NAME, RunDir
 
-PHONE = "phone model: ternary 1x1 convs + int8"
-MAP_OF = ("student", "ternary student + int8", PHONE)  # the files whose mAP a trained run measures
+PHONE = "phone model: ternary wide 1x1 convs + int8"
+MAP_OF = ("student", "ternary student + int8", PHONE, PHONE + ", dynamic int8")  # files whose mAP is measured
 
 
 def main() -> None:
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/export.json")
     parser.add_argument("--trained-run", help="a run directory with a trained teacher and student (checkpoints/)")
     parser.add_argument("--quantize-epochs", type=int, default=2, help="TTQ fine-tuning epochs of a trained student")
+    parser.add_argument("--phone-min-weights", type=int, default=65536,
+                        help="the phone model ternarizes the 1x1 convs with at least this many weights")
     parser.add_argument("--teacher", default="resnet50", help="untrained teacher's timm name")
     parser.add_argument("--student", default="mobilenetv3_small_100", help="untrained student's timm name")
     parser.add_argument("--bits", type=int, default=16)
@@ -92,8 +95,9 @@ def main() -> None:
     fp32, phone, teacher = by_name["student"], by_name[PHONE], by_name["teacher"]
     drop = 100 * (fp32["map_tie_aware"] - phone["map_tie_aware"]) if recipe else None
     write_json(args.out, {"benchmark": "export", "machine": machine(), "wall_seconds": time.time() - started,
-                          "args": vars(args), "weights": f"trained ({args.trained_run})" if recipe else
-                          "untrained (random init)", "models": models, "search": search,
+                          "args": vars(args), "phone_model": PHONE,
+                          "weights": f"trained ({args.trained_run})" if recipe else "untrained (random init)",
+                          "models": models, "search": search,
                           "whole_file_ratio": fp32["onnx_bytes"] / phone["onnx_bytes"],
                           "student_teacher_latency_ratio_b64": phone["ort_ms_b64"] / teacher["ort_ms_b64"],
                           "fp32_student_teacher_latency_ratio_b64": fp32["ort_ms_b64"] / teacher["ort_ms_b64"],
@@ -114,10 +118,15 @@ def untrained_checkpoints(args: argparse.Namespace, folder: Path) -> None:
                     model_meta(TEACHER, args.teacher, args.bits, info, **extra))
     student_meta = model_meta(STUDENT, args.student, args.bits, info, **extra)
     save_checkpoint(folder / "student.safetensors", student.state_dict(), student_meta)
-    for scope, stem in (("fc", "ternary"), ("pointwise", "pointwise")):
+    for stem, config in phone_configs(args).items():
         ternary = copy.deepcopy(student)
-        ternarize_(ternary, TTQConfig(scope=scope))
+        ternarize_(ternary, config)
         save_ternary(folder / f"{stem}.safetensors", ternary, {**student_meta, "kind": "ternary-student"})
+
+
+def phone_configs(args: argparse.Namespace) -> dict[str, TTQConfig]:
+    """The two ternary students by checkpoint stem: TTQ's default scope, and the phone model's."""
+    return {"ternary": TTQConfig(), "pointwise": TTQConfig(scope="pointwise", min_weights=args.phone_min_weights)}
 
 
 def trained_checkpoints(args: argparse.Namespace, folder: Path) -> Recipe:
@@ -125,10 +134,11 @@ def trained_checkpoints(args: argparse.Namespace, folder: Path) -> Recipe:
     run = RunDir(args.trained_run, writer=False)
     for name in ("teacher", "student"):
         (folder / f"{name}.safetensors").write_bytes(run.checkpoint(name).read_bytes())
-    for scope, stem in (("fc", "ternary"), ("pointwise", "pointwise")):
-        recipe = load_recipe(run.path / RECIPE_FILE_NAME, [f"quantize.scope={scope}",
+    for stem, config in phone_configs(args).items():
+        recipe = load_recipe(run.path / RECIPE_FILE_NAME, [f"quantize.scope={config.scope}",
+                                                          f"quantize.min_weights={config.min_weights}",
                                                           f"quantize.train.epochs={args.quantize_epochs}"])
-        print(f"ternarizing the trained student ({scope}) ...", flush=True)
+        print(f"ternarizing the trained student ({config.scope}, min_weights {config.min_weights}) ...", flush=True)
         quantize_student(folder / "student.safetensors", folder / f"{stem}.safetensors", recipe,
                          RunDir(folder / f"quantize-{stem}"), torch.device("cpu"), folder / "teacher.safetensors")
     return recipe
@@ -141,9 +151,11 @@ def benchmark_models(args: argparse.Namespace, folder: Path, recipe: Recipe | No
     test = build_dataset(cfg, "test")
     images = [test.pixels(i) for i in range(min(args.parity_images, len(test)))]
     splits = EvalSplits.build(cfg) if recipe else None
+    calibration = reference_pixels(load_any_model(folder / "student.safetensors")[1], CALIBRATION_IMAGES, "train")
     cases = [("teacher", "teacher", 18), ("student", "student", 18), ("ternary student", "ternary", 18),
              ("ternary student (INT2)", "ternary", 25), ("ternary student + int8", "ternary", 18),
-             (PHONE, "pointwise", 18), (PHONE + " (.ort)", "pointwise", 18)]
+             (PHONE, "pointwise", 18), (PHONE + " (.ort)", "pointwise", 18),
+             (PHONE + ", dynamic int8", "pointwise", 18)]
     rows = []
     for name, stem, opset in cases:
         print(f"exporting {name} (opset {opset}) ...", flush=True)
@@ -151,12 +163,15 @@ def benchmark_models(args: argparse.Namespace, folder: Path, recipe: Recipe | No
         path = export_onnx(model, meta, folder / f"{stem}-{opset}.onnx", opset=opset, force=True)
         float_path = path
         if "int8" in name:
-            path = quantize_int8(path, folder / f"{stem}-int8.onnx")
+            dynamic = "dynamic" in name
+            path = quantize_int8(path, folder / f"{stem}-int8{'-dynamic' if dynamic else ''}.onnx",
+                                 None if dynamic else calibration)
         if ".ort" in name:
             path = to_mobile(path)["ort"]
         parity = measure_parity(path, model, images)
         parity["identical_code_rate_vs_float_onnx"] = same_code_rate(float_path, path, images)
-        row = {"model": name, "arch": meta["arch"], "opset": opset,
+        row = {"model": name, "arch": meta["arch"], "opset": opset, "int8": ("dynamic" if "dynamic" in name else
+                                                                         "static") if "int8" in name else None,
                "checkpoint_bytes": (folder / f"{stem}.safetensors").stat().st_size,
                "onnx_bytes": parity["file_bytes"], "ternary_layers": len(ternary_layers(model)),
                "ternary_encoding": parity["ternary_encoding"], "parity_images": parity["images"],

@@ -167,7 +167,7 @@ def section_export(data: dict[str, Any]) -> list[str]:
                            ("ort_ms_b64", "ORT ms b=64"), ("torch_ms_b64", "torch ms b=64")])]
     if data.get("whole_file_ratio"):
         drop = data.get("whole_file_map_drop_points")
-        lines += ["", f"Whole file, fp32 student / phone model (ternary 1x1 convs + int8): "
+        lines += ["", f"Whole file, fp32 student / {data.get('phone_model', 'phone model')}: "
                   f"**{data['whole_file_ratio']:.2f}x** smaller (target >= 6x); mAP drop "
                   + (f"**{drop:.2f} points** (target <= 0.5)" if drop is not None else "not measured (untrained)")
                   + f". Phone model / teacher latency at b=64 in onnxruntime: "
@@ -293,9 +293,9 @@ def headline() -> list[str]:
         rows.append((f"ternary student (t={best['t']})", f"FC layers {best['compression']:.1f}x smaller, mAP drop "
                      f"{best['map_drop_points']:.2f} points, MHD drop {best['mhd_drop_points']:.2f} points"))
     if export and export.get("whole_file_ratio"):
-        small = next(r for r in export["models"] if r["model"].startswith("phone model") and "ort" not in r["model"])
+        small = next(r for r in export["models"] if r["model"] == export.get("phone_model", r["model"]))
         drop = export.get("whole_file_map_drop_points")
-        rows.append(("phone model (ternary 1x1 convs + int8 ONNX)", f"whole file {export['whole_file_ratio']:.2f}x "
+        rows.append((export.get("phone_model", "phone model"), f"whole file {export['whole_file_ratio']:.2f}x "
                      f"smaller than fp32 ({small['onnx_bytes'] / 1e6:.2f} MB)"
                      + (f", mAP drop {drop:.2f} points" if drop is not None else "")
                      + f"; {export['weights']} weights"))

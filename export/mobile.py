@@ -1,8 +1,11 @@
 """Phone-sized, phone-ready files from an exported model, with onnxruntime's own tools.
 
-- ``quantize_int8``: ``onnxruntime.quantization.quantize_dynamic`` stores the float weights that feed MatMul,
-  Gemm and Conv as int8, and quantizes activations at run time (dynamic: no calibration images needed).
-  The ternary layers compute their weights in the graph from 2-bit packed codes, so they are no float
+- ``quantize_int8``: onnxruntime's quantizer stores the float weights that feed MatMul, Gemm and Conv as int8.
+  Static (the default when calibration images are given; ``quantize_static``, QDQ, weights per channel,
+  activation ranges from the 99.99th percentile over the calibration images): onnxruntime runs QLinearConv,
+  8x faster than dynamic on this CPU, which quantizes activations at run time and falls back to slow
+  ConvInteger kernels (measured on lcnet_075, batch 64: static 20-23 ms, dynamic 175-190 ms). Dynamic needs
+  no images. The ternary layers compute their weights in the graph from 2-bit packed codes, so they are no float
   initializer and stay packed; :func:`float_initializer_bytes` lets a caller check that nothing folded them
   back to fp32.
 - ``to_mobile``: the ORT format (``.ort``, what onnxruntime's mobile builds load) via
@@ -15,12 +18,16 @@ temporary folder; the results are moved next to the model only when all of them 
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +37,17 @@ from onnx import numpy_helper
 from hashdistill.atomic import atomic_write_bytes, atomic_write_text
 from hashdistill.errors import UserError
 
+from .images import ImageLike, as_items, decode_batches
+from .metadata import INPUT
+from .runtime import EdgeModel
+
 ORT_SUFFIX, OPS_SUFFIX, USABILITY_SUFFIX = ".ort", ".required_operators.config", ".mobile-usability.txt"
 TOOL_TIMEOUT_S = 600
 WEIGHTED = ["MatMul", "Gemm", "Conv"]  # the ops whose float weights int8 quantization stores as int8
+STATIC, DYNAMIC = "static", "dynamic"
+INT8_MODES = (STATIC, DYNAMIC)
+CALIBRATION_BATCH = 64
+CALIBRATION_PERCENTILE = 99.99  # activation range: one outlier pixel should not coarsen every other step
 
 
 def mobile_outputs(onnx_path: str | os.PathLike) -> list[Path]:
@@ -42,23 +57,78 @@ def mobile_outputs(onnx_path: str | os.PathLike) -> list[Path]:
     return [path.with_suffix(ORT_SUFFIX), Path(f"{stem}{OPS_SUFFIX}"), Path(f"{stem}{USABILITY_SUFFIX}")]
 
 
-def quantize_int8(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """int8 weights for the float MatMul/Gemm/Conv layers of ``source``; metadata_props carried over."""
+def quantize_int8(source: str | os.PathLike, target: str | os.PathLike,
+                  calibration: Sequence[ImageLike] | None = None) -> Path:
+    """int8 weights for the float MatMul/Gemm/Conv layers of ``source``; metadata_props carried over.
+
+    ``calibration``: images (paths or uint8 arrays, any sizes) from the training data: static quantization with
+    activation ranges measured on them; None: dynamic.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source, target = Path(source), Path(target)
     original = onnx.load(str(source))
     with tempfile.TemporaryDirectory(prefix=".hashdistill-int8.") as tmp:
         staged, prepared = Path(tmp) / target.name, Path(tmp) / f"prepared-{target.name}"
-        onnx.save(fold_weight_shapes(original), str(prepared))
+        onnx.save(fold_batch_norms(fold_weight_shapes(original)), str(prepared))
+        excluded = computed_weight_nodes(original)
         try:
-            quantize_dynamic(str(prepared), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=WEIGHTED,
-                             nodes_to_exclude=computed_weight_nodes(original))
+            if calibration is None:
+                with quiet_quantizer():
+                    quantize_dynamic(str(prepared), str(staged), weight_type=QuantType.QInt8,
+                                     op_types_to_quantize=WEIGHTED, nodes_to_exclude=excluded)
+            else:
+                _quantize_static(prepared, staged, calibration_batches(source, calibration), excluded)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises many exception types
             raise UserError(f"{source}: onnxruntime's int8 quantization failed ({exc})") from None
         proto = onnx.load(str(staged))
     onnx.helper.set_model_props(proto, {p.key: p.value for p in original.metadata_props})
     return atomic_write_bytes(target, proto.SerializeToString())
+
+
+def calibration_batches(model_path: Path, images: Sequence[ImageLike]) -> list[dict[str, np.ndarray]]:
+    """The model's input feeds for ``images``, in batches of equal image size (the graph's own input format)."""
+    if not images:
+        raise UserError("static int8 quantization needs at least one calibration image")
+    edge = EdgeModel(model_path)
+    return [{INPUT: edge.graph_input(pixels)} for _, pixels in decode_batches(as_items(images), CALIBRATION_BATCH)]
+
+
+def _quantize_static(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], excluded: list[str]) -> None:
+    """QDQ int8 with per-channel weights and percentile activation ranges over the calibration ``feeds``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    with quiet_quantizer():
+        quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=WEIGHTED,
+                        nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": CALIBRATION_PERCENTILE})
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """Keep the calibrator's progress prints and its advice to pre-process off a command's output (its
+    pre-processing would rewrite the in-graph image pre-processing the runtime checks; failures still raise)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def fold_weight_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -77,6 +147,50 @@ def fold_weight_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(node)
     del folded.graph.node[:]
     folded.graph.node.extend(nodes)
+    return folded
+
+
+def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with each BatchNormalization folded into the Conv it alone follows, where both hold
+    stored weights: int8 then quantizes the weights the model really applies, and no fp32 BN parameters stay
+    in the file (onnxruntime makes the same fusion when it loads a float file; its quantizer runs before that).
+    Ternary convs (weights computed in the graph) keep their BN."""
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    graph = folded.graph
+    stored = {t.name: t for t in graph.initializer}
+    nodes = list(graph.node)
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    producers = {out: node for node in nodes for out in node.output}
+    graph_outputs = {o.name for o in graph.output}
+    replaced, dropped = {}, set()
+    for index, bn in enumerate(nodes):
+        conv = producers.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
+        if (conv is None or conv.op_type != "Conv" or len(bn.output) != 1 or len(conv.input) != 3
+                or any(readers.get(name) != 1 for name in conv.input[1:]) or readers.get(conv.output[0]) != 1
+                or conv.output[0] in graph_outputs
+                or not all(name in stored for name in [*conv.input[1:], *bn.input[1:]])
+                or any(a.name == "training_mode" and a.i for a in bn.attribute)):
+            continue
+        epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        weight, bias = (numpy_helper.to_array(stored[name]) for name in conv.input[1:])
+        scale, shift, mean, var = (numpy_helper.to_array(stored[name]) for name in bn.input[1:])
+        factor = scale / np.sqrt(var + epsilon)
+        for name, value in ((conv.input[1], weight * factor.reshape(-1, *[1] * (weight.ndim - 1))),
+                            (conv.input[2], (bias - mean) * factor + shift)):
+            replaced[name] = numpy_helper.from_array(value.astype(weight.dtype), name)
+        conv.output[0] = bn.output[0]
+        dropped.add(index)
+    nodes = [node for index, node in enumerate(nodes) if index not in dropped]
+    read = {name for node in nodes for name in node.input} | graph_outputs
+    initializers = [replaced.get(t.name, t) for t in graph.initializer if t.name in read]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
     return folded
 
 

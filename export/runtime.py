@@ -127,7 +127,11 @@ class EdgeModel:
 
     def run_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Packed codes and logits for uint8 RGB pixels [N, H, W, 3], whatever the model's input format."""
-        return self.run(pixels if self.takes_images else self._preprocess_pixels(pixels))
+        return self.run(self.graph_input(pixels))
+
+    def graph_input(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels [N, H, W, 3] in the graph's own input format (pre-processed for a float-input one)."""
+        return pixels if self.takes_images else self._preprocess_pixels(pixels)
 
     def encode(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Packed uint8 codes (N, ceil(bits/8)), bit order as in :mod:`hashdistill.codes`."""

@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--int8", action="store_true",
-                   help="float layers' weights as int8 (onnxruntime dynamic quantization); ternary ones stay packed")
+    p.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"],
+                   help="float layers' weights as int8, ternary ones stay packed: static (the default; activation "
+                        "ranges from training images, runs as int8 kernels) or dynamic (no images needed)")
     p.add_argument("--mobile", action="store_true",
                    help="also write MODEL.ort, its required-operators config and the mobile usability report")
     p.add_argument("--float-input", action="store_true",

@@ -11,6 +11,7 @@ from test_export_support import checkpoints
 
 from hashdistill.checkpoint import read_metadata
 from hashdistill.cli import main
+from hashdistill.errors import UserError
 from hashdistill.export.index import build_index, search_images
 from hashdistill.export.mobile import float_initializer_bytes, mobile_outputs
 from hashdistill.export.runtime import EdgeModel
@@ -19,25 +20,44 @@ from hashdistill.export.verify import export_checkpoint, reference_pixels
 
 @pytest.fixture(scope="module")
 def phone_export(export_root, tmp_path_factory):
-    """The ternary student exported plain, and with --int8 --mobile."""
+    """The ternary student exported plain, with --int8 (static) --mobile, and with --int8 dynamic."""
     ternary = checkpoints(export_root).ternary
     folder = tmp_path_factory.mktemp("phone")
     plain = export_checkpoint(ternary, folder / "plain.onnx")
-    small = export_checkpoint(ternary, folder / "phone.onnx", int8=True, mobile=True)
-    return {"ternary": ternary, "folder": folder, "plain": plain, "small": small}
+    small = export_checkpoint(ternary, folder / "phone.onnx", int8="static", mobile=True)
+    dynamic = export_checkpoint(ternary, folder / "dynamic.onnx", int8="dynamic")
+    return {"ternary": ternary, "folder": folder, "plain": plain, "small": small, "dynamic": dynamic}
 
 
-def test_int8_file_is_checked_runs_and_keeps_the_codes(phone_export):
-    small = phone_export["small"]
-    path = phone_export["folder"] / "phone.onnx"
+@pytest.mark.parametrize(("name", "int8_ops", "float_only_ops"), [
+    ("phone", {"QuantizeLinear", "DequantizeLinear"}, {"DynamicQuantizeLinear"}),  # static: QDQ, ranges stored
+    ("dynamic", {"DynamicQuantizeLinear"}, {"QuantizeLinear"}),
+])
+def test_int8_file_is_checked_runs_and_keeps_the_codes(phone_export, name, int8_ops, float_only_ops):
+    figures = phone_export["small" if name == "phone" else name]
+    path = phone_export["folder"] / f"{name}.onnx"
     onnx.checker.check_model(str(path))
-    assert small["identical_code_rate"] == 1.0  # the float graph against PyTorch, before quantization
-    assert small["int8"]["identical_code_rate_vs_float_onnx"] >= 0.95
-    assert small["file_bytes"] == path.stat().st_size < phone_export["plain"]["file_bytes"]
+    assert figures["identical_code_rate"] == 1.0  # the float graph against PyTorch, before quantization
+    assert figures["int8"]["mode"] == ("static" if name == "phone" else "dynamic")
+    assert figures["int8"]["identical_code_rate_vs_float_onnx"] >= 0.95
+    assert figures["file_bytes"] == path.stat().st_size < phone_export["plain"]["file_bytes"]
     edge = EdgeModel(path)
     assert edge.bits == EdgeModel(phone_export["folder"] / "plain.onnx").bits
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops  # the float layers really are int8 now
+    assert int8_ops <= ops and not float_only_ops & ops  # the float layers really are int8 now, the asked way
+
+
+def test_static_int8_calibrates_on_the_training_split(phone_export, monkeypatch, tmp_path):
+    from hashdistill.export import verify
+
+    seen = []
+    real = verify.reference_pixels
+    monkeypatch.setattr(verify, "reference_pixels", lambda meta, *a, **k: seen.append(k.get("split", "test")) or real(
+        meta, *a, **k))
+    export_checkpoint(phone_export["ternary"], tmp_path / "m.onnx", int8="static")
+    assert seen == ["test", "train"]
+    with pytest.raises(UserError, match="static or dynamic"):
+        export_checkpoint(phone_export["ternary"], tmp_path / "n.onnx", int8="int4")
 
 
 def test_int8_never_folds_the_ternary_layers_back_to_fp32(phone_export):
@@ -88,3 +108,42 @@ def test_the_output_is_the_onnx_file_and_export_file_a_plain_name(export_root, t
     for bad in ("exports/model.onnx", "model.ONNX", ".model.onnx", "model"):
         with pytest.raises(UserError, match="export.file|plain file name"):
             ExportConfig(file=bad)
+
+
+def _conv_bn_graph(rng: np.random.Generator, second_reader: bool) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name, *shape, low=-1.0):
+        return numpy_helper.from_array(rng.uniform(low, 1.0, shape).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "t", "m", "v"], ["y"], epsilon=1e-3)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 5])]
+    if second_reader:  # the conv's output is read elsewhere too: folding would change that reader
+        nodes.append(helper.make_node("Relu", ["c"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 4, 5, 5]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])],
+                              outputs, [init("w", 4, 3, 3, 3), init("b", 4), init("s", 4), init("t", 4),
+                                        init("m", 4), init("v", 4, low=0.5)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_batch_norm_folds_into_its_conv_before_int8(second_reader):
+    import onnxruntime as ort
+
+    from hashdistill.export.mobile import fold_batch_norms
+
+    rng = np.random.default_rng(0)
+    model = _conv_bn_graph(rng, second_reader)
+    folded = fold_batch_norms(model)
+    onnx.checker.check_model(folded)
+    ops = [node.op_type for node in folded.graph.node]
+    assert ("BatchNormalization" in ops) == second_reader
+    assert len(folded.graph.initializer) == (6 if second_reader else 2)  # the BN's parameters leave the file
+    x = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion of its own
+    before, after = (ort.InferenceSession(m.SerializeToString(), options).run(None, {"x": x}) for m in (model, folded))
+    for expected, got in zip(before, after):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
