@@ -25,7 +25,7 @@ from hashdistill.recipe import DataConfig
 from .augment import MAX_SHIFT, batch_augmentation, random_shift_flip
 from .sources import LOADERS, load_raw
 from .sources.fashion_mnist import FASHION_MNIST_DIRS
-from .splits import SPLIT_SEED, SPLITS, UNLABELLED, check_classes, hold_back_labels, train_or_val
+from .splits import SPLITS, UNLABELLED, carve_split, check_classes
 from .tensors import ImageTensorDataset, RawImages, resize_images
 
 __all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "SPLITS", "UNLABELLED", "ImageTensorDataset", "RawImages",
@@ -54,14 +54,7 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
         else (raw.train_images, raw.train_labels)
     wanted = cfg.ood_classes if split.startswith("ood") else in_classes
     index = np.flatnonzero(np.isin(source_labels, wanted))
-    labelled = np.ones(len(index), dtype=bool)
-    if split in ("train", "val"):
-        pool, index = index, train_or_val(index, split, cfg.val_fraction)
-        index, labelled = hold_back_labels(pool, source_labels[pool], index, split, cfg.labelled_fraction)
-    limit = cfg.train_limit if split in ("train", "val", "ood_val") else cfg.test_limit
-    if limit is not None and len(index) > limit:
-        chosen = np.sort(np.random.default_rng(SPLIT_SEED).choice(len(index), limit, replace=False))
-        index, labelled = index[chosen], labelled[chosen]
+    index, labelled = carve_split(index, source_labels, split, cfg)
     if split.startswith("ood"):
         labels = np.full(len(index), -1, dtype=np.int64)
         names = [raw.class_names[c] for c in cfg.ood_classes]

@@ -28,7 +28,7 @@ from hashdistill.imagefiles import read_rgb, scan_image_files
 from hashdistill.preprocessing import IMAGEFOLDER_CROP_PCT, EvalTransform, rgb_pixels
 from hashdistill.recipe import DataConfig
 
-from .splits import SPLIT_SEED, UNLABELLED, hold_back_labels, train_or_val
+from .splits import SPLIT_SEED, UNLABELLED, carve_split
 
 
 class ImageFileDataset(Dataset):
@@ -131,14 +131,7 @@ def build_imagefolder_split(cfg: DataConfig, split: str, mean: tuple[float, ...]
         order = np.random.default_rng(SPLIT_SEED).permutation(len(paths))
         n_test = max(1, len(paths) // 5)
         index = np.sort(order[:n_test]) if split == "test" else np.sort(order[n_test:])
-    labelled = np.ones(len(index), dtype=bool)
-    if split in ("train", "val"):
-        pool, index = index, train_or_val(index, split, cfg.val_fraction)
-        index, labelled = hold_back_labels(pool, np.asarray(labels)[pool], index, split, cfg.labelled_fraction)
-    limit = cfg.train_limit if split in ("train", "val") else cfg.test_limit
-    if limit is not None and len(index) > limit:
-        chosen = np.sort(np.random.default_rng(SPLIT_SEED).choice(len(index), limit, replace=False))
-        index, labelled = index[chosen], labelled[chosen]
+    index, labelled = carve_split(index, np.asarray(labels), split, cfg)
     chosen_paths = [paths[i] for i in index]
     chosen_labels = [labels[i] if keep else UNLABELLED for i, keep in zip(index, labelled)]
     if split == "train" and cfg.unlabelled_root:

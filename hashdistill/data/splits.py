@@ -49,6 +49,21 @@ def hold_back_labels(pool: np.ndarray, pool_labels: np.ndarray, index: np.ndarra
     return index, labelled
 
 
+def carve_split(index: np.ndarray, labels: np.ndarray, split: str, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, labelled)`` of ``split`` among the candidate images ``index`` (positions into ``labels``): the
+    train/val carve-out, the held-back labels (:func:`hold_back_labels`) and the recipe's size limit, the same
+    for every source (in memory or image folders)."""
+    labelled = np.ones(len(index), dtype=bool)
+    if split in ("train", "val"):
+        pool, index = index, train_or_val(index, split, cfg.val_fraction)
+        index, labelled = hold_back_labels(pool, labels[pool], index, split, cfg.labelled_fraction)
+    limit = cfg.train_limit if split in ("train", "val", "ood_val") else cfg.test_limit
+    if limit is not None and len(index) > limit:
+        chosen = np.sort(np.random.default_rng(SPLIT_SEED).choice(len(index), limit, replace=False))
+        index, labelled = index[chosen], labelled[chosen]
+    return index, labelled
+
+
 def check_classes(cfg: DataConfig, in_classes: list[int], num_classes: int) -> None:
     for name, classes in (("data.in_classes", in_classes), ("data.ood_classes", cfg.ood_classes)):
         bad = [c for c in classes if not 0 <= c < num_classes]
