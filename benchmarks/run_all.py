@@ -145,7 +145,26 @@ def section_distill(data: dict[str, Any]) -> list[str]:
               f"the student at **{fmt(data.get('student_teacher_map_ratio'), 3)}x** the teacher's mAP (>= 0.98); "
               f"10% labels **{fmt(data.get('kd_gain_points_10pct_labels'), 2)} points** (>= +5). Each run's report.md "
               "plots the validation mAP of both students against the training images seen."]
-    return lines
+    return lines + distill_probes()
+
+
+def distill_probes() -> list[str]:
+    """Single-seed probes of other student settings (``distill.py --set ... --out`` into results/distill-probes/):
+    evidence for a recipe default, not yet a claim over seeds."""
+    rows = []
+    for path in sorted((RESULTS / "distill-probes").glob("*.json")):
+        data = json.loads(path.read_text())
+        for row in data["rows"]:
+            rows.append({"probe": path.stem, "set": "; ".join(data["args"]["set"]) or "-",
+                         "fraction": f"{row['labelled_fraction']:.0%}", "seeds": data["seeds"],
+                         "distilled": row["distilled_map"]["mean"], "labels_only": row["labels_only_map"]["mean"],
+                         "gain": row["gain_points"]["mean"]})
+    if not rows:
+        return []
+    return ["", "Probes (single seed, same protocol; the default losses are `bernoulli_kd: 1.0`, T = 4):", "",
+            *table(rows, [("probe", "probe"), ("set", "--set"), ("fraction", "labelled"), ("seeds", "seeds"),
+                          ("distilled", "distilled mAP"), ("labels_only", "labels-only mAP"),
+                          ("gain", "gain (points)")])]
 
 
 def section_quantize(data: dict[str, Any]) -> list[str]:
