@@ -149,22 +149,30 @@ def section_distill(data: dict[str, Any]) -> list[str]:
 
 
 def distill_probes() -> list[str]:
-    """Single-seed probes of other student settings (``distill.py --set ... --out`` into results/distill-probes/):
-    evidence for a recipe default, not yet a claim over seeds."""
+    """Probes of other student settings (``distill.py --set ... --out`` into results/distill-probes/): evidence
+    for or against a recipe default; the seeds column says how much evidence (sd shown where there are several)."""
     rows = []
     for path in sorted((RESULTS / "distill-probes").glob("*.json")):
         data = json.loads(path.read_text())
         for row in data["rows"]:
             rows.append({"probe": path.stem, "set": "; ".join(data["args"]["set"]) or "-",
                          "fraction": f"{row['labelled_fraction']:.0%}", "seeds": data["seeds"],
-                         "distilled": row["distilled_map"]["mean"], "labels_only": row["labels_only_map"]["mean"],
-                         "gain": row["gain_points"]["mean"]})
+                         **mean_and_sd(row, data["seeds"])})
     if not rows:
         return []
-    return ["", "Probes (single seed, same protocol; the default losses are `bernoulli_kd: 1.0`, T = 4):", "",
+    return ["", "Probes (same protocol; the default losses are `bernoulli_kd: 1.0`, T = 4):", "",
             *table(rows, [("probe", "probe"), ("set", "--set"), ("fraction", "labelled"), ("seeds", "seeds"),
                           ("distilled", "distilled mAP"), ("labels_only", "labels-only mAP"),
                           ("gain", "gain (points)")])]
+
+
+def mean_and_sd(row: dict[str, Any], seeds: int) -> dict[str, str]:
+    """A probe row's mAPs and gain, with the sd over seeds once there is more than one seed."""
+    def cell(figure: dict[str, float], digits: int, sign: str = "") -> str:
+        mean = f"{figure['mean']:{sign}.{digits}f}"
+        return f"{mean} +/- {figure['sd']:.{digits}f}" if seeds > 1 else mean
+    return {"distilled": cell(row["distilled_map"], 4), "labels_only": cell(row["labels_only_map"], 4),
+            "gain": cell(row["gain_points"], 2, "+")}
 
 
 def section_quantize(data: dict[str, Any]) -> list[str]:
