@@ -6,8 +6,10 @@
    flip) batches of Fashion-MNIST at 32 px through a DataLoader with no workers: the old one normalises and
    augments each item in Python, the new one fetches the uint8 pixels of a batch in one indexing operation
    (``get_batch``) and shifts, flips and normalises the whole batch (``batch_augmentation``), as the trainer does.
-2. Image-folder loading: ``ImageFileDataset`` (timm's training transform) vs ``torchvision.datasets.ImageFolder``
-   with the very same transform object, the same DataLoader settings and workers, over a PNG folder.
+2. Image-folder loading: ``ImageFileDataset`` (timm's training transform to uint8 pixels, each batch normalised
+   by ``batch_augmentation`` in the timed loop) vs ``torchvision.datasets.ImageFolder`` with timm's usual
+   transform of the same augmentation (ToTensor + Normalize per item), the same DataLoader settings and workers,
+   over a PNG folder.
 3. The trainer's divergence check: a tiny model's steps/s with a host look at the loss on every step (before) vs
    the device-side flag read every 50 steps (now). On a CPU a look costs next to nothing; on a GPU it stalls
    the queue.
@@ -34,6 +36,7 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from hashdistill.data import batch_augmentation, build_dataset
+from hashdistill.data.imagefolder import train_transform
 from hashdistill.recipe import DataConfig
 from hashdistill.trainer import DivergenceWatch
 
@@ -43,6 +46,8 @@ class PerItem(torch.utils.data.Dataset):
 
     def __init__(self, base):
         self.base = base
+        self.mean = torch.tensor(base.transform.mean).view(3, 1, 1)
+        self.std = torch.tensor(base.transform.std).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -55,7 +60,7 @@ class PerItem(torch.utils.data.Dataset):
         padded = F.pad(image.unsqueeze(0), (2,) * 4, mode="replicate").squeeze(0)
         h, w = image.shape[-2:]
         image = padded[:, 2 + dy:2 + dy + h, 2 + dx:2 + dx + w]
-        return (image - self.base.mean) / self.base.std, int(self.base.labels[index])
+        return (image - self.mean) / self.std, int(self.base.labels[index])
 
 
 class Batches(torch.utils.data.Dataset):
@@ -108,20 +113,26 @@ def write_png_folder(root: Path, split_images: dict[str, tuple[torch.Tensor, tor
 
 
 def folder_vs_torchvision(root: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Training-transform loading of the same PNG folder, ours vs torchvision's ImageFolder, same loader settings."""
+    """Training batches from the same PNG folder, same timm augmentation, same loader settings: ours (uint8 items,
+    each batch normalised in the consuming process, as the trainer does) vs torchvision's ImageFolder with timm's
+    usual transform (ToTensor + Normalize per item)."""
     from torchvision.datasets import ImageFolder
 
     cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=32, augment=True, crop_pct=1.0)
     ours = build_dataset(cfg, "train")
-    theirs = ImageFolder(str(root / "train"), transform=ours.train_transform)
+    usual = train_transform(cfg, ours.transform.mean, ours.transform.std, uint8=False)
+    theirs = ImageFolder(str(root / "train"), transform=usual)
     loaders = {name: DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                 persistent_workers=True) for name, ds in (("ours", ours), ("torchvision", theirs))}
+    per_batch = {"ours": batch_augmentation(ours), "torchvision": None}
+    torch.set_num_threads(1)  # the consuming process's share: idle intra-op threads would spin beside the workers
     rates: dict[str, list[float]] = {"ours": [], "torchvision": []}
     for name in loaders:  # warm-up: start the workers
-        images_per_s(loaders[name], None, args.batch_size)
+        images_per_s(loaders[name], per_batch[name], args.batch_size)
     for i in range(args.rounds):
         for name in (("ours", "torchvision") if i % 2 == 0 else ("torchvision", "ours")):
-            rates[name].append(images_per_s(loaders[name], None, args.folder_images))
+            rates[name].append(images_per_s(loaders[name], per_batch[name], args.folder_images))
+    torch.set_num_threads(os.cpu_count() or 1)
     return {"imagefolder_images_per_s": statistics.median(rates["ours"]),
             "torchvision_images_per_s": statistics.median(rates["torchvision"]),
             "imagefolder_vs_torchvision_ratio": statistics.median(
@@ -183,7 +194,7 @@ def main() -> None:
     parser.add_argument("--work", default="bench_out/data")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--images", type=int, default=20_000, help="in-memory images per timed pass")
-    parser.add_argument("--folder-images", type=int, default=4096, help="image-folder images per timed pass")
+    parser.add_argument("--folder-images", type=int, default=16384, help="image-folder images per timed pass")
     parser.add_argument("--workers", type=int, default=2, help="loader processes of both image-folder loaders")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--parity-train", type=int, default=5000, help="training images of the parity runs")

@@ -249,9 +249,10 @@ def section_data(data: dict[str, Any]) -> list[str]:
              f"**{data['batched_aug_images_per_s_per_core']:,.0f} images/s** ({data['batched_vs_per_item']:.1f}x; "
              "target >= 80k)"]
     if data.get("imagefolder_vs_torchvision_ratio") is not None:
-        lines += [f"- image folder (PNG, timm training transform, {data['loader_workers']} workers): "
-                  f"{data['imagefolder_images_per_s']:,.0f} images/s vs torchvision's ImageFolder with the same "
-                  f"transform and workers {data['torchvision_images_per_s']:,.0f}: ratio "
+        lines += [f"- image folder (PNG, timm training transform, {data['loader_workers']} workers; uint8 items, "
+                  f"each batch normalised as the trainer does): {data['imagefolder_images_per_s']:,.0f} images/s vs "
+                  "torchvision's ImageFolder with timm's usual transform of the same augmentation (ToTensor + "
+                  f"Normalize per item), same workers: {data['torchvision_images_per_s']:,.0f}; ratio "
                   f"**{data['imagefolder_vs_torchvision_ratio']:.2f}** (target >= 1.0)",
                   f"- divergence check, tiny model: {data['tiny_model_steps_per_s_sync_every_step']:,.0f} steps/s "
                   f"with a host look every step vs {data['tiny_model_steps_per_s_watch']:,.0f} with the device-side "

@@ -72,10 +72,17 @@ class EvalTransform:
         if (new_h, new_w) != (height, width):
             images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         top, left = (new_h - self.input_size) // 2, (new_w - self.input_size) // 2
-        images = images[:, :, top:top + self.input_size, left:left + self.input_size]
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return (images / 255 - mean) / std
+        return self.normalise(images[:, :, top:top + self.input_size, left:left + self.input_size])
+
+    def normalise(self, pixels):
+        """Step 3 on a batch [N, C, S, S] (C = 1 or 3, uint8 or float pixel values, any device) -> float32
+        [N, 3, S, S]; the input is never modified. The in-memory datasets and the image folders' training batches
+        normalise through here too, so training and evaluation inputs agree bit for bit."""
+        import torch
+
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        return torch.sub(pixels.to(torch.float32, copy=True).div_(255), mean).div_(std)
 
     def as_metadata(self) -> dict[str, object]:
         """The fields a checkpoint or an ONNX file records to rebuild this transform."""

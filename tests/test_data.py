@@ -123,6 +123,10 @@ def test_batch_augmentation_shifts_and_flips_each_image_reproducibly():
     pixels = (images * 40 + 128).clamp(0, 255).to(torch.uint8)  # uint8 batches, as the trainer hands them over
     torch.manual_seed(6)
     assert torch.equal(random_shift_flip(pixels), _reference_shift_flip(pixels, 6))
+    for channels in (1, 3):  # channels-last strides (how a one-channel batch often arrives) give the same crops
+        strided = pixels[:, :channels].contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(7)
+        assert torch.equal(random_shift_flip(strided), _reference_shift_flip(strided.contiguous(), 7))
 
 
 def test_batched_fetch_equals_item_by_item():
@@ -149,3 +153,31 @@ def test_augmented_batches_travel_as_uint8_and_are_normalised_after_the_shift():
     assert augmented.shape == (40, 3, 16, 16) and torch.equal(augmented, reference)
     plain = build_dataset(DataConfig(dataset="fashion-mnist", image_size=16, train_limit=300), "train")
     assert batch_augmentation(plain) is None and plain.get_batch([0])[0].dtype == torch.float32
+
+
+def test_image_folder_training_items_are_uint8_and_normalise_like_timms_float_transform(tmp_path):
+    """The folder's training items leave the loader as uint8 (normalised per batch on the device); under the same
+    seeds the normalised batch is bit-identical to timm's usual ToTensor + Normalize transform of the same crops."""
+    import random
+
+    from hashdistill.data import batch_augmentation
+    from hashdistill.data.imagefolder import train_transform
+    from hashdistill.imagefiles import read_rgb
+
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (30, 24 + 4 * i, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, augment=True)
+    train = build_dataset(cfg, "train")
+    items = list(range(len(train)))
+    torch.manual_seed(0), random.seed(0)
+    pixels = torch.stack([train[i][0] for i in items])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(items), 3, 16, 16)
+    usual = train_transform(cfg, train.transform.mean, train.transform.std, uint8=False)
+    torch.manual_seed(0), random.seed(0)
+    reference = torch.stack([usual(read_rgb(train.paths[i])) for i in items])
+    assert torch.equal(batch_augmentation(train)(pixels), reference)
+    plain = build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16), "train")
+    assert batch_augmentation(plain) is None and plain[0][0].dtype == torch.float32

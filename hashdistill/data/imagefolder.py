@@ -6,9 +6,12 @@ is carved from the images with a fixed seed. Listing a folder reads only file he
 replaced by the next readable image of the split (so batches keep their size and the order stays
 deterministic), counted, and warned about once per process.
 
-Training items go through timm's training transform (random resized crop, flip, optional auto-augment);
-every other split through THE evaluation pre-processing (:class:`hashdistill.preprocessing.EvalTransform`),
-the one the exported model runs in its graph.
+Training items go through timm's training transform (random resized crop, flip, optional auto-augment) and
+leave the loader as uint8 pixels; the trainer normalises whole batches on the training device
+(:func:`hashdistill.data.batch_augmentation`), as timm's prefetcher does: no per-item float conversion or
+normalisation, and a quarter of the bytes to pass between processes and to the GPU. Every other split goes
+through THE evaluation pre-processing (:class:`hashdistill.preprocessing.EvalTransform`), the one the exported
+model runs in its graph.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from .splits import SPLIT_SEED, UNLABELLED, carve_split
 
 
 class ImageFileDataset(Dataset):
-    """Image files, decoded when fetched: ``(normalised float [3, S, S], label)`` per item."""
+    """Image files, decoded when fetched: ``(normalised float [3, S, S], label)`` per item, or for a training
+    split with ``train_transform`` its augmented ``uint8 [3, S, S]`` pixels (normalised per batch by
+    :meth:`normalise`)."""
 
     def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], transform: EvalTransform,
                  train_transform: Callable | None = None):
         self.paths, self.labels, self.class_names = paths, torch.tensor(labels, dtype=torch.long), class_names
+        self._label_of = labels  # a list: per-item lookups without a tensor index
         self.transform, self.train_transform = transform, train_transform
         self.damaged: set[Path] = set()  # found in this process
 
@@ -51,9 +57,13 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index, image = self._decode(index)
         if self.train_transform is not None:
-            return self.train_transform(image), int(self.labels[index])
+            return self.train_transform(image), self._label_of[index]
         pixels = torch.from_numpy(rgb_pixels(image))[None]
-        return self.transform.apply(pixels)[0], int(self.labels[index])
+        return self.transform.apply(pixels)[0], self._label_of[index]
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A training batch's uint8 [B, 3, S, S] (on any device) -> normalised float [B, 3, S, S]."""
+        return self.transform.normalise(pixels)
 
     def subset(self, indices: np.ndarray) -> ImageFileDataset:
         """The items at ``indices`` as a dataset of the same kind (same transforms)."""
@@ -94,15 +104,18 @@ def eval_transform(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, .
     return EvalTransform(cfg.image_size, float(crop), tuple(mean), tuple(std))
 
 
-def train_transform(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
-    """timm's training transform (PIL image -> normalised tensor) for the recipe's augmentation fields."""
+def train_transform(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], uint8: bool = True
+                    ) -> Callable:
+    """timm's training transform for the recipe's augmentation fields: PIL image -> uint8 [3, S, S] (timm's
+    prefetcher form; the batch is normalised on the device), or with ``uint8=False`` the usual normalised float
+    tensor (what a plain torchvision loader would use; the data benchmark compares against it)."""
     from timm.data import create_transform, resolve_data_config
 
     config = resolve_data_config({"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bilinear",
                                   "mean": tuple(mean), "std": tuple(std)})
     try:
         return create_transform(**config, is_training=True, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
-                                auto_augment=cfg.auto_augment)
+                                auto_augment=cfg.auto_augment, use_prefetcher=uint8)
     except (ValueError, KeyError, AssertionError) as exc:  # timm's refusals of a policy string
         raise UserError(f"data.auto_augment '{cfg.auto_augment}' is not a timm auto-augment policy ({exc})") from None
 

@@ -38,8 +38,6 @@ class ImageTensorDataset(Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
                  mean: tuple[float, ...], std: tuple[float, ...], augment: bool = False):
         self.images, self.labels, self.class_names = images, labels, class_names
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
         self.augment = augment
         self.transform = EvalTransform(int(images.shape[-1]), IN_MEMORY_CROP_PCT, tuple(mean), tuple(std))
 
@@ -51,8 +49,7 @@ class ImageTensorDataset(Dataset):
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, S, S] (C = 1 or 3, on any device) -> normalised float [B, 3, S, S]."""
-        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
-        return torch.sub(pixels.float().div_(255), mean).div_(std)  # broadcasting C = 1 to the 3 channels
+        return self.transform.normalise(pixels)
 
     def pixels(self, index: int) -> np.ndarray:
         """Item ``index`` as RGB uint8 [S, S, 3] (what an image-in model takes; its pre-processing is the identity
