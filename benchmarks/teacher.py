@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--bits", default="16,32")
     parser.add_argument("--float-epochs", type=int, default=15, help="epochs of the float baseline")
     parser.add_argument("--llc-epochs", type=int, default=4, help="epochs of each LLC phase")
+    parser.add_argument("--phase2-epochs", type=int, default=None, help="epochs of LLC phase 2 (default: --llc-epochs)")
     parser.add_argument("--train-limit", type=int, default=None, help="train on this many images (default: all)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--ood-bits", default="", help="bit widths of the OOD table; '' skips it")
@@ -34,7 +35,8 @@ def main() -> None:
     work = Path(args.work)
     limit = "null" if args.train_limit is None else args.train_limit
     common = [f"teacher.backbone={args.backbone}", f"data.train_limit={limit}", f"data.image_size={args.image_size}",
-              "device=auto", *training_overrides(args.float_epochs, args.llc_epochs)]
+              "device=auto",
+              *training_overrides(args.float_epochs, args.llc_epochs, args.phase2_epochs)]
     rows, first = [], None
     started = time.time()
     for bits in (int(b) for b in args.bits.split(",")):
@@ -75,14 +77,15 @@ def main() -> None:
                           "rows": rows, "ood": ood, "wall_seconds": time.time() - started})
 
 
-def training_overrides(float_epochs: int, llc_epochs: int) -> list[str]:
+def training_overrides(float_epochs: int, llc_epochs: int, phase2_epochs: int | None = None) -> list[str]:
     """The teacher's schedule (AdamW, cosine; the LLC phases fine-tune at a quarter and an eighth of the float
     baseline's rate) and the batch augmentation (shift + flip) it trains with."""
     return ["data.augment=true",
             f"teacher.float_baseline={{epochs: {float_epochs}, optimizer: adamw, lr: 0.002, weight_decay: 0.05, "
             "warmup_epochs: 1}",
             f"teacher.phase1={{epochs: {llc_epochs}, optimizer: adamw, lr: 0.0005, weight_decay: 0.05}}",
-            f"teacher.phase2={{epochs: {llc_epochs}, optimizer: adamw, lr: 0.00025, weight_decay: 0.05}}"]
+            f"teacher.phase2={{epochs: {phase2_epochs or llc_epochs}, optimizer: adamw, lr: 0.00025, "
+            "weight_decay: 0.05}"]
 
 
 def headline(rows: list[dict]) -> dict:
