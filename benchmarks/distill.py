@@ -13,7 +13,7 @@ f = 1 the converged teacher of ``benchmarks/teacher.py``), then per seed:
 Queries = the 10k test images, database = the whole 60k training set, tie-aware mAP. Figures: mean and sd over
 seeds; the gain is distilled minus labels-only per seed.
 
-    python benchmarks/distill.py --teacher-run bench_out/teacher/k16 --out benchmarks/results/distill.json
+    python benchmarks/distill.py --out benchmarks/results/distill.json
 """
 
 from __future__ import annotations
@@ -72,12 +72,13 @@ def curve(run: RunDir, stage: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-run", default="bench_out/teacher/k16", help="the converged full-label teacher")
+    parser.add_argument("--teacher-run", default="bench_out/teacher-converged/k16",
+                        help="the full-label teacher (benchmarks/teacher.py's converged 16-bit run)")
     parser.add_argument("--out", default="benchmarks/results/distill.json")
     parser.add_argument("--work", default="bench_out/distill")
     parser.add_argument("--student", default="lcnet_075", help="timm name of the student")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--fractions", default="0.1,1.0", help="labelled fractions, comma-separated")
+    parser.add_argument("--fractions", default="0.01,0.1,1.0", help="labelled fractions, comma-separated")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the distilled student")
     parser.add_argument("--teacher-overrides", default="teacher.backbone=resnet18,teacher.bits=16",
                         help="must match the teacher run's data and bits")

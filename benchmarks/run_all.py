@@ -91,8 +91,8 @@ def section_teacher(data: dict[str, Any]) -> list[str]:
     float_run = data["rows"][0]["float"] if data["rows"] else {}
     lines = [f"Backbone `{args['backbone']}` at {args['image_size']} px, trained from scratch on {images} with the "
              f"batch augmentation (shift by up to 2 px + flip): the float baseline for {args['float_epochs']} epochs "
-             f"({float_run.get('wall_seconds', 0) / 60:.0f} min), then each LLC phase for {args['llc_epochs']} epochs "
-             "starting from its backbone. Queries = 10k test images, database = the whole 60k training set.", "",
+             f"({float_run.get('wall_seconds', 0) / 60:.0f} min), then LLC phase 1 for {args['llc_epochs']} epochs and "
+             f"phase 2 for {args.get('phase2_epochs') or args['llc_epochs']}, starting from its backbone. Queries = 10k test images, database = the whole 60k training set.", "",
              f"Float baseline test accuracy **{fmt(data.get('float_test_accuracy'))}** (target >= 0.93); at 16 bits "
              f"the LLC teacher's MHD accuracy is **{fmt(data.get('mhd_gap_points_16'), 2)} points** below it (target "
              f"<= 0.5) and exact decoding **{fmt(data.get('ed_gap_points_16'), 2)} points** (target <= 1.5).", "",
@@ -104,7 +104,8 @@ def section_teacher(data: dict[str, Any]) -> list[str]:
                      ("p_at_r2", "P@r2 (mean per query)"),
                      ("float_s", "float train s"), ("teacher_epochs", "LLC epochs"), ("teacher_s", "LLC train s")])]
     if data.get("ood"):
-        lines += ["", "OOD (train on classes 0-7, hold out 8-9). Exact match uses no threshold and no OOD sample; "
+        lines += ["", "OOD (train on classes 0-7, hold out 8-9; its own float baseline and LLC schedule, epochs in the "
+                  "table). Exact match uses no threshold and no OOD sample; "
                   "max softmax (MSP) takes the threshold that maximises J = TPR - FPR on held-out samples "
                   f"({data['ood'][0]['msp_baseline']['id_samples_used']:,} ID + "
                   f"{data['ood'][0]['msp_baseline']['ood_samples_used']:,} OOD). The last column is how many "
@@ -113,9 +114,11 @@ def section_teacher(data: dict[str, Any]) -> list[str]:
                   *table([{"bits": r["bits"], "mhd": r["mhd_acc_in_distribution"],
                            **{f"ex_{k}": v for k, v in r["exact_match"].items()},
                            **{f"msp_{k}": v for k, v in r["msp_baseline"].items()},
-                           "needed": r["msp_baseline"]["samples_to_match_exact_match"] or "never"}
+                           "needed": r["msp_baseline"]["samples_to_match_exact_match"] or "never",
+                           "float_epochs": r["float"]["epochs"], "teacher_epochs": r["teacher"]["epochs"]}
                           for r in data["ood"]],
-                         [("bits", "bits"), ("mhd", "ID MHD acc"), ("ex_tpr", "exact TPR"), ("ex_fpr", "exact FPR"),
+                         [("bits", "bits"), ("float_epochs", "float epochs"), ("teacher_epochs", "LLC epochs"),
+                          ("mhd", "ID MHD acc"), ("ex_tpr", "exact TPR"), ("ex_fpr", "exact FPR"),
                           ("ex_youden_j", "exact J"), ("msp_tpr", "MSP TPR"), ("msp_fpr", "MSP FPR"),
                           ("msp_youden_j", "MSP J"), ("msp_auroc", "MSP AUROC"),
                           ("msp_tpr_at_exact_match_fpr", "MSP TPR at exact FPR"),
