@@ -92,7 +92,8 @@ def section_teacher(data: dict[str, Any]) -> list[str]:
     lines = [f"Backbone `{args['backbone']}` at {args['image_size']} px, trained from scratch on {images} with the "
              f"batch augmentation (shift by up to 2 px + flip): the float baseline for {args['float_epochs']} epochs "
              f"({float_run.get('wall_seconds', 0) / 60:.0f} min), then LLC phase 1 for {args['llc_epochs']} epochs and "
-             f"phase 2 for {args.get('phase2_epochs') or args['llc_epochs']}, starting from its backbone. Queries = 10k test images, database = the whole 60k training set.", "",
+             f"phase 2 for {args.get('phase2_epochs') or args['llc_epochs']}, starting from its backbone. "
+             "Queries = 10k test images, database = the whole 60k training set.", "",
              f"Float baseline test accuracy **{fmt(data.get('float_test_accuracy'))}** (target >= 0.93); at 16 bits "
              f"the LLC teacher's MHD accuracy is **{fmt(data.get('mhd_gap_points_16'), 2)} points** below it (target "
              f"<= 0.5) and exact decoding **{fmt(data.get('ed_gap_points_16'), 2)} points** (target <= 1.5).", "",
