@@ -161,11 +161,14 @@ def distill_probes() -> list[str]:
         for row in data["rows"]:
             rows.append({"probe": path.stem, "set": "; ".join(data["args"]["set"]) or "-",
                          "fraction": f"{row['labelled_fraction']:.0%}", "seeds": data["seeds"],
+                         "epochs": data["args"]["epochs"], "teacher": row["teacher_map"],
                          **mean_and_sd(row, data["seeds"])})
     if not rows:
         return []
-    return ["", "Probes (same protocol; the default losses are `bernoulli_kd: 1.0`, T = 4):", "",
-            *table(rows, [("probe", "probe"), ("set", "--set"), ("fraction", "labelled"), ("seeds", "seeds"),
+    return ["", "Probes (same protocol, epochs and teacher as stated; the default losses are `bernoulli_kd: 1.0`, "
+            "T = 4):", "",
+            *table(rows, [("probe", "probe"), ("set", "--set"), ("fraction", "labelled"), ("epochs", "epochs"),
+                          ("teacher", "teacher mAP"), ("seeds", "seeds"),
                           ("distilled", "distilled mAP"), ("labels_only", "labels-only mAP"),
                           ("gain", "gain (points)")])]
 
