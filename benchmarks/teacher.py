@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--bits", default="16,32")
     parser.add_argument("--float-epochs", type=int, default=30, help="epochs of the float baseline")
-    parser.add_argument("--llc-epochs", type=int, default=4, help="epochs of each LLC phase")
+    parser.add_argument("--llc-epochs", type=int, default=4, help="epochs of LLC phase 1")
     parser.add_argument("--phase2-epochs", type=int, default=8, help="epochs of LLC phase 2")
     parser.add_argument("--train-limit", type=int, default=None, help="train on this many images (default: all)")
     parser.add_argument("--image-size", type=int, default=32)
