@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hashdistill.pipeline import Pipeline
+from hashdistill.app.pipeline import Pipeline
 from hashdistill.recipe import Recipe, load_recipe
 from hashdistill.rundir import RunDir
 

@@ -27,9 +27,9 @@ import torch
 from common import machine, print_table, recipe, run_stages, share_checkpoints, write_json
 from teacher import training_overrides
 
+from hashdistill.app.pipeline import Pipeline
+from hashdistill.app.report import write_report
 from hashdistill.distill.student_stage import train_student
-from hashdistill.pipeline import Pipeline
-from hashdistill.report import write_report
 from hashdistill.rundir import RunDir
 
 LABELS_ONLY = "student (labels only)"

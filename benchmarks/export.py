@@ -40,10 +40,10 @@ from hashdistill import codes
 from hashdistill.checkpoint import save_checkpoint
 from hashdistill.data import build_dataset, dataset_info
 from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher, model_meta
-from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits, onnx_encoder
-from hashdistill.export.index import HashIndex
+from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits
 from hashdistill.export.loading import load_any_model
 from hashdistill.export.mobile import quantize_int8, to_mobile
+from hashdistill.export.onnx_encoder import onnx_encoder
 from hashdistill.export.onnx_export import export_onnx
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.export.verify import CALIBRATION_IMAGES, measure_parity, reference_pixels, same_code_rate
@@ -52,6 +52,7 @@ from hashdistill.quantize.ternary_checkpoint import save_ternary
 from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
 from hashdistill.recipe import DataConfig, Recipe, load_recipe
 from hashdistill.rundir import RECIPE_FILE_NAME, RunDir
+from hashdistill.search.index import HashIndex
 
 PHONE = "phone model: ternary wide 1x1 convs + int8"
 MAP_OF = ("student", "ternary student + int8", PHONE, PHONE + ", dynamic int8")  # files whose mAP is measured

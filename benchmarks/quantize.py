@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from common import machine, print_table, recipe, write_json
 
-from hashdistill.pipeline import Pipeline
+from hashdistill.app.pipeline import Pipeline
 from hashdistill.quantize.stage import quantize_student
 from hashdistill.rundir import RunDir
 

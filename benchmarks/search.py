@@ -27,8 +27,8 @@ from hashdistill.codes import pack_codes
 from hashdistill.data import build_dataset
 from hashdistill.distill.models import load_model
 from hashdistill.evaluate import torch_encoder
-from hashdistill.export.index import RECALL_QUERIES, HashIndex, tie_aware_recall
 from hashdistill.recipe import load_recipe
+from hashdistill.search.index import RECALL_QUERIES, HashIndex, tie_aware_recall
 
 
 def student_codes(run: Path) -> tuple[np.ndarray, np.ndarray]:

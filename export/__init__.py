@@ -1,4 +1,4 @@
-"""ONNX export and the torch-free edge retrieval runtime.
+"""ONNX export and the torch-free edge runtime (search indexes live in ``hashdistill.search``).
 
 Imports nothing heavy: ``hashdistill.export.runtime`` must work with numpy and onnxruntime alone.
 
@@ -8,6 +8,6 @@ Modules (import the one you need):
 - ``onnx_export``: ``export_onnx``, the single-file ONNX writer; ``graph``: the traced torch module
 - ``loading``: ``load_any_model`` for teacher, student and ternary-student checkpoints
 - ``runtime``: ``EdgeModel`` (numpy + onnxruntime only): pre-process, encode, classify, OOD
-- ``index``: ``HashIndex``, ``build_index``, ``load_index``, ``search_images`` (faiss binary index)
+- ``onnx_encoder``: an exported file as an encoder of the evaluation path (``hashdistill.evaluate``)
 - ``metadata``: the ONNX metadata_props contract; ``images``: image loading and pre-processing
 """

@@ -2,6 +2,6 @@
 
 import sys
 
-from hashdistill.cli import main
+from hashdistill.app.cli import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,28 +115,6 @@ def validation_accuracy(model: nn.Module, dataset: Dataset, device: torch.device
     return {"val_mhd_accuracy": metrics.classification_accuracy(codes.mhd_decode(packed, classes), labels),
             "val_ed_accuracy": metrics.classification_accuracy(codes.ed_decode(packed, classes), labels),
             "val_map_tie_aware": retrieval["map_tie_aware"]}
-
-
-def onnx_encoder(path: str, batch_size: int = 256) -> Encoder:
-    """Code logits of an exported model on each split's decoded pixels, through the file's own input: the
-    pre-processing in its graph (image-in) or the runtime's copy of it (float-input)."""
-    from hashdistill.export.runtime import EdgeModel
-
-    edge = EdgeModel(path, batch_size=batch_size)
-
-    def encode(dataset: Dataset) -> np.ndarray:
-        chunks = [edge.logits(pixels) for pixels in _pixel_chunks(dataset, batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, edge.bits), np.float32)
-
-    return encode
-
-
-def _pixel_chunks(dataset: Dataset, size: int) -> Iterator[list[np.ndarray]]:
-    """Decoded uint8 images of a dataset (or a ConcatDataset of them), ``size`` at a time."""
-    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
-    for part in parts:
-        for start in range(0, len(part), size):
-            yield [part.pixels(i) for i in range(start, min(start + size, len(part)))]
 
 
 def example_input(input_format: str, image_size: int, batch: int) -> np.ndarray:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from test_export_support import DATA, checkpoints
 
+from hashdistill.app.cli import main
 from hashdistill.checkpoint import load_checkpoint, save_checkpoint
-from hashdistill.cli import main
 from hashdistill.data import dataset_info
 from hashdistill.distill.models import TEACHER, LLCTeacher, model_meta
 from hashdistill.recipe import DataConfig

@@ -14,7 +14,7 @@ import sys
 import traceback
 import warnings
 
-from hashdistill.cli import main
+from hashdistill.app.cli import main
 
 
 def run_case(argv: list[str]) -> dict:

@@ -23,8 +23,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_export_support import exported
 
+from hashdistill.app.cli import main
 from hashdistill.checkpoint import load_checkpoint, save_checkpoint
-from hashdistill.cli import main
 from hashdistill.data import build_dataset
 from hashdistill.recipe import DataConfig, load_recipe
 

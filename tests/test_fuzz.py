@@ -304,7 +304,7 @@ def test_onnx_reader_with_damaged_files(student_onnx, work, cut_and_flips):
 
 @pytest.fixture(scope="module")
 def real_index(arts, tmp_path_factory) -> Path:
-    from hashdistill.export.index import build_index
+    from hashdistill.search.index import build_index
 
     path = tmp_path_factory.mktemp("fuzz-index") / "index.npz"
     build_index(arts.student, "synthetic:test", path)
@@ -314,7 +314,7 @@ def real_index(arts, tmp_path_factory) -> Path:
 @fuzz(100)
 @given(st.binary(max_size=300) | damage.map(lambda d: ("damage", d)))
 def test_index_reader_with_random_or_damaged_bytes(real_index, work, data):
-    from hashdistill.export.index import load_index
+    from hashdistill.search.index import load_index
 
     if isinstance(data, tuple):
         data = _damaged(real_index.read_bytes(), *data[1])
@@ -338,7 +338,7 @@ arrays = st.one_of(
 @fuzz(200)
 @given(st.data())
 def test_index_reader_with_fuzzed_fields(real_index, work, data):
-    from hashdistill.export.index import load_index
+    from hashdistill.search.index import load_index
 
     with np.load(real_index, allow_pickle=False) as npz:
         fields = {key: npz[key] for key in npz.files}

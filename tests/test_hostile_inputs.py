@@ -26,9 +26,9 @@ from cli_support import refused, variant
 from conftest import TINY
 from PIL import Image
 
+from hashdistill.app.cli import main
+from hashdistill.app.pipeline import prepare_run_dir
 from hashdistill.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
-from hashdistill.cli import main
-from hashdistill.pipeline import prepare_run_dir
 from hashdistill.recipe import recipe_from_dict
 from hashdistill.rundir import MARKER_FILE, RunDir, is_run_dir
 

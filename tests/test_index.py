@@ -10,9 +10,9 @@ from test_export_support import BITS, DATA, checkpoints
 from hashdistill import codes
 from hashdistill.data import build_dataset
 from hashdistill.errors import UserError
-from hashdistill.export.index import HashIndex, build_index, load_index, search_images
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.recipe import DataConfig
+from hashdistill.search.index import HashIndex, build_index, load_index, search_images
 
 
 @pytest.fixture(scope="session")

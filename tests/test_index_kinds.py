@@ -8,10 +8,10 @@ import pytest
 from cli_support import refused
 from test_export_support import checkpoints
 
-from hashdistill.cli import INDEX_KINDS, main
+from hashdistill.app.cli import INDEX_KINDS, main
 from hashdistill.errors import UserError
-from hashdistill.export import index as index_module
-from hashdistill.export.index import (
+from hashdistill.search import index as index_module
+from hashdistill.search.index import (
     AUTO_FLAT_BELOW,
     TARGET_RECALL,
     HashIndex,
@@ -21,7 +21,7 @@ from hashdistill.export.index import (
     merge_indexes,
     search_images,
 )
-from hashdistill.export.index_kinds import KINDS
+from hashdistill.search.index_kinds import KINDS
 
 BITS = 64
 KIND_NAMES = list(KINDS)

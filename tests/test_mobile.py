@@ -9,13 +9,13 @@ import pytest
 from cli_support import refused
 from test_export_support import checkpoints
 
+from hashdistill.app.cli import main
 from hashdistill.checkpoint import read_metadata
-from hashdistill.cli import main
 from hashdistill.errors import UserError
-from hashdistill.export.index import build_index, search_images
 from hashdistill.export.mobile import float_initializer_bytes, mobile_outputs
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.export.verify import export_checkpoint, reference_pixels
+from hashdistill.search.index import build_index, search_images
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The wheel maps distill/, quantize/, export/ into the hashdistill namespace and ships the recipes."""
+"""The wheel maps distill/, quantize/, export/, search/ into the hashdistill namespace and ships the recipes;
+dependencies point one way (the kernel imports no stage)."""
 
 import subprocess
 import sys
@@ -14,28 +15,44 @@ def test_wheel_layout(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = tmp_path.glob("hashdistill-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("hashdistill/cli.py", "hashdistill/distill/models.py", "hashdistill/quantize/ttq.py",
-                     "hashdistill/export/__init__.py", "hashdistill/recipes/quickstart.yaml",
-                     "hashdistill/recipes/fashion-mnist-ood.yaml"):
+    for expected in ("hashdistill/app/cli.py", "hashdistill/distill/models.py", "hashdistill/quantize/ttq.py",
+                     "hashdistill/export/__init__.py", "hashdistill/search/index.py",
+                     "hashdistill/recipes/quickstart.yaml", "hashdistill/recipes/fashion-mnist-ood.yaml"):
         assert expected in names
     top_level = {name.split("/")[0] for name in names}
-    assert not top_level & {"distill", "quantize", "export", "recipes"}
+    assert not top_level & {"distill", "quantize", "export", "search", "recipes"}
 
 
 def test_no_bare_stage_imports():
-    for folder in ("hashdistill", "distill", "quantize", "export", "tests", "benchmarks"):
+    for folder in ("hashdistill", "distill", "quantize", "export", "search", "tests", "benchmarks"):
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text()
-            for bare in ("distill", "quantize", "export"):
+            for bare in ("distill", "quantize", "export", "search"):
                 assert f"\nimport {bare}\n" not in text and f"\nfrom {bare} import" not in text, path
 
 
-def test_kernel_does_not_import_stages_at_module_level():
-    """Dependencies point one way: only the CLI and the pipeline runner import stages, lazily."""
-    for path in (ROOT / "hashdistill").glob("*.py"):
-        top = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
-        assert not [line for line in top if "hashdistill.distill" in line or "hashdistill.quantize" in line
-                    or "hashdistill.export" in line], path
+STAGES = ("hashdistill.distill", "hashdistill.quantize", "hashdistill.export", "hashdistill.search")
+KERNEL = ROOT / "hashdistill"
+KERNEL_FILES = [p for p in KERNEL.rglob("*.py") if p.relative_to(KERNEL).parts[0] != "app"]
+
+
+def test_kernel_does_not_import_stages_even_lazily():
+    """Dependencies point one way: only the application layer (hashdistill/app/) imports stages."""
+    for path in KERNEL_FILES:
+        imports = [line.strip() for line in path.read_text().splitlines()
+                   if line.strip().startswith(("import ", "from "))]
+        assert not [line for line in imports if any(stage in line for stage in STAGES)], path
+
+
+def test_importing_the_kernel_loads_no_stage_and_no_engine():
+    kernel = [".".join(("hashdistill", *p.relative_to(KERNEL).with_suffix("").parts))
+              for p in KERNEL_FILES if p.name not in ("__main__.py",)]
+    code = (f"import sys\nfor name in {sorted(n.removesuffix('.__init__') for n in kernel)!r}:\n"
+            "    __import__(name)\n"
+            f"loaded = [m for m in sys.modules if m.startswith({STAGES!r}) or m.split('.')[0] in ('ray', 'pymilvus')]\n"
+            "print(loaded)\nsys.exit(1 if loaded else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
 
 
 def test_cli_entry_points():

@@ -99,7 +99,7 @@ def test_eval_command_on_checkpoint_and_onnx(finished_run, tmp_path):
 
 
 def test_ood_recipe_reports_exact_match_beside_the_tuned_baseline(tmp_path):
-    from hashdistill.pipeline import Pipeline
+    from hashdistill.app.pipeline import Pipeline
     from hashdistill.recipe import recipe_from_dict
     from hashdistill.rundir import RunDir
 

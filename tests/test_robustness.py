@@ -30,7 +30,7 @@ from torch import nn
 
 from hashdistill import checkpoint as ckpt
 from hashdistill import trainer
-from hashdistill.cli import main
+from hashdistill.app.cli import main
 from hashdistill.data import build_dataset
 from hashdistill.recipe import DataConfig, OptimConfig
 from hashdistill.rundir import RunDir

@@ -127,7 +127,7 @@ def test_runtime_works_without_torch(student_onnx, tmp_path):
         sys.modules["torch"] = None  # any import of torch now raises ImportError
         import numpy as np
         from hashdistill.export.runtime import EdgeModel
-        from hashdistill.export.index import HashIndex, search_images
+        from hashdistill.search.index import HashIndex, search_images
         model = EdgeModel({str(student_onnx)!r})
         packed = model.encode([{str(image)!r}, np.zeros((16, 16), np.uint8)])
         assert packed.shape == (2, 2), packed.shape

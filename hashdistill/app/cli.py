@@ -176,7 +176,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe field, e.g. --set teacher.bits=24 (repeatable)")
 
 
-# The index kinds of hashdistill.export.index_kinds.KINDS, named here so that --help imports no faiss.
+# The index kinds of hashdistill.search.index_kinds.KINDS, named here so that --help imports no faiss.
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 
 
@@ -197,7 +197,7 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from hashdistill.pipeline import Pipeline, prepare_run_dir
+    from hashdistill.app.pipeline import Pipeline, prepare_run_dir
     from hashdistill.recipe import load_recipe
     from hashdistill.rundir import STAGES
     from hashdistill.trainer import init_distributed, resolve_device
@@ -216,8 +216,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
+    from hashdistill.app.pipeline import Pipeline, prepare_run_dir
     from hashdistill.distill.student_stage import train_student
-    from hashdistill.pipeline import Pipeline, prepare_run_dir
     from hashdistill.recipe import load_recipe
     from hashdistill.trainer import init_distributed, resolve_device
 
@@ -239,7 +239,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits, onnx_encoder, torch_encoder
+    from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits, torch_encoder
     from hashdistill.trainer import resolve_device
 
     for output in (args.json, args.plot):
@@ -248,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     path = Path(args.model)
     if path.suffix.lower() in (".onnx", ".ort"):
         from hashdistill.codes import unpack_codes
+        from hashdistill.export.onnx_encoder import onnx_encoder
         from hashdistill.export.runtime import EdgeModel
 
         edge = EdgeModel(str(path))
@@ -326,7 +327,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from hashdistill.export.index import build_index
+    from hashdistill.search.index import build_index
 
     output = _fresh_output(args.output, args.force)
     for flag, value, fits in (("--nlist", args.nlist, ("ivf", "auto")), ("--hnsw-m", args.hnsw_m, ("hnsw",))):
@@ -340,7 +341,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def cmd_index_add(args: argparse.Namespace) -> None:
-    from hashdistill.export.index import add_to_index
+    from hashdistill.search.index import add_to_index
 
     index, added = add_to_index(args.index, args.images, model=args.model)
     print(f"added {added} images -> {args.index} ({len(index)} in all)")
@@ -348,7 +349,7 @@ def cmd_index_add(args: argparse.Namespace) -> None:
 
 
 def cmd_index_merge(args: argparse.Namespace) -> None:
-    from hashdistill.export.index import merge_indexes
+    from hashdistill.search.index import merge_indexes
 
     output = _fresh_output(args.output, args.force)
     index = merge_indexes(args.shards, output, force=args.force, kind=args.kind)
@@ -357,7 +358,7 @@ def cmd_index_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:
-    from hashdistill.export.index import load_index
+    from hashdistill.search.index import load_index
 
     index = load_index(args.index)
     info = index.describe()
@@ -367,7 +368,7 @@ def cmd_index_info(args: argparse.Namespace) -> None:
 
 
 def cmd_index_search(args: argparse.Namespace) -> None:
-    from hashdistill.export.index import load_index, search_images
+    from hashdistill.search.index import load_index, search_images
 
     index = load_index(args.index)
     speed = _search_speed(index.kind, args.nprobe, args.ef_search)
@@ -430,7 +431,7 @@ def cmd_taxonomy(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from hashdistill.report import write_report
+    from hashdistill.app.report import write_report
     from hashdistill.rundir import SUMMARY_FILE, RunDir
 
     if not (Path(args.run_dir) / SUMMARY_FILE).is_file():

@@ -17,9 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from hashdistill.errors import UserError
+from hashdistill.export.images import ImageLike, as_items, scan_folder
 from hashdistill.recipe import DATASETS, DataConfig
-
-from .images import ImageLike, as_items, scan_folder
 
 BUILTIN_DATASETS = tuple(name for name in DATASETS if name != "imagefolder")
 DATASET_SPLITS = ("train", "val", "test", "ood_val", "ood_test", "database")
@@ -53,10 +52,10 @@ def open_encoder(source: str | os.PathLike) -> Encoder:
     if not path.is_file():
         raise UserError(f"model not found: {path}")
     if path.suffix.lower() in (".onnx", ".ort"):
-        from .runtime import EdgeModel
+        from hashdistill.export.runtime import EdgeModel
 
         return EdgeModel(path)
-    from .torch_encoder import CheckpointEncoder
+    from hashdistill.export.torch_encoder import CheckpointEncoder
 
     return CheckpointEncoder(path)
 

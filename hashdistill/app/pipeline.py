@@ -19,7 +19,7 @@ import torch
 
 from hashdistill import codes
 from hashdistill.errors import UserError
-from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, onnx_encoder, torch_encoder
+from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, torch_encoder
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import INDEX_FILE, STAGES, SWEEP_DIR, RunDir, foreign_entries, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
@@ -50,7 +50,7 @@ class Pipeline:
         barrier()
         if not is_main_process():
             return {"report": None}
-        from hashdistill.report import write_report
+        from hashdistill.app.report import write_report
 
         return {"report": str(write_report(self.run))}
 
@@ -130,7 +130,7 @@ class Pipeline:
         return exported
 
     def stage_index(self) -> bool:
-        from hashdistill.export.index import build_index
+        from hashdistill.search.index import build_index
 
         path = self.run.path / INDEX_FILE
         if path.exists() or not is_main_process():
@@ -180,6 +180,7 @@ class Pipeline:
             return
         import onnxruntime as ort
 
+        from hashdistill.export.onnx_encoder import onnx_encoder
         from hashdistill.export.runtime import EdgeModel
 
         edge = EdgeModel(str(path))

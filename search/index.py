@@ -32,10 +32,10 @@ import numpy as np
 from hashdistill import codes
 from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
+from hashdistill.export.images import ImageLike
 from hashdistill.recipe import DataConfig
 from hashdistill.untrusted import parse_json, short
 
-from .images import ImageLike
 from .index_kinds import ARRAY_KEYS, KINDS, SearchStructure
 from .sources import collect_images, open_encoder
 
