@@ -44,11 +44,20 @@ MODEL_NAMES = {"teacher": "teacher", "float-baseline": "float baseline"}  # chec
 
 
 def share_checkpoints(source: Path, target: Path, stems: tuple[str, ...]) -> None:
-    """Copy finished stage checkpoints (and, once, their figures) into another run so it skips redoing them."""
+    """Link finished stage checkpoints (``<stem>*``: a teacher's cache of views too) and, once, their figures
+    into another run so it skips redoing them; a hard link where the file system allows (the files are never
+    written in place: a write replaces the file), else a copy."""
     (target / "checkpoints").mkdir(parents=True, exist_ok=True)
     for stem in stems:
         for path in (source / "checkpoints").glob(f"{stem}*.safetensors"):
-            shutil.copy2(path, target / "checkpoints" / path.name)
+            copy = target / "checkpoints" / path.name
+            if copy.exists() and copy.samefile(path):
+                continue
+            copy.unlink(missing_ok=True)
+            try:
+                os.link(path, copy)
+            except OSError:
+                shutil.copy2(path, copy)
     figures = RunDir(source, writer=False).summary().get("models", {})
     target_run = RunDir(target)
     models = target_run.summary().get("models", {})

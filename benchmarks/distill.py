@@ -1,19 +1,27 @@
-"""Hash-code distillation on Fashion-MNIST over seeds: distilled vs labels-only students at several label fractions.
+"""Hash-code distillation on Fashion-MNIST over seeds: distilled vs labels-only vs DSH students at several label
+fractions, and an ablation of the distillation losses.
 
-Protocol (DESIGN.md, issue "Distillation that pays"): for each fraction f of labelled training images (a fixed,
-seeded, class-stratified choice, ``data.labelled_fraction``), a teacher trained on the labelled images only (for
-f = 1 the converged teacher of ``benchmarks/teacher.py``), then per seed:
+Protocol (DESIGN.md, issue "Students that reach their teacher"): for each fraction f of labelled training images
+(a fixed, seeded, class-stratified choice, ``data.labelled_fraction``), a teacher trained on the labelled images
+only (for f = 1 the converged teacher of ``benchmarks/teacher.py``), whose logits of every training view (50
+shift + flip views of each of the 54k images) are computed once (the teacher cache); then per seed:
 
-- the distilled student: every training image, the teacher's codes on all of them, the label losses on the
-  labelled ones;
-- the labels-only student: the labelled images only, trained on the teacher's class codes, for the same number of
-  optimisation steps (epochs scaled by 1/f: the same epochs on a tenth of the images would be a tenth of the
-  training, and the comparison would measure that).
+- the distilled student: every training image, augmented, the teacher's codes of exactly its view;
+- the labels-only student (class codes): the labelled images only, BCE against the teacher's class codes;
+- the DSH student, the DTH paper's baseline: the labelled images only, the DSH pairwise loss on the labels.
 
-Queries = the 10k test images, database = the whole 60k training set, tie-aware mAP. Figures: mean and sd over
-seeds; the gain is distilled minus labels-only per seed.
+Every student trains with the same augmentation and for the same number of optimisation steps (``--epochs`` over
+all images for the distilled one; on a fraction f the baselines take 1/f times as many epochs of the labelled
+images), long enough that its validation mAP has stopped rising (the curves are recorded), and is kept at its
+best validation mAP. Queries = the 10k test images, database = the whole 60k training set, tie-aware mAP, in both
+search paradigms: each student's own database, and the student's queries against the teacher-built database.
+Figures: mean and sd over seeds; a gain is a difference per seed.
 
     python benchmarks/distill.py --out benchmarks/results/distill.json
+    python benchmarks/distill.py --ablation --fractions 1.0 --out benchmarks/results/distill-losses.json
+
+Runs already finished in ``--work`` are reused, so seeds can train in parallel processes (``--seeds 1``) and a
+last call with every seed reads them all.
 """
 
 from __future__ import annotations
@@ -29,11 +37,33 @@ from teacher import training_overrides
 
 from hashdistill.app.pipeline import Pipeline
 from hashdistill.app.report import write_report
-from hashdistill.distill.student_stage import train_student
+from hashdistill.distill.losses import LossInputs, weighted_loss
+from hashdistill.distill.models import load_model
+from hashdistill.distill.student_stage import (
+    BASELINE_STAGES,
+    BASELINES,
+    IndexedDataset,
+    build_student,
+    student_training_set,
+    teacher_cache_for,
+    train_student,
+)
+from hashdistill.distill.teacher_cache import CACHE_FILE, precompute
+from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
 
-LABELS_ONLY = "student (labels only)"
-MAX_LABELS_ONLY_EPOCHS = 1000
+CPU = torch.device("cpu")
+MAX_BASELINE_EPOCHS = 2000
+STUDENTS = {"distilled": ("student", "student"), "labels_only": ("student-labels-only", "student (labels only)"),
+            "dsh": ("student-dsh", "student (DSH)")}  # key -> (checkpoint / stage name, summary name)
+TEACHER_DB = " -> teacher db"
+ABLATION = {  # loss weights of each ablation row (student.losses)
+    "kd": {"bernoulli_kd": 1.0},
+    "kd + code_relation": {"bernoulli_kd": 1.0, "code_relation": 1.0},
+    "kd + code_bce": {"bernoulli_kd": 1.0, "code_bce": 1.0},
+    "kd + code_bce + code_relation": {"bernoulli_kd": 1.0, "code_bce": 1.0, "code_relation": 1.0},
+    "code_relation": {"code_relation": 1.0},
+}
 
 
 def mean_sd(values: list[float]) -> dict[str, float]:
@@ -42,32 +72,186 @@ def mean_sd(values: list[float]) -> dict[str, float]:
 
 def fraction_teacher(fraction: float, args: argparse.Namespace, base: list[str]) -> Path:
     """The teacher of one label fraction: the converged one for f = 1, else one trained on the labelled images
-    with the converged teacher's schedule (``--fraction-teacher-epochs``)."""
-    if fraction >= 1:
-        return Path(args.teacher_run)
-    folder = Path(args.work) / f"teacher-f{fraction:g}"
-    float_epochs, llc_epochs = (int(e) for e in args.fraction_teacher_epochs.split(","))
-    run_stages(recipe("fashion-mnist", [*base, *training_overrides(float_epochs, llc_epochs),
-                                        f"data.labelled_fraction={fraction}"]), folder, ("teacher",))
+    (``--fraction-teacher-epochs``); its cache of every training view filled once, in its own folder."""
+    folder = Path(args.teacher_run) if fraction >= 1 else Path(args.work) / f"teacher-f{fraction:g}"
+    if fraction < 1:
+        float_epochs, llc_epochs = (int(e) for e in args.fraction_teacher_epochs.split(","))
+        run_stages(recipe("fashion-mnist", [*base, *training_overrides(float_epochs, llc_epochs),
+                                            f"data.labelled_fraction={fraction}"]), folder, ("teacher",))
+    fill_cache(recipe("fashion-mnist", base), RunDir(folder))
     return folder
 
 
-def labels_only(base: list[str], seed: int, fraction: float, run: RunDir) -> None:
-    """The labels-only student of ``run``, for as many steps as the distilled one, evaluated like it."""
-    path = run.checkpoint("student-labels-only")
+def fill_cache(r: Recipe, run: RunDir) -> None:
+    """Every training view's teacher logits in ``run``'s cache file, computed in large batches once."""
+    teacher_path = run.checkpoint("teacher")
+    train = student_training_set(r)
+    cache = teacher_cache_for(r, train, teacher_path, {"bernoulli_kd": 1.0}, run, CPU)
+    if not cache.complete:
+        started = time.time()
+        teacher, _ = load_model(str(teacher_path))
+        precompute(cache, teacher, train, CPU, 2048).save(run.checkpoint(CACHE_FILE))
+        print(f"teacher cache {tuple(cache.logits.shape)} of {teacher_path}: {time.time() - started:.0f} s")
+
+
+def train_baseline(base: list[str], seed: int, fraction: float, run: RunDir, kind: str) -> None:
+    """A labels-only baseline of ``run`` for as many steps as the distilled student, evaluated like it."""
+    stage, name = STUDENTS[kind]
     distilled = recipe("fashion-mnist", base).student.train.epochs
-    epochs = min(MAX_LABELS_ONLY_EPOCHS, round(distilled / fraction))
+    epochs = min(MAX_BASELINE_EPOCHS, round(distilled / fraction))
     r = recipe("fashion-mnist", [*base, f"data.labelled_fraction={fraction}", f"seed={seed}",
                                  f"student.train.epochs={epochs}"])
+    path = run.checkpoint(stage)
     if not path.is_file():
-        train_student(r, run, torch.device("cpu"), run.checkpoint("teacher"), labels_only=True,
-                      name="student-labels-only")
-    Pipeline(r, run).evaluate_checkpoint(LABELS_ONLY, path)
-    write_report(run)  # with the training curves of both students
+        train_student(r, run, CPU, run.checkpoint("teacher"), labels_only=baseline_of(kind), name=stage)
+    evaluate_both_ways(Pipeline(r, run), name, path)
+
+
+def baseline_of(kind: str) -> str:
+    return next(b for b, stage in BASELINE_STAGES.items() if stage == STUDENTS[kind][0])
+
+
+def evaluate_both_ways(pipeline: Pipeline, name: str, path: Path) -> None:
+    pipeline.evaluate_checkpoint(name, path)
+    pipeline.evaluate_checkpoint(name + TEACHER_DB, path, database_from="teacher")
 
 
 def curve(run: RunDir, stage: str) -> list[float]:
     return [r["val_map_tie_aware"] for r in run.metrics() if r.get("stage") == stage and "val_map_tie_aware" in r]
+
+
+def seed_row(run: RunDir, seed: int, kinds: tuple[str, ...]) -> dict:
+    models = run.summary()["models"]
+    row = {"seed": seed, "teacher": models["teacher"]["map_tie_aware"], "params": models["student"]["params"],
+           "teacher_params": models["teacher"]["params"], "curves": {}, "best_epochs": {}}
+    for kind in kinds:
+        stage, name = STUDENTS[kind]
+        row[kind] = models[name]["map_tie_aware"]
+        row[f"{kind}_teacher_db"] = models[name + TEACHER_DB]["map_tie_aware"]
+        row["curves"][kind] = curve(run, stage)
+        row["best_epochs"][kind] = max(range(len(row["curves"][kind])), key=row["curves"][kind].__getitem__)
+    return row
+
+
+def step_ratio(r: Recipe, run: RunDir, steps: int = 20, rounds: int = 5) -> dict[str, float]:
+    """Optimisation steps per second of the distilled student (teacher logits from the full cache) over those of
+    the labels-only student, same student, batches and augmentation, interleaved in one process (median of
+    ``rounds`` rounds of ``steps`` steps each)."""
+    teacher_path = run.checkpoint("teacher")
+    teacher, _ = load_model(str(teacher_path))
+    train = student_training_set(r)
+    indexed = IndexedDataset(train)
+    cache = teacher_cache_for(r, train, teacher_path, r.student.losses, run, CPU)
+    assert cache is not None and cache.complete, "fill the teacher cache first"
+    losses = {"distilled": r.student.losses, "labels_only": BASELINES["codes"]}
+    torch.manual_seed(0)
+    student = build_student(r.student, teacher, r.data.image_size).to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    size = r.data.batch_size
+    batches = [train.augment_batch(indexed.get_batch([(i * size + j) % len(train) for j in range(size)]))
+               for i in range(steps)]
+
+    def step(kind: str, batch: list[torch.Tensor]) -> None:
+        x, y, views, index = batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]
+        z_t = cache.lookup(teacher, x, index, views) if kind == "distilled" else None
+        inputs = LossInputs(student(x), z_t, y, student.codes, r.student.temperature, r.student.dsh_margin,
+                            r.student.relation_temperature)
+        loss = weighted_loss(losses[kind])(inputs)["loss"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    timings: dict[str, list[float]] = {kind: [] for kind in losses}
+    for kind in losses:  # warm-up
+        step(kind, batches[0])
+    for _ in range(rounds):
+        for kind in losses:
+            started = time.perf_counter()
+            for batch in batches:
+                step(kind, batch)
+            timings[kind].append(steps / (time.perf_counter() - started))
+    rates = {kind: statistics.median(v) for kind, v in timings.items()}
+    return {"distilled_steps_per_s": rates["distilled"], "labels_only_steps_per_s": rates["labels_only"],
+            "ratio": rates["distilled"] / rates["labels_only"], "batch_size": r.data.batch_size,
+            "threads": torch.get_num_threads()}
+
+
+def student_table(args: argparse.Namespace, base: list[str], seeds: list[int], started: float) -> None:
+    rows = []
+    kinds = tuple(STUDENTS)
+    step = None
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        teacher_run = fraction_teacher(fraction, args, base)
+        per_seed = []
+        for seed in seeds:
+            folder = Path(args.work) / f"f{fraction:g}-s{seed}"
+            share_checkpoints(teacher_run, folder, ("teacher",))  # the teacher and its cache of views
+            r = recipe("fashion-mnist", [*base, f"data.labelled_fraction={fraction}", f"seed={seed}"])
+            run_stages(r, folder, ("teacher", "student"))
+            run = RunDir(folder)
+            for kind in kinds[1:]:
+                train_baseline(base, seed, fraction, run, kind)
+            write_report(run)  # with the training curves of every student
+            per_seed.append(seed_row(run, seed, kinds))
+        if fraction >= 1 and step is None and not args.skip_step_ratio:
+            step = step_ratio(recipe("fashion-mnist", base), RunDir(teacher_run))
+        rows.append(fraction_row(fraction, teacher_run, per_seed, kinds))
+        print_table([{"fraction": r["labelled_fraction"], "teacher": r["teacher_map"],
+                      **{k: r[f"{k}_map"]["mean"] for k in kinds}, "gain": r["gain_points"]["mean"],
+                      "gain_dsh": r["gain_over_dsh_points"]["mean"]} for r in rows],
+                    ["fraction", "teacher", *kinds, "gain", "gain_dsh"])
+        by_fraction = {r["labelled_fraction"]: r for r in rows}
+        full, tenth = by_fraction.get(1.0), by_fraction.get(0.1)
+        write_json(args.out, {
+            "benchmark": "distill", "machine": machine(), "args": vars(args), "seeds": len(seeds),
+            "losses": recipe("fashion-mnist", base).student.losses,
+            "student_teacher_map_ratio": full["student_teacher_ratio"]["mean"] if full else None,
+            "kd_gain_points_full_labels": full["gain_points"]["mean"] if full else None,
+            "kd_gain_points_10pct_labels": tenth["gain_points"]["mean"] if tenth else None,
+            "kd_gain_over_dsh_points_full_labels": full["gain_over_dsh_points"]["mean"] if full else None,
+            "asymmetric_teacher_ratio": full["asymmetric_teacher_ratio"]["mean"] if full else None,
+            "kd_step_vs_labels_only_step": step["ratio"] if step else None, "step_timing": step,
+            "rows": rows, "wall_seconds": time.time() - started})
+
+
+def fraction_row(fraction: float, teacher_run: Path, per_seed: list[dict], kinds: tuple[str, ...]) -> dict:
+    def points(a: str, b: str) -> dict[str, float]:
+        return mean_sd([100 * (s[a] - s[b]) for s in per_seed])
+
+    return {"labelled_fraction": fraction, "teacher_run": str(teacher_run), "teacher_map": per_seed[0]["teacher"],
+            "params": per_seed[0]["params"], "param_ratio": per_seed[0]["teacher_params"] / per_seed[0]["params"],
+            **{f"{k}_map": mean_sd([s[k] for s in per_seed]) for k in kinds},
+            **{f"{k}_teacher_db_map": mean_sd([s[f"{k}_teacher_db"] for s in per_seed]) for k in kinds},
+            "gain_points": points("distilled", "labels_only"), "gain_over_dsh_points": points("distilled", "dsh"),
+            "student_teacher_ratio": mean_sd([s["distilled"] / s["teacher"] for s in per_seed]),
+            "asymmetric_teacher_ratio": mean_sd([s["distilled_teacher_db"] / s["teacher"] for s in per_seed]),
+            "seeds": per_seed}
+
+
+def loss_ablation(args: argparse.Namespace, base: list[str], seeds: list[int], started: float) -> None:
+    """The distilled student under each loss combination of ABLATION, full labels, same schedule and teacher."""
+    teacher_run = fraction_teacher(1.0, args, base)
+    rows = []
+    for name, weights in ABLATION.items():
+        per_seed = []
+        for seed in seeds:
+            folder = Path(args.work) / "ablation" / f"{name.replace(' + ', '+')}-s{seed}"
+            share_checkpoints(teacher_run, folder, ("teacher",))
+            losses = "{" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}"
+            r = recipe("fashion-mnist", [*base, f"seed={seed}", f"student.losses={losses}"])
+            run_stages(r, folder, ("teacher", "student"))
+            per_seed.append(seed_row(RunDir(folder), seed, ("distilled",)))
+        rows.append({"losses": name, "weights": weights,
+                     "map": mean_sd([s["distilled"] for s in per_seed]),
+                     "teacher_db_map": mean_sd([s["distilled_teacher_db"] for s in per_seed]),
+                     "student_teacher_ratio": mean_sd([s["distilled"] / s["teacher"] for s in per_seed]),
+                     "teacher_map": per_seed[0]["teacher"], "seeds": per_seed})
+        print_table([{"losses": r["losses"], "map": r["map"]["mean"], "sd": r["map"]["sd"],
+                      "teacher_db": r["teacher_db_map"]["mean"]} for r in rows], ["losses", "map", "sd", "teacher_db"])
+        best = max(rows, key=lambda r: r["map"]["mean"])
+        write_json(args.out, {"benchmark": "distill-losses", "machine": machine(), "args": vars(args),
+                              "seeds": len(seeds), "best": best["losses"], "rows": rows,
+                              "wall_seconds": time.time() - started})
 
 
 def main() -> None:
@@ -75,63 +259,24 @@ def main() -> None:
     parser.add_argument("--teacher-run", default="bench_out/teacher-converged/k16",
                         help="the full-label teacher (benchmarks/teacher.py's converged 16-bit run)")
     parser.add_argument("--out", default="benchmarks/results/distill.json")
-    parser.add_argument("--work", default="bench_out/distill")
+    parser.add_argument("--work", default="bench_out/distill-converged")
     parser.add_argument("--student", default="lcnet_075", help="timm name of the student")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--fractions", default="0.01,0.1,1.0", help="labelled fractions, comma-separated")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of the distilled student")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the distilled student")
     parser.add_argument("--teacher-overrides", default="teacher.backbone=resnet18,teacher.bits=16",
                         help="must match the teacher run's data and bits")
     parser.add_argument("--fraction-teacher-epochs", default="20,4",
                         help="float baseline and LLC phase epochs of the teachers trained on a labelled fraction")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every student run, e.g. student.temperature=4 (repeatable)")
+    parser.add_argument("--ablation", action="store_true", help="the loss ablation (ABLATION) instead of the table")
+    parser.add_argument("--skip-step-ratio", action="store_true", help="no step timing (a run beside other work)")
     args = parser.parse_args()
-    base = [*args.teacher_overrides.split(","), f"student.model={args.student}", f"student.train.epochs={args.epochs}",
-            *args.set]
+    base = [*args.teacher_overrides.split(","), "data.augment=true", f"student.model={args.student}",
+            f"student.train.epochs={args.epochs}", "student.train.warmup_epochs=1", *args.set]
     seeds = [int(s) for s in args.seeds.split(",")]
-    started = time.time()
-    rows = []
-    for fraction in (float(f) for f in args.fractions.split(",")):
-        teacher_run = fraction_teacher(fraction, args, base)
-        per_seed = []
-        for seed in seeds:
-            folder = Path(args.work) / f"f{fraction:g}-s{seed}"
-            share_checkpoints(teacher_run, folder, ("teacher",))
-            r = recipe("fashion-mnist", [*base, f"data.labelled_fraction={fraction}", f"seed={seed}"])
-            run_stages(r, folder, ("teacher", "student"))
-            run = RunDir(folder)
-            labels_only(base, seed, fraction, run)
-            models = run.summary()["models"]
-            per_seed.append({"seed": seed, "distilled": models["student"]["map_tie_aware"],
-                             "labels_only": models[LABELS_ONLY]["map_tie_aware"],
-                             "teacher": models["teacher"]["map_tie_aware"],
-                             "asymmetric": models["student -> teacher db"]["map_tie_aware"],
-                             "params": models["student"]["params"], "teacher_params": models["teacher"]["params"],
-                             "curves": {"distilled": curve(run, "student"),
-                                        "labels_only": curve(run, "student-labels-only")}})
-        gains = [100 * (s["distilled"] - s["labels_only"]) for s in per_seed]
-        rows.append({"labelled_fraction": fraction, "teacher_run": str(teacher_run),
-                     "teacher_map": per_seed[0]["teacher"], "params": per_seed[0]["params"],
-                     "param_ratio": per_seed[0]["teacher_params"] / per_seed[0]["params"],
-                     "distilled_map": mean_sd([s["distilled"] for s in per_seed]),
-                     "labels_only_map": mean_sd([s["labels_only"] for s in per_seed]),
-                     "asymmetric_map": mean_sd([s["asymmetric"] for s in per_seed]),
-                     "gain_points": mean_sd(gains),
-                     "student_teacher_ratio": mean_sd([s["distilled"] / s["teacher"] for s in per_seed]),
-                     "seeds": per_seed})
-        print_table([{"fraction": r["labelled_fraction"], "teacher": r["teacher_map"],
-                      "distilled": r["distilled_map"]["mean"], "labels_only": r["labels_only_map"]["mean"],
-                      "gain_points": r["gain_points"]["mean"], "gain_sd": r["gain_points"]["sd"]} for r in rows],
-                    ["fraction", "teacher", "distilled", "labels_only", "gain_points", "gain_sd"])
-        by_fraction = {r["labelled_fraction"]: r for r in rows}
-        full, tenth = by_fraction.get(1.0), by_fraction.get(0.1)
-        write_json(args.out, {
-            "benchmark": "distill", "machine": machine(), "args": vars(args), "seeds": len(seeds),
-            "kd_gain_points_full_labels": full["gain_points"]["mean"] if full else None,
-            "kd_gain_points_10pct_labels": tenth["gain_points"]["mean"] if tenth else None,
-            "student_teacher_map_ratio": full["student_teacher_ratio"]["mean"] if full else None,
-            "rows": rows, "wall_seconds": time.time() - started})
+    (loss_ablation if args.ablation else student_table)(args, base, seeds, time.time())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Distil a frozen LLC teacher into a small timm student that lives in the teacher's code space.
 
-With no random augmentation the teacher's outputs are the same every epoch, so they are
-computed once and cached: a distillation epoch then costs about a student-only epoch. With
-augmentation or mixup on, the teacher runs online on exactly the batch the student sees.
+Consistent teaching: the teacher codes exactly the view the student trains on. Its logits of every training
+view are computed once and looked up (:mod:`.teacher_cache`), so a distillation step costs what a labels-only
+step costs; only mixup, whose blends are never the same twice, and an image folder's free augmentation without
+a view bank run the teacher online.
+
+The labels-only baselines (``labels_only``) train on the labelled images alone, with no teacher at run time:
+``codes`` regresses the teacher's class codes (BCE, so it still learns in the teacher's code space), ``dsh`` is
+the DTH paper's baseline, the DSH pairwise loss on the labels (its codes live in a space of their own).
 """
 
 from __future__ import annotations
@@ -15,10 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from hashdistill.checkpoint import save_checkpoint
-from hashdistill.data import UNLABELLED, batch_augmentation, build_dataset, labelled_only, loader_workers
+from hashdistill.checkpoint import read_metadata, save_checkpoint
+from hashdistill.data import (
+    UNLABELLED,
+    VIEW_INDEX,
+    ImageFileDataset,
+    batch_augmentation,
+    build_dataset,
+    labelled_only,
+    loader_workers,
+)
 from hashdistill.errors import UserError
-from hashdistill.evaluate import torch_encoder, validation_accuracy
+from hashdistill.evaluate import validation_accuracy
 from hashdistill.recipe import Recipe, StudentConfig
 from hashdistill.rundir import RunDir
 from hashdistill.trainer import TrainTask, barrier, fit, is_main_process
@@ -26,8 +39,11 @@ from hashdistill.untrusted import short
 
 from .losses import NEEDS_TEACHER, LossInputs, weighted_loss
 from .models import STUDENT, TEACHER, HashStudent, load_model, model_meta, probe_forward
+from .teacher_cache import CACHE_FILE, TeacherViewCache, open_cache, training_views
 
-LABELS_ONLY = {"code_bce": 1.0}
+BASELINES = {"codes": {"code_bce": 1.0}, "dsh": {"dsh": 1.0}}  # labels-only students: their losses
+BASELINE_STAGES = {"codes": "student-labels-only", "dsh": "student-dsh"}  # their checkpoint names
+SELECT = "val_map_tie_aware"  # students are kept at their best validation mAP
 PREPROCESSING_KEYS = ("class_names", "mean", "std", "input_size", "crop_pct")  # what the student inherits
 
 
@@ -74,35 +90,63 @@ def check_same_data(meta: dict, recipe: Recipe, path: str | Path) -> None:
                             f"but this recipe has {getattr(recipe.data, key)!r}")
 
 
+def student_training_set(recipe: Recipe, labels_only: str | None = None) -> Dataset:
+    """The training split a student learns from: every image for a distilled student, the labelled ones for a
+    baseline; an augmented image folder limited to ``student.teacher_views`` fixed views per image, so that
+    every student, distilled or not, sees the same views and the teacher's codes of each are computed once."""
+    train = build_dataset(recipe.data, "train")
+    if isinstance(train, ImageFileDataset) and train.augment:
+        train = train.with_view_bank(recipe.student.teacher_views)
+    return labelled_only(train) if labels_only else train
+
+
 def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_path: str | Path,
-                  labels_only: bool = False, name: str = "student") -> Path:
-    """Distil (or, with ``labels_only``, train on the teacher's class codes only); returns the checkpoint."""
+                  labels_only: str | None = None, name: str = "student") -> Path:
+    """Distil, or with ``labels_only`` (a name of :data:`BASELINES`) train a labels-only baseline; returns the
+    checkpoint."""
+    if labels_only is not None and labels_only not in BASELINES:
+        raise UserError(f"unknown labels-only baseline {short(labels_only)}; choose one of {', '.join(BASELINES)}")
     cfg, data = recipe.student, recipe.data
     teacher, teacher_meta = load_model(str(teacher_path), expect=(TEACHER,))
     check_same_data(teacher_meta, recipe, teacher_path)
     teacher.to(device).eval().requires_grad_(False)
-    train, val = build_dataset(data, "train"), build_dataset(data, "val")
-    if labels_only:  # the baseline learns from what it has labels for; a distilled student sees every image
-        train = labelled_only(train)
+    train, val = student_training_set(recipe, labels_only), build_dataset(data, "val")
     torch.manual_seed(recipe.seed)
     student = build_student(cfg, teacher, data.image_size)
-    weights = LABELS_ONLY if labels_only else cfg.losses
-    batch_loss = distillation_batch_loss(student, teacher, weights, cfg, train, device, data.eval_batch_size)
+    weights = BASELINES[labels_only] if labels_only else cfg.losses
+    cache = teacher_cache_for(recipe, train, teacher_path, weights, run, device)
+    batch_loss = distillation_batch_loss(student, teacher, weights, cfg, cache)
     record = fit(TrainTask(name, student, [{"params": list(student.parameters())}], cfg.train, IndexedDataset(train),
                            batch_loss, data.batch_size, loader_workers(data),
-                           lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
+                           lambda m: validation_accuracy(m, val, device, data.eval_batch_size), SELECT,
                            augment=batch_augmentation(train)),
                  run, device, recipe.seed)
     path = run.checkpoint(name)
     if is_main_process():
+        if cache is not None:
+            cache.save(run.checkpoint(CACHE_FILE))
         meta = model_meta(STUDENT, cfg.model, teacher.bits,
                           {k: teacher_meta[k] for k in PREPROCESSING_KEYS if k in teacher_meta},
                           arch_kwargs=cfg.model_kwargs, data=dataclasses.asdict(data), recipe_hash=recipe.digest(),
                           training={name: record, "losses": weights, "temperature": cfg.temperature,
-                                    "teacher": str(teacher_path)})
+                                    "teacher": str(teacher_path), "baseline": labels_only})
         save_checkpoint(path, student.state_dict(), meta)
     barrier()
     return path
+
+
+def teacher_cache_for(recipe: Recipe, train: Dataset, teacher_path: str | Path, weights: dict[str, float],
+                      run: RunDir, device: torch.device) -> TeacherViewCache | None:
+    """The run's teacher cache for training on ``train`` with these losses, or None where the teacher is not
+    needed or must run online (mixup, unbounded views)."""
+    if not _teacher_needed(weights) or recipe.student.mixup > 0 or training_views(train) is None:
+        return None
+    bits = read_metadata(teacher_path).get("bits")
+    return open_cache(teacher_path, train, recipe.data, bits, run, device)
+
+
+def _teacher_needed(weights: dict[str, float]) -> bool:
+    return bool(NEEDS_TEACHER & {n for n, w in weights.items() if w > 0})
 
 
 def mix_images(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,28 +159,26 @@ def mix_images(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Te
     return weight * x + (1 - weight) * x[partner], torch.where(same, y, torch.full_like(y, UNLABELLED))
 
 
-def distillation_batch_loss(student: HashStudent, teacher: nn.Module, weights: dict[str, float], cfg: StudentConfig,
-                            train: Dataset, device: torch.device, eval_batch_size: int):
-    """The trainer's ``batch_loss`` for distillation: cached teacher logits unless the images change from epoch
-    to epoch (augmentation, mixup); then the teacher runs online on exactly the student's view."""
+def distillation_batch_loss(student: HashStudent, teacher: nn.Module | None, weights: dict[str, float],
+                            cfg: StudentConfig, cache: TeacherViewCache | None = None):
+    """The trainer's ``batch_loss`` for distillation: the teacher's logits of each image's view from ``cache``
+    (computed there the first time a view comes up), else the teacher online on exactly the student's input
+    (mixup, unbounded augmentation). A batch is ``[images, labels, (views,) index]``."""
     loss = weighted_loss(weights)
-    needs_teacher = bool(NEEDS_TEACHER & {n for n, w in weights.items() if w > 0})
-    online = getattr(train, "augment", False) or cfg.mixup > 0
-    cache = None
-    if needs_teacher and not online:
-        cache = torch.from_numpy(torch_encoder(teacher, device, eval_batch_size)(train)).to(device)
+    needs_teacher = _teacher_needed(weights)
 
-    def batch_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-        x, y, index = batch
+    def batch_loss(model: nn.Module, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y, index = batch[0], batch[1], batch[-1]
+        views = batch[VIEW_INDEX] if len(batch) > 3 else None
         if cfg.mixup > 0:
             x, y = mix_images(x, y, cfg.mixup)
         z_t = None
-        if needs_teacher:
-            if cache is not None:
-                z_t = cache[index]
-            else:
-                with torch.no_grad():
-                    z_t = teacher(x).float()
-        return loss(LossInputs(model(x).float(), z_t, y, student.codes, cfg.temperature, cfg.dsh_margin))
+        if needs_teacher and cache is not None:
+            z_t = cache.lookup(teacher, x, index, views)
+        elif needs_teacher:
+            with torch.no_grad():
+                z_t = teacher(x).float()
+        return loss(LossInputs(model(x).float(), z_t, y, student.codes, cfg.temperature, cfg.dsh_margin,
+                               cfg.relation_temperature))
 
     return batch_loss

@@ -39,7 +39,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
         teacher.backbone.load_state_dict(baseline.backbone.state_dict())
 
     def phase1_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[:2]  # an augmented batch also carries its views
         return F.cross_entropy(teacher.class_logits(model(x)), y, label_smoothing=cfg.label_smoothing)
 
     def class_code_accuracy(model: nn.Module) -> dict:
@@ -57,7 +57,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
     class_targets = (teacher.class_codes.to(device) + 1) / 2
 
     def phase2_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[:2]  # an augmented batch also carries its views
         return F.binary_cross_entropy_with_logits(model(x), class_targets[y])
 
     trainable = [p for p in teacher.parameters() if p.requires_grad]
@@ -85,7 +85,7 @@ def train_float_baseline(recipe: Recipe, run: RunDir, device: torch.device) -> F
     model = FloatClassifier(cfg.backbone, len(info["class_names"]), cfg.pretrained, cfg.weights)
 
     def loss(m: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[:2]  # an augmented batch also carries its views
         return F.cross_entropy(m(x), y)
 
     def accuracy(m: nn.Module) -> dict:

@@ -57,15 +57,16 @@ def labels_of(dataset: Dataset) -> np.ndarray:
 
 
 def torch_encoder(model: nn.Module, device: torch.device, batch_size: int = 256) -> Encoder:
-    """Code logits of a PyTorch model, batch by batch in eval mode."""
+    """Code logits of a PyTorch model, batch by batch in eval mode, channels_last like training (the faster layout
+    for depthwise-separable students on a CPU)."""
 
     @torch.no_grad()
     def encode(dataset: Dataset) -> np.ndarray:
-        model.eval().to(device)
+        model.eval().to(device, memory_format=torch.channels_last)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         quiet = not sys.stderr.isatty()
-        outputs = [model(x.to(device)).float().cpu() for x, *_ in tqdm(loader, desc="encode", disable=quiet,
-                                                                         leave=False)]
+        outputs = [model(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
+                   for x, *_ in tqdm(loader, desc="encode", disable=quiet, leave=False)]
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
 
     return encode

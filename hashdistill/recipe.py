@@ -25,7 +25,7 @@ from hashdistill.untrusted import short
 
 RECIPE_FILE_NAME = "recipe.yaml"  # the resolved recipe inside a run directory
 DATASETS = ("fashion-mnist", "digits", "imagefolder", "cifar10", "synthetic")
-LOSS_NAMES = ("bernoulli_kd", "dth_mse", "code_bce", "dsh")
+LOSS_NAMES = ("bernoulli_kd", "dth_mse", "code_bce", "dsh", "code_relation")  # hashdistill.distill.losses.LOSSES
 # PyYAML follows YAML 1.1, where a float needs a dot: it reads `lr: 3e-4` as the string '3e-4'. Such text is
 # accepted for float fields (and only text that is a plain decimal number: not 'nan' or 'inf').
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -145,12 +145,18 @@ class StudentConfig:
     losses: dict[str, float] = field(default_factory=lambda: {"bernoulli_kd": 1.0, "code_bce": 0.5})
     temperature: float = 2.0
     dsh_margin: float | None = None
+    relation_temperature: float = 2.0  # code_relation: softmax(-d / tau) over Hamming distances d, tau in bits
     # Mixup between the images of a batch (Beta(mixup, mixup) weights; 0 = off), the teacher online on the mixed
     # image: "consistent teaching" (Beyer et al. 2022). A label survives only where both images share it.
     mixup: float = 0.0
+    # Image folders with data.augment: each training image is limited to this many fixed views, whose teacher codes
+    # are computed once (the in-memory datasets have exactly 50: every shift by up to 2 px, flipped or not).
+    teacher_views: int = 8
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.relation_temperature > 0, "relation_temperature", "must be > 0")
+        _check(1 <= self.teacher_views <= 1000, "teacher_views", "must be in [1, 1000]")
         _check(0 <= self.mixup <= 10, "mixup", "must be in [0, 10] (0 = off)")
         bad = unsafe_model_kwargs(self.model_kwargs)
         _check(not bad, "model_kwargs", f"'{bad}' is not allowed: hashdistill sets it, or timm reads files with it")

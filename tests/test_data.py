@@ -96,12 +96,12 @@ def test_cifar_loader_refuses_code_in_pickles(tmp_path):
 
 
 def _reference_shift_flip(images: torch.Tensor, seed: int, max_shift: int = 2) -> torch.Tensor:
-    """The same draws as random_shift_flip, applied one image at a time."""
+    """The same draws as random_shift_flip (one view id per image: dy = v // 10, dx = v // 2 % 5, flip = v odd),
+    applied one image at a time."""
     torch.manual_seed(seed)
     b, _, h, w = images.shape
-    dy = torch.randint(0, 2 * max_shift + 1, (b,))
-    dx = torch.randint(0, 2 * max_shift + 1, (b,))
-    flip = torch.rand(b) < 0.5
+    views = torch.randint(0, 50, (b,))
+    dy, dx, flip = views // 10, views // 2 % 5, views % 2 == 1
     out = []
     for i in range(b):
         padded = torch.nn.functional.pad(images[i:i + 1], (max_shift,) * 4, mode="replicate")[0]
@@ -129,6 +129,18 @@ def test_batch_augmentation_shifts_and_flips_each_image_reproducibly():
         assert torch.equal(random_shift_flip(strided), _reference_shift_flip(strided.contiguous(), 7))
 
 
+def test_the_fifty_views_are_every_shift_flipped_or_not():
+    from hashdistill.data import NUM_VIEWS, shift_flip_views
+
+    image = torch.randn(1, 3, 9, 11)
+    views = shift_flip_views(image.expand(NUM_VIEWS, -1, -1, -1), torch.arange(NUM_VIEWS))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == NUM_VIEWS == 50
+    assert torch.equal(views[24], image[0])  # view 24: no shift (dy = dx = 2 in the padded frame), no flip
+    assert torch.equal(views[25], image[0].flip(-1))
+    padded = torch.nn.functional.pad(image, (2,) * 4, mode="replicate")[0]
+    assert torch.equal(views[2 * 10 + 4 * 2], padded[:, 2:11, 4:15])  # view 28: down 0, right 2
+
+
 def test_batched_fetch_equals_item_by_item():
     from torch.utils.data import default_collate
 
@@ -144,13 +156,16 @@ def test_augmented_batches_travel_as_uint8_and_are_normalised_after_the_shift():
 
     dataset = build_dataset(DataConfig(dataset="fashion-mnist", image_size=16, augment=True, train_limit=300),
                             "train")
-    pixels, labels = dataset.get_batch(list(range(40)))
-    assert pixels.dtype == torch.uint8 and pixels.shape[1] == 1  # a quarter of the bytes, one channel
     torch.manual_seed(3)
-    augmented = batch_augmentation(dataset)(pixels)
+    batch = dataset.get_batch(list(range(40)))
+    pixels, labels, views = batch
+    assert pixels.dtype == torch.uint8 and pixels.shape[1] == 1  # a quarter of the bytes, one channel
+    assert views.shape == (40,) and 0 <= views.min() and views.max() < 50  # each image's view travels with it
+    augmented, same_labels, same_views = batch_augmentation(dataset)(batch)
     torch.manual_seed(3)  # shift and flip commute with the per-channel normalisation
     reference = random_shift_flip(torch.stack([dataset[i][0] for i in range(40)]))
     assert augmented.shape == (40, 3, 16, 16) and torch.equal(augmented, reference)
+    assert same_labels is labels and same_views is views
     plain = build_dataset(DataConfig(dataset="fashion-mnist", image_size=16, train_limit=300), "train")
     assert batch_augmentation(plain) is None and plain.get_batch([0])[0].dtype == torch.float32
 
@@ -175,9 +190,37 @@ def test_image_folder_training_items_are_uint8_and_normalise_like_timms_float_tr
     torch.manual_seed(0), random.seed(0)
     pixels = torch.stack([train[i][0] for i in items])
     assert pixels.dtype == torch.uint8 and pixels.shape == (len(items), 3, 16, 16)
+    assert {train[i][2] for i in items} == {-1}  # free augmentation: no named view
     usual = train_transform(cfg, train.transform.mean, train.transform.std, uint8=False)
     torch.manual_seed(0), random.seed(0)
     reference = torch.stack([usual(read_rgb(train.paths[i])) for i in items])
-    assert torch.equal(batch_augmentation(train)(pixels), reference)
+    assert torch.equal(batch_augmentation(train)([pixels])[0], reference)
     plain = build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16), "train")
     assert batch_augmentation(plain) is None and plain[0][0].dtype == torch.float32
+
+
+def test_a_view_bank_gives_each_image_the_same_k_views_in_any_process_and_order(tmp_path):
+    import random
+
+    rng = np.random.default_rng(2)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (30, 28, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, augment=True,
+                     auto_augment="rand-m9-mstd0.5-inc1")  # RandAugment draws from numpy too
+    bank = build_dataset(cfg, "train").with_view_bank(3)
+    assert bank.num_views == 3 and build_dataset(cfg, "train").num_views is None
+    first = [[bank.view(i, v) for v in range(3)] for i in range(len(bank))]
+    assert not torch.equal(first[0][0], first[0][1])  # three different views
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)  # another state of every generator
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    for i in reversed(range(len(bank))):
+        for v in range(3):
+            assert torch.equal(bank.view(i, v), first[i][v])
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]  # left untouched
+    assert np.array_equal(np.random.get_state()[1], state[2])
+    pixels, label, view = bank[2]
+    assert 0 <= view < 3 and torch.equal(pixels, first[2][view]) and label == bank.labels[2]
+    subset = bank.subset(np.array([2, 0]))  # a subset (the labelled images) keeps each image's views
+    assert torch.equal(subset.view(0, 1), first[2][1])

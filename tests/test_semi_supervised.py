@@ -78,7 +78,7 @@ def _recording_fit(monkeypatch, module, seen: list):
         inner = task.batch_loss
 
         def batch_loss(model, batch):
-            seen.append((task.name, batch[2].clone() if len(batch) > 2 else None, batch[1].clone()))
+            seen.append((task.name, batch[-1].clone() if len(batch) > 2 else None, batch[1].clone()))
             return inner(model, batch)
 
         return original(dataclasses.replace(task, batch_loss=batch_loss), *args, **kwargs)
@@ -99,7 +99,7 @@ def test_no_held_back_label_reaches_any_loss(monkeypatch, tmp_path):
     run = RunDir(tmp_path / "run")
     teacher = teacher_stage.train_teacher(recipe, run, torch.device("cpu"))
     student_stage.train_student(recipe, run, torch.device("cpu"), teacher)
-    student_stage.train_student(recipe, run, torch.device("cpu"), teacher, labels_only=True,
+    student_stage.train_student(recipe, run, torch.device("cpu"), teacher, labels_only="codes",
                                 name="student-labels-only")
 
     def per_epoch(n: int) -> int:  # the trainer drops a last partial batch
@@ -181,12 +181,12 @@ def test_mixup_blends_pairs_keeps_shared_labels_and_teaches_on_the_mixed_image(t
     seen = []
     teacher.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
     student = build_student(recipe.student, teacher, recipe.data.image_size)
-    batch_loss = distillation_batch_loss(student, teacher, recipe.student.losses, recipe.student, train,
-                                         torch.device("cpu"), 64)
-    assert not seen  # mixup: no cache of unmixed images
+    assert student_stage.teacher_cache_for(recipe, train, trained_run["teacher"], recipe.student.losses,
+                                           trained_run["run"], torch.device("cpu")) is None  # mixes are not views
+    batch_loss = distillation_batch_loss(student, teacher, recipe.student.losses, recipe.student)
     batch = IndexedDataset(train).get_batch(list(range(16)))
     torch.manual_seed(2)
-    loss = batch_loss(student, batch)
+    loss = batch_loss(student, batch)["loss"]
     torch.manual_seed(2)
     expected, _ = mix_images(batch[0], batch[1], 0.4)
     assert torch.isfinite(loss) and len(seen) == 1 and torch.equal(seen[0], expected)

@@ -32,7 +32,11 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("augment", [None, random_shift_flip], ids=["plain", "batch-augmented"])
+def _shift_flip(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [random_shift_flip(batch[0]), *batch[1:]]
+
+
+@pytest.mark.parametrize("augment", [None, _shift_flip], ids=["plain", "batch-augmented"])
 def test_resume_is_bit_identical(tmp_path, augment):
     """Also with batch augmentation on the device: the epoch's seed replays the same augmentations."""
     full = _task(4, augment=augment)
@@ -122,3 +126,18 @@ def test_best_validation_epoch_is_kept(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["val_score"] for x in lines] == [0.5, 0.9, 0.1]
 
+
+
+def test_loss_parts_are_logged_per_epoch(tmp_path):
+    """A batch loss may hand back its parts: metrics.jsonl gets each part's epoch mean beside the total."""
+    task = _task(1)
+    plain = task.batch_loss
+
+    def with_parts(m, batch):
+        loss = plain(m, batch)
+        return {"loss": loss, "half": loss.detach() / 2}
+
+    task.batch_loss = with_parts
+    fit(task, RunDir(tmp_path), torch.device("cpu"), seed=0)
+    (record,) = RunDir(tmp_path).metrics()
+    assert record["train_half"] == pytest.approx(record["train_loss"] / 2, rel=1e-5)

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student from a teacher checkpoint (or train both)")
     _recipe_args(p)
     p.add_argument("--teacher", help="teacher checkpoint (default: train one first)")
-    p.add_argument("--labels-only", action="store_true",
-                   help="train the student on the class codes of the labelled images only (the baseline)")
+    p.add_argument("--labels-only", nargs="?", const="codes", metavar="BASELINE",
+                   help="train a labels-only baseline on the labelled images, no teacher at run time: codes (the "
+                        "default: BCE against the teacher's class codes) or dsh (the DSH pairwise loss on the labels)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="RUN_DIR")
     p.add_argument("--force", action="store_true")
@@ -217,10 +218,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from hashdistill.app.pipeline import Pipeline, prepare_run_dir
-    from hashdistill.distill.student_stage import train_student
+    from hashdistill.distill.student_stage import BASELINE_STAGES, train_student
     from hashdistill.recipe import load_recipe
     from hashdistill.trainer import init_distributed, resolve_device
 
+    if args.labels_only is not None and args.labels_only not in BASELINE_STAGES:
+        raise UserError(f"--labels-only: unknown baseline '{args.labels_only}'; choose one of "
+                        f"{', '.join(BASELINE_STAGES)}")
     recipe = load_recipe(args.recipe, args.set)
     init_distributed(resolve_device(recipe.device))
     run = prepare_run_dir(recipe, args.out, args.resume, args.force)
@@ -233,7 +237,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
             teacher = run.checkpoint("teacher")
         elif not Path(teacher).is_file():
             raise UserError(f"teacher checkpoint not found: {teacher}")
-        name = "student-labels-only" if args.labels_only else "student"
+        name = BASELINE_STAGES.get(args.labels_only, "student")
         path = train_student(recipe, run, pipeline.device, teacher, labels_only=args.labels_only, name=name)
     print(f"student checkpoint: {path}")
 

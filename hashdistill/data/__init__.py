@@ -8,7 +8,7 @@ selection never sees the test set), ``test``, and for OOD recipes ``ood_val`` / 
 Small in-memory datasets (Fashion-MNIST, digits, CIFAR-10, synthetic) are resized once to
 ``image_size`` and kept as uint8; grayscale images are repeated to 3 channels so any timm
 backbone accepts them. Every item is ``(image float32 [3, S, S] normalised, label int)``; a training
-split's augmentation runs on whole batches on the training device (:func:`random_shift_flip`).
+split's augmentation runs on whole batches on the training device (:mod:`.augment`: named views).
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from torch.utils.data import Dataset
 from hashdistill.errors import UserError
 from hashdistill.recipe import DataConfig
 
-from .augment import MAX_SHIFT, batch_augmentation, random_shift_flip
+from .augment import MAX_SHIFT, NUM_VIEWS, VIEW_INDEX, batch_augmentation, random_shift_flip, shift_flip_views
+from .imagefolder import ImageFileDataset
 from .sources import LOADERS, load_raw
 from .sources.fashion_mnist import FASHION_MNIST_DIRS
 from .splits import SPLITS, UNLABELLED, carve_split, check_classes
 from .tensors import ImageTensorDataset, RawImages, resize_images
 
-__all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "SPLITS", "UNLABELLED", "ImageTensorDataset", "RawImages",
-           "batch_augmentation", "build_dataset", "dataset_info", "labelled_only", "loader_workers",
-           "random_shift_flip"]
+__all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "NUM_VIEWS", "SPLITS", "UNLABELLED", "VIEW_INDEX",
+           "ImageFileDataset", "ImageTensorDataset", "RawImages", "batch_augmentation", "build_dataset", "dataset_info",
+           "labelled_only", "loader_workers", "random_shift_flip", "shift_flip_views"]
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:

@@ -12,14 +12,21 @@ leave the loader as uint8 pixels; the trainer normalises whole batches on the tr
 normalisation, and a quarter of the bytes to pass between processes and to the GPU. Every other split goes
 through THE evaluation pre-processing (:class:`hashdistill.preprocessing.EvalTransform`), the one the exported
 model runs in its graph.
+
+A view bank (:meth:`ImageFileDataset.with_view_bank`) limits each training image to K fixed views: view v of an
+image is timm's transform run with its random generators seeded from the image's path and v, so the same view
+comes out in every epoch, process and run, and the teacher's codes of every view can be computed once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import random
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +44,14 @@ from .splits import SPLIT_SEED, UNLABELLED, carve_split
 class ImageFileDataset(Dataset):
     """Image files, decoded when fetched: ``(normalised float [3, S, S], label)`` per item, or for a training
     split with ``train_transform`` its augmented ``uint8 [3, S, S]`` pixels (normalised per batch by
-    :meth:`normalise`)."""
+    :meth:`normalise`), label and view id (the view of the bank it was drawn as; -1 without a bank)."""
 
     def __init__(self, paths: list[Path], labels: list[int], class_names: list[str], transform: EvalTransform,
-                 train_transform: Callable | None = None):
+                 train_transform: Callable | None = None, view_bank: int | None = None):
         self.paths, self.labels, self.class_names = paths, torch.tensor(labels, dtype=torch.long), class_names
         self._label_of = labels  # a list: per-item lookups without a tensor index
         self.transform, self.train_transform = transform, train_transform
+        self.view_bank = view_bank if train_transform is not None else None
         self.damaged: set[Path] = set()  # found in this process
 
     def __len__(self) -> int:
@@ -51,24 +59,50 @@ class ImageFileDataset(Dataset):
 
     @property
     def augment(self) -> bool:
-        """True for a training split with random augmentation (distillation then runs the teacher online)."""
+        """True for a training split with random augmentation."""
         return self.train_transform is not None
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    @property
+    def num_views(self) -> int | None:
+        """Distinct training views per image: the bank's K, 1 without augmentation, None when unbounded."""
+        return 1 if not self.augment else self.view_bank
+
+    def with_view_bank(self, views: int) -> ImageFileDataset:
+        """This training split with each image limited to ``views`` fixed views (see the module docstring)."""
+        if views < 1:
+            raise UserError(f"a view bank needs at least one view per image, got {views}")
+        return ImageFileDataset(self.paths, self._label_of, self.class_names, self.transform, self.train_transform,
+                                views)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
+        if self.train_transform is None:
+            index, image = self._decode(index)
+            pixels = torch.from_numpy(rgb_pixels(image))[None]
+            return self.transform.apply(pixels)[0], self._label_of[index]
+        if self.view_bank is None:
+            index, image = self._decode(index)
+            return self.train_transform(image), self._label_of[index], -1
+        view = int(torch.randint(0, self.view_bank, ()))  # the loader's RNG, seeded per epoch by the trainer
+        return self.view(index, view), self._label_of[index], view
+
+    def view(self, index: int, view: int) -> torch.Tensor:
+        """View ``view`` of item ``index`` of the bank: uint8 [3, S, S], the same pixels every time."""
         index, image = self._decode(index)
-        if self.train_transform is not None:
-            return self.train_transform(image), self._label_of[index]
-        pixels = torch.from_numpy(rgb_pixels(image))[None]
-        return self.transform.apply(pixels)[0], self._label_of[index]
+        with _seeded_generators(zlib.crc32(f"{self.paths[index]}\0{view}".encode())):
+            return self.train_transform(image)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """A training batch's uint8 [B, 3, S, S] (on any device) -> normalised float [B, 3, S, S]."""
         return self.transform.normalise(pixels)
 
+    def augment_batch(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """On the training device: the batch's uint8 views (augmented as they were decoded), normalised."""
+        return [self.normalise(batch[0]), *batch[1:]]
+
     def subset(self, indices: np.ndarray) -> ImageFileDataset:
-        """The items at ``indices`` as a dataset of the same kind (same transforms)."""
+        """The items at ``indices`` as a dataset of the same kind (same transforms and view bank)."""
         return ImageFileDataset([self.paths[i] for i in indices], self.labels[indices].tolist(), self.class_names,
-                                self.transform, self.train_transform)
+                                self.transform, self.train_transform, self.view_bank)
 
     def pixels(self, index: int) -> np.ndarray:
         """The decoded RGB uint8 [H, W, 3] image behind item ``index`` (what an image-in model takes)."""
@@ -89,6 +123,22 @@ class ImageFileDataset(Dataset):
                     warnings.warn(f"{exc}; using the next readable image instead (process {os.getpid()}: damaged "
                                   "files are counted and each is skipped once found)", stacklevel=2)
         raise UserError(f"none of the {len(self.paths)} images of this split can be decoded")
+
+
+@contextlib.contextmanager
+def _seeded_generators(seed: int) -> Iterator[None]:
+    """Python's, numpy's and torch's global generators (timm's transforms draw from all three) seeded for one
+    call, and restored afterwards, so a fixed view leaves the loader's own random stream untouched."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def train_folder(cfg: DataConfig) -> Path:

@@ -11,6 +11,8 @@ from torch.utils.data import Dataset
 
 from hashdistill.preprocessing import IN_MEMORY_CROP_PCT, EvalTransform
 
+from .augment import NUM_VIEWS, VIEW_INDEX, random_views, shift_flip_views
+
 
 @dataclass
 class RawImages:
@@ -28,11 +30,11 @@ class RawImages:
 class ImageTensorDataset(Dataset):
     """Images held in memory as uint8 [N, C, S, S], normalised when fetched.
 
-    ``augment`` marks a training split that trains with :func:`random_shift_flip`: its :meth:`get_batch` then
-    hands out the uint8 pixels, and the trainer shifts, flips and normalises whole batches on the training device
-    (:func:`batch_augmentation`): a quarter of the bytes to move and a third of the channels to shift for
-    grayscale images, and no per-item Python work. :meth:`get_batch` fetches a whole batch in one indexing
-    operation; the trainer's loader uses it.
+    ``augment`` marks a training split that trains on random shift + flip views: its :meth:`get_batch` then
+    hands out the uint8 pixels and the view drawn for each image, and the trainer makes the views and normalises
+    whole batches on the training device (:func:`~hashdistill.data.augment.batch_augmentation`): a quarter of the
+    bytes to move and a third of the channels to shift for grayscale images, and no per-item Python work.
+    :meth:`get_batch` fetches a whole batch in one indexing operation; the trainer's loader uses it.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
@@ -63,11 +65,28 @@ class ImageTensorDataset(Dataset):
                                   self.transform.mean, self.transform.std, self.augment)
 
     def get_batch(self, indices: list[int]) -> list[torch.Tensor]:
-        """A whole batch, already collated: images [B, 3, S, S] and labels [B]. The images are normalised, or
-        for an augmented split the uint8 pixels [B, C, S, S] that :func:`batch_augmentation` takes."""
+        """A whole batch, already collated: normalised images [B, 3, S, S] and labels [B]; for an augmented split
+        the uint8 pixels [B, C, S, S], the labels and a random view id per image (torch's RNG, which the trainer
+        seeds per epoch), which :func:`~hashdistill.data.augment.batch_augmentation` turns into images."""
         index = torch.as_tensor(indices, dtype=torch.long)
         pixels = self.images[index]
-        return [pixels if self.augment else self.normalise(pixels), self.labels[index]]
+        if not self.augment:
+            return [self.normalise(pixels), self.labels[index]]
+        return [pixels, self.labels[index], random_views(len(index))]
+
+    @property
+    def num_views(self) -> int:
+        """How many distinct training views an image has (the shift + flip views; 1 without augmentation)."""
+        return NUM_VIEWS if self.augment else 1
+
+    def augment_batch(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """On the training device: each image's view, normalised; the rest of the batch as it is."""
+        return [self.training_views(batch[0], batch[VIEW_INDEX]), *batch[1:]]
+
+    def training_views(self, pixels: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """View ``views[i]`` of each of the uint8 ``pixels`` [B, C, S, S], normalised: what training feeds a model
+        (an unaugmented split has one view, the image itself)."""
+        return self.normalise(shift_flip_views(pixels, views) if self.augment else pixels)
 
 
 def resize_images(images: np.ndarray, size: int) -> torch.Tensor:
