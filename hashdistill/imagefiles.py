@@ -15,13 +15,16 @@ import warnings
 from pathlib import Path
 
 from hashdistill.errors import UserError
+from hashdistill.messages import name_some, warn
+from hashdistill.untrusted import short
 
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # end of image; the PNG one is IEND with its CRC
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def read_rgb(path: str | os.PathLike):
-    """Decode an image file into an RGB PIL image: the one place image files are opened.
+    """Decode an image file into an RGB PIL image: the one place image files are opened (training, evaluation,
+    indexing, the edge runtime), so every user of an image sees the same pixels (:func:`as_rgb`).
 
     Every way a hostile or damaged file fails (unidentified, truncated, a decompression bomb whose
     declared size exceeds PIL's ``MAX_IMAGE_PIXELS`` guard, ...) becomes one UserError.
@@ -32,13 +35,60 @@ def read_rgb(path: str | os.PathLike):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice the limit
             with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
+                img.load()  # an animated file's first frame
+                return as_rgb(img, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"cannot read image {path}: it declares more pixels than PIL's decompression-bomb limit "
                         f"({Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except _decode_errors() as exc:  # damage can still show up at full decode
         raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+EXIF_ORIENTATION = 0x0112
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def as_rgb(img, source: object):
+    """THE decoding rule, the one a browser follows too, so that every client sees the same pixels:
+
+    - the EXIF orientation (1-8) is applied, as ``PIL.ImageOps.exif_transpose`` and browsers do (a phone photo
+      stands upright); any other orientation value makes the file unreadable, never silently ignored;
+    - 16-bit pixels (PNG/TIFF modes I;16*, and I holding 0-65535) are scaled to 8 bits, v * 255 / 65535 rounded;
+      32-bit float pixels (mode F) must lie in [0, 1] and are scaled by 255; other ranges are unreadable;
+    - transparency (RGBA, LA, PA, a palette's transparent index) is composited over white, as a product photo
+      on a transparent background is meant to look (the demo page draws onto white for the same reason);
+    - palette, 1-bit, grayscale, CMYK and YCbCr images are converted to RGB by PIL.
+    """
+    from PIL import ImageOps
+
+    orientation = img.getexif().get(EXIF_ORIENTATION)
+    if orientation is not None and orientation not in range(1, 9):
+        raise UserError(f"cannot read image {source}: its EXIF orientation {short(orientation)} is not one of 1-8")
+    img = ImageOps.exif_transpose(img)
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
+        img = _to_eight_bits(img, source)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        from PIL import Image
+
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
+
+
+def _to_eight_bits(img, source: object):
+    """A high-bit-depth grayscale image as 8-bit grayscale (see :func:`as_rgb` for the rule)."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > 1:
+            raise UserError(f"cannot read image {source}: its float pixels are not all in [0, 1]")
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8), "L")
+    values = values.astype(np.int64)
+    if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+        raise UserError(f"cannot read image {source}: its 32-bit integer pixels are not all in 0-65535")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def is_readable_image(path: Path) -> bool:
@@ -51,7 +101,8 @@ def is_readable_image(path: Path) -> bool:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 trailer = END_MARKERS.get(img.format)
-                if min(img.size) < 1:
+                orientation = img.getexif().get(EXIF_ORIENTATION)
+                if min(img.size) < 1 or (orientation is not None and orientation not in range(1, 9)):
                     return False
         if trailer is not None:
             with open(path, "rb") as fh:
@@ -84,18 +135,18 @@ def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False, 
         raise UserError(f"{folder} has no class sub-folders (expected {folder}/<class name>/<images>)")
     groups = [(i, sorted((folder / name).rglob("*"))) for i, name in enumerate(classes)] if classes \
         else [(-1, sorted(folder.rglob("*")))]
-    paths, labels, skipped = [], [], 0
+    paths, labels, skipped = [], [], []
     for label, candidates in groups:
         for path in candidates:
             if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if not is_readable_image(path):
-                skipped += 1
+                skipped.append(path)
                 continue
             paths.append(path)
             labels.append(label)
     if not paths:
-        raise UserError(f"{folder} holds no readable images ({skipped} unreadable skipped)")
+        raise UserError(f"{folder} holds no readable images ({len(skipped)} unreadable skipped)")
     if skipped:
-        warnings.warn(f"{folder}: skipped {skipped} unreadable image(s)", stacklevel=2)
-    return paths, labels, classes, skipped
+        warn(f"{folder}: skipped {len(skipped)} unreadable image(s): {name_some([p.name for p in skipped])}")
+    return paths, labels, classes, len(skipped)

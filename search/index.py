@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,10 @@ from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 from hashdistill.export.images import ImageLike
 from hashdistill.recipe import DataConfig
-from hashdistill.untrusted import parse_json, short
+from hashdistill.untrusted import MAX_BITS, MAX_CLASSES, MAX_JSON_CHARS, parse_json, short
 
-from .index_kinds import ARRAY_KEYS, KINDS, SearchStructure
+from .index_kinds import ARRAY_KEYS, KINDS, MAX_HNSW_LEVELS, SearchStructure
+from .npz import Member, read_arrays, read_headers
 from .sources import collect_images, open_encoder
 
 FORMAT = "hashdistill-hash-index"
@@ -244,16 +244,14 @@ def load_index(path: str | os.PathLike) -> HashIndex:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"index not found: {path}")
-    _check_memory(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if set(KEYS) - set(npz.files) or str(npz["format"]) != FORMAT:
-                raise UserError(f"{path} is not a hashdistill index")
-            fields = {key: npz[key] for key in (*KEYS, "kind", "params", "recall", *ARRAY_KEYS) if key in npz.files}
-    except UserError:
-        raise
-    except Exception as exc:  # zipfile, zlib and numpy raise a variety of errors on damaged files
-        raise UserError(f"{path} is not a readable hashdistill index (truncated or corrupt?): {exc}") from None
+    members = read_headers(path)  # declared shapes only: nothing is decompressed before they are checked
+    if set(KEYS) - set(members):
+        raise UserError(f"{path} is not a hashdistill index")
+    wanted = {key: members[key] for key in (*KEYS, *RECORD_KEYS, *ARRAY_KEYS) if key in members}
+    _check_declared_sizes(wanted, path)
+    fields = read_arrays(path, wanted)
+    if str(fields["format"]) != FORMAT:
+        raise UserError(f"{path} is not a hashdistill index")
     try:
         version = int(fields["version"])
         if version not in (1, FORMAT_VERSION):
@@ -294,15 +292,39 @@ def _check_recall_record(recall: dict[str, Any], path: Path) -> None:
                         "pairs, k and a default setting from the curve)")
 
 
-def _check_memory(path: Path) -> None:
-    """Refuse an index whose arrays (and faiss's copy of the codes) would not fit in the memory available."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            arrays = sum(info.file_size for info in archive.infolist())
-            codes_size = next((i.file_size for i in archive.infolist() if i.filename == "codes.npy"), 0)
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return  # np.load reports the damage
-    needed, available = arrays + codes_size, _available_memory()
+RECORD_KEYS = ("kind", "params", "recall")  # JSON records and the kind's name, beside KEYS
+SCALARS = ("format", "version", "bits", "model", *RECORD_KEYS)
+PER_ROW = ("ids", "labels", "paths", "ivf_assign", "hnsw_group")
+MAX_TEXT_BYTES = 4 * 4096  # a path or a label name: 4096 characters of numpy's 4-byte unicode
+MAX_LINKS_PER_NODE = 2 * 256 + 256 * (MAX_HNSW_LEVELS - 1)  # HNSW's most links for one node (M <= 256)
+
+
+def _check_declared_sizes(members: dict[str, Member], path: Path) -> None:
+    """Compare what every member declares (dtype, shape) with the codes' row count and width and with the memory
+    available, before any member is decompressed: a member cannot claim more than its index needs."""
+    codes = members["codes"]
+    if codes.dtype != np.uint8 or len(codes.shape) != 2 or codes.shape[1] > MAX_BITS // 8:
+        raise UserError(f"{path}: codes must be uint8 (n, bytes per code), declared {codes.dtype} {codes.shape}")
+    n, width = codes.shape
+    for name, member in members.items():
+        shape, size = member.shape, member.dtype.itemsize
+        if name in SCALARS:
+            ok = shape == () and size <= 4 * MAX_JSON_CHARS
+        elif name in PER_ROW:
+            ok = shape == (n,) and size <= MAX_TEXT_BYTES
+        elif name == "label_names":
+            ok = len(shape) == 1 and shape[0] <= MAX_CLASSES and size <= MAX_TEXT_BYTES
+        elif name == "hnsw_neighbors":
+            ok = len(shape) == 1 and shape[0] <= (n + 1) * MAX_LINKS_PER_NODE and size <= 8
+        elif name == "codes":
+            ok = True
+        else:  # the other arrays of a kind: at most a row per code (+1), a code's width when two-dimensional
+            ok = 1 <= len(shape) <= 2 and shape[0] <= n + 1 and shape[1:] in ((), (width,)) and size <= 8
+        if not ok:
+            raise UserError(f"{path}: member '{name}' declares {member.dtype} {shape}, which an index of {n:,} "
+                            f"codes of {width} bytes cannot hold (a damaged or crafted file)")
+    needed = sum(member.nbytes for member in members.values()) + codes.nbytes  # + faiss's own copy of the codes
+    available = _available_memory()
     if available is not None and needed > available:
         raise UserError(f"{path} needs about {needed / 2**30:.1f} GiB of memory to load, and "
                         f"{available / 2**30:.1f} GiB are available; load it on a larger machine or split it "

@@ -172,7 +172,7 @@ def _damaged(path, tmp_path, **changes):
     ("hnsw", {"params": np.array('{"M": "sixteen"}')}, "HNSW parameter M must be an integer"),
     ("flat", {"kind": np.array("lsh")}, "unknown index kind"),
     ("flat", {"recall": np.array("[" * 50_000 + "]" * 50_000)}, "nested too deeply"),
-    ("flat", {"codes": np.zeros((6000, 3), np.float32)}, "index contents are corrupt"),
+    ("flat", {"codes": np.zeros((6000, 3), np.float32)}, "codes must be uint8"),
 ])
 def test_a_damaged_index_file_exits_2(indexes, tmp_path, capsys, kind, changes, expect):
     _, path = indexes[kind]
@@ -282,3 +282,73 @@ def test_build_index_records_kind_and_recall(export_root, tmp_path):
     info = load_index(tmp_path / "i.npz").describe()
     assert info["kind"] == "ivf" and info["params"] == {"nlist": 4} and 0 <= info["recall"] <= 1
     assert info["bytes_per_item"] > index.codes.shape[1] + 16
+
+
+def _inflating(path, out, rows: int, members: tuple[str, ...] = ("codes", "ids", "labels", "paths")):
+    """``path``'s index with ``members`` declaring ``rows`` rows of zeros each, written in chunks (the file stays
+    small: zeros deflate 1000-fold); the other members as they were."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    with np.load(path) as npz:
+        fields = {key: npz[key] for key in npz.files}
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key, value in fields.items():
+            if key not in members:
+                with archive.open(f"{key}.npy", "w") as fh:
+                    npy.write_array(fh, value, allow_pickle=False)
+                continue
+            shape = (rows, *value.shape[1:])
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                npy.write_array_header_1_0(fh, {"descr": npy.dtype_to_descr(value.dtype), "fortran_order": False,
+                                                "shape": shape})
+                left = int(np.prod(shape)) * value.dtype.itemsize
+                chunk = bytes(1 << 22)
+                while left:
+                    fh.write(chunk[:min(left, len(chunk))])
+                    left -= min(left, len(chunk))
+    return out
+
+
+def test_a_compressed_member_is_checked_before_it_is_inflated(indexes, tmp_path, capsys, monkeypatch):
+    """A small file whose codes inflate to far more rows than its ids (or, consistently, to more than the memory
+    available) is refused from the members' headers alone, in index info and index merge, without inflating."""
+    import tracemalloc
+
+    from hashdistill.search import index as index_module
+
+    _, path = indexes["flat"]
+    codes_only = _inflating(path, tmp_path / "codes.npz", rows=40_000_000, members=("codes",))  # 120 MB of codes
+    everything = _inflating(path, tmp_path / "rows.npz", rows=4_000_000)  # 120 MB in all, consistent rows
+    assert codes_only.stat().st_size < 2_000_000 and everything.stat().st_size < 2_000_000
+    tracemalloc.start()
+    for crafted in (codes_only, everything):
+        if crafted is everything:
+            monkeypatch.setattr(index_module, "_available_memory", lambda: 50_000_000)
+        expect = "cannot hold" if crafted is codes_only else "GiB of memory to load"
+        for argv in (["index", "info", crafted], ["index", "merge", crafted, path, "-o", tmp_path / "merged.npz"]):
+            refused(capsys, tmp_path, *argv, expect=expect)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000_000  # none of the 120 MB was inflated
+
+
+def test_a_member_declaring_more_rows_than_the_codes_is_refused_unread(indexes, tmp_path, capsys):
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    _, path = indexes["flat"]
+    with np.load(path) as npz:
+        fields = {key: npz[key] for key in npz.files}
+    out = tmp_path / "lying.npz"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key, value in fields.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                if key == "labels":  # declares a billion rows, holds six thousand
+                    npy.write_array_header_1_0(fh, {"descr": "<i8", "fortran_order": False, "shape": (10**9,)})
+                    fh.write(value.tobytes())
+                else:
+                    npy.write_array(fh, value, allow_pickle=False)
+    refused(capsys, tmp_path, "index", "info", out, expect="zip entry holds")

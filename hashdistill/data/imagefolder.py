@@ -24,7 +24,6 @@ import contextlib
 import functools
 import os
 import random
-import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch.utils.data import Dataset
 
 from hashdistill.errors import UserError
 from hashdistill.imagefiles import read_rgb, scan_image_files
+from hashdistill.messages import warn
 from hashdistill.preprocessing import IMAGEFOLDER_CROP_PCT, EvalTransform, rgb_pixels
 from hashdistill.recipe import DataConfig
 
@@ -120,8 +120,8 @@ class ImageFileDataset(Dataset):
             except UserError as exc:
                 self.damaged.add(path)
                 if len(self.damaged) == 1:
-                    warnings.warn(f"{exc}; using the next readable image instead (process {os.getpid()}: damaged "
-                                  "files are counted and each is skipped once found)", stacklevel=2)
+                    warn(f"{exc}; using the next readable image instead (process {os.getpid()}: damaged files are "
+                         "counted, and each is skipped once found)")
         raise UserError(f"none of the {len(self.paths)} images of this split can be decoded")
 
 
