@@ -60,12 +60,15 @@ def create_backbone(name: str, pretrained: bool = False, model_kwargs: dict[str,
                         "lists of numbers only; not the ones hashdistill sets or that make timm read files)")
     if pretrained and weights:
         raise UserError(f"'{name}': give either pretrained: true (hub weights) or a weights file, not both")
+    check_layer_names(model_kwargs)
     offline = pretrained and not hub_reachable()
     try:
         with _hub_offline(offline):
             backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"timm model '{name}' does not take the arguments {model_kwargs!r}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AssertionError, AttributeError, IndexError, NotImplementedError,
+            ZeroDivisionError) as exc:  # what timm's builders raise on an argument they cannot use
+        raise UserError(f"timm model '{name}' does not take the arguments {short(model_kwargs)}: "
+                        f"{type(exc).__name__} {short(str(exc))}") from None
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise UserError(f"unknown timm model '{name}' (see timm.list_models())") from None
@@ -81,6 +84,29 @@ def create_backbone(name: str, pretrained: bool = False, model_kwargs: dict[str,
     if weights:
         load_backbone_weights(backbone, weights)
     return backbone
+
+
+def _layer_registries() -> dict[str, tuple[str, Any]]:
+    from timm.layers import get_act_layer, get_attn, get_norm_act_layer, get_norm_layer
+
+    return {"act_layer": ("activation", get_act_layer), "norm_layer": ("normalisation", get_norm_layer),
+            "norm_act_layer": ("normalisation + activation", get_norm_act_layer),
+            "attn_layer": ("attention", get_attn), "se_layer": ("attention", get_attn)}
+
+
+def check_layer_names(model_kwargs: dict[str, Any]) -> None:
+    """A layer named by string (``act_layer: relu`` and the like) must be one timm's registries know: timm looks it
+    up in a dict and would end in a KeyError. The names come from recipes and from checkpoints' metadata."""
+    registries = _layer_registries()
+    for key, value in model_kwargs.items():
+        if key in registries and isinstance(value, str):
+            kind, resolve = registries[key]
+            try:
+                known = resolve(value) is not None
+            except (KeyError, ValueError, AssertionError, TypeError):
+                known = False
+            if not known:
+                raise UserError(f"timm argument {key}={short(value)} names no {kind} layer timm knows")
 
 
 @contextmanager
@@ -250,12 +276,24 @@ def build_checked(meta: dict[str, Any], tensors: dict[str, torch.Tensor], source
         skeleton = build_from_meta(meta)
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     if ternary:  # a ternary layer's weight is stored as 2-bit codes, four per byte
-        for layer in meta.get("ternary_layers") or {}:
+        listed = meta.get("ternary_layers") or {}
+        stored = {name.removesuffix(".weight_codes") for name in tensors if name.endswith(".weight_codes")}
+        for layer in listed:
             shape = expected.pop(f"{layer}.weight", None)
             codes = tensors.get(f"{layer}.weight_codes")
-            if shape is not None and codes is not None and codes.numel() != -(-math.prod(shape) // 4):
+            if shape is None:
+                raise UserError(f"{source}: metadata 'ternary_layers' lists {short(layer)}, which is no layer with "
+                                f"weights in the {meta.get('arch')} the metadata describes (edited metadata?)")
+            if codes is None:
+                raise UserError(f"{source}: metadata 'ternary_layers' lists {short(layer)}, but the file stores no "
+                                f"packed codes for it ('{short(layer)}.weight_codes'; edited metadata?)")
+            if codes.numel() != -(-math.prod(shape) // 4):
                 raise UserError(f"{source}: ternary layer '{layer}' stores {codes.numel()} bytes of codes, the "
                                 f"model the metadata describes needs {-(-math.prod(shape) // 4)} for {shape}")
+        unlisted = sorted(stored - set(listed))
+        if unlisted:
+            raise UserError(f"{source}: the file stores packed ternary codes for {short(unlisted[0])}, which "
+                            "metadata 'ternary_layers' does not list (edited metadata?)")
     for name, shape in expected.items():
         if name not in tensors:
             raise UserError(f"{source}: tensor '{name}' is missing (checkpoint of another architecture?)")
@@ -324,3 +362,25 @@ def load_model(path: str, expect: tuple[str, ...] = (TEACHER, STUDENT, FLOAT)) -
     load_state_strict(model, tensors, path)
     return model.eval(), meta
 
+
+
+def check_recipe_models(backbone: str, bits: int, student: str, student_kwargs: dict[str, Any], image_size: int,
+                        num_classes: int, teacher_weights: str | None = None,
+                        student_weights: str | None = None) -> None:
+    """The teacher and the student a recipe asks for, built on the meta device (no memory, no hub) and run once at
+    the input size, and their weights files read and compared with them: every model problem of a run found in
+    seconds, before its first stage trains anything."""
+    from .weights import fitting_weights
+
+    with torch.device("meta"):
+        teacher = LLCTeacher(backbone, bits, num_classes)
+        pupil = HashStudent(student, bits, num_classes, False, student_kwargs)
+    probe_forward(teacher, image_size, f"teacher '{backbone}'")
+    probe_forward(pupil, image_size, f"student '{student}' with model_kwargs {short(student_kwargs)}")
+    for field, model, path in (("teacher.weights", teacher, teacher_weights), ("student.weights", pupil,
+                                                                               student_weights)):
+        if path:
+            try:
+                fitting_weights(model.backbone, path)
+            except UserError as exc:
+                raise UserError(f"recipe field '{field}': {exc}") from None

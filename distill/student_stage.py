@@ -119,7 +119,7 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
     record = fit(TrainTask(name, student, [{"params": list(student.parameters())}], cfg.train, IndexedDataset(train),
                            batch_loss, data.batch_size, loader_workers(data),
                            lambda m: validation_accuracy(m, val, device, data.eval_batch_size), SELECT,
-                           augment=batch_augmentation(train)),
+                           augment=batch_augmentation(train), identity=recipe.stage_digest("student")),
                  run, device, recipe.seed)
     path = run.checkpoint(name)
     if is_main_process():
@@ -128,6 +128,7 @@ def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_pat
         meta = model_meta(STUDENT, cfg.model, teacher.bits,
                           {k: teacher_meta[k] for k in PREPROCESSING_KEYS if k in teacher_meta},
                           arch_kwargs=cfg.model_kwargs, data=dataclasses.asdict(data), recipe_hash=recipe.digest(),
+                          stage_digest=recipe.stage_digest("student"),
                           training={name: record, "losses": weights, "temperature": cfg.temperature,
                                     "teacher": str(teacher_path), "baseline": labels_only})
         save_checkpoint(path, student.state_dict(), meta)

@@ -50,7 +50,7 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
 
     phase1 = fit(TrainTask("teacher-phase1", teacher, [{"params": list(teacher.parameters())}], cfg.phase1, train,
                            phase1_loss, data.batch_size, loader_workers(data), class_code_accuracy, "val_accuracy",
-                           augment=batch_augmentation(train)),
+                           augment=batch_augmentation(train), identity=recipe.stage_digest("teacher")),
                  run, device, recipe.seed)
 
     teacher.codebook.requires_grad_(False)
@@ -64,12 +64,12 @@ def train_teacher(recipe: Recipe, run: RunDir, device: torch.device) -> Path:
     phase2 = fit(TrainTask("teacher-phase2", teacher, [{"params": trainable}], cfg.phase2, train, phase2_loss,
                            data.batch_size, loader_workers(data),
                            lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
-                           augment=batch_augmentation(train)),
+                           augment=batch_augmentation(train), identity=recipe.stage_digest("teacher")),
                  run, device, recipe.seed)
     path = run.checkpoint(TEACHER_FILE)
     if is_main_process():
         meta = model_meta(TEACHER, cfg.backbone, cfg.bits, info, data=dataclasses.asdict(data),
-                          recipe_hash=recipe.digest(),
+                          recipe_hash=recipe.digest(), stage_digest=recipe.stage_digest("teacher"),
                           training={"phase1": phase1, "phase2": phase2})
         save_checkpoint(path, teacher.state_dict(), meta)
     barrier()
@@ -94,10 +94,11 @@ def train_float_baseline(recipe: Recipe, run: RunDir, device: torch.device) -> F
 
     record = fit(TrainTask("float-baseline", model, [{"params": list(model.parameters())}], cfg.float_baseline,
                            train, loss, data.batch_size, loader_workers(data), accuracy, "val_accuracy",
-                           augment=batch_augmentation(train)),
+                           augment=batch_augmentation(train), identity=recipe.stage_digest("float-baseline")),
                  run, device, recipe.seed)
     if is_main_process():
         meta = model_meta(FLOAT, cfg.backbone, None, info, data=dataclasses.asdict(data),
-                          recipe_hash=recipe.digest(), training={"float": record})
+                          recipe_hash=recipe.digest(), stage_digest=recipe.stage_digest("float-baseline"),
+                          training={"float": record})
         save_checkpoint(run.checkpoint(FLOAT_FILE), model.state_dict(), meta)
     return model

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hashdistill.checkpoint import never_unpickles, pickle_kind
 from hashdistill.errors import UserError
 
 HUB_HOST, HUB_TIMEOUT_S = "huggingface.co", 3.0
@@ -28,10 +29,14 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a weights file into ``backbone`` (strictly, once the classifier's tensors are dropped)."""
+    backbone.load_state_dict(fitting_weights(backbone, path))
+
+
+def fitting_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file that ``backbone`` (a real or a meta-device model) takes, checked to fit it
+    exactly once the classifier's tensors are dropped; anything else is one clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    state = _unwrap(_read(path), path)
+    state = read_weights(path)
     expected = backbone.state_dict()
     classifier = _classifier_prefixes(backbone)
     state = {k: v for k, v in state.items() if k in expected or not k.startswith(classifier)}
@@ -45,7 +50,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             f"'{wrong[0]}' has shape {tuple(state[wrong[0]].shape)}, the model {tuple(expected[wrong[0]].shape)}"
             if wrong else "") if part)
         raise UserError(f"{path} does not fit this backbone ({type(backbone).__name__}): {details}")
-    backbone.load_state_dict(state)
+    return state
 
 
 def hub_reachable() -> bool:
@@ -63,18 +68,32 @@ def hub_reachable() -> bool:
         return False
 
 
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The named tensors of a weights file, checked to be one (what a run validates before its first stage)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    return _unwrap(_read(path), path)
+
+
 def _read(path: Path) -> Any:
     if path.suffix.lower() in TORCH_SUFFIXES:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch.load raises UnpicklingError, RuntimeError, EOFError...
-            raise UserError(f"{path}: not a tensors-only PyTorch file ({' '.join(str(exc).split())[:200]})") from None
+            kind = pickle_kind(path)
+            if kind and "weights_only" in str(exc):  # a pickle of more than tensors: torch refused to run it
+                raise UserError(f"{path} is {kind} holding more than tensors: {never_unpickles(path)}") from None
+            raise UserError(f"{path}: not a tensors-only PyTorch file ({' '.join(str(exc).split())[:120]})") from None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        kind = pickle_kind(path)
+        if kind:
+            raise UserError(f"{path} is {kind}, not a safetensors file: {never_unpickles(path)}") from None
         raise UserError(f"{path}: not a readable safetensors file ({exc}); .pth/.pt/.bin files are read with "
                         "torch.load(weights_only=True)") from None
 

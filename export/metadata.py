@@ -88,6 +88,7 @@ def build_props(meta: dict[str, Any], class_codes: np.ndarray, *, ternary_layers
         "data": json.dumps(data, sort_keys=True),
         "hashdistill_version": str(meta.get("hashdistill_version", "")),
         "recipe_hash": str(meta.get("recipe_hash", "")),
+        "stage_digest": str(meta.get("stage_digest", "")),  # of the checkpoint it was exported from
         "preprocessing": preprocessing_text(transform, input_format),
         "ternary_layers": json.dumps(ternary_layers),
         "ternary_encoding": ternary_encoding,

@@ -34,14 +34,19 @@ class EdgeModel:
     """An exported hashdistill model: images in, packed binary codes (and logits) out."""
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 batch_size: int = 64):
+                 batch_size: int = 64, threads: int | None = None):
+        """``threads``: onnxruntime's intra-op threads (default: one per core; 1 where several encoders share
+        the cores, as Ray's actors do)."""
         self.path = Path(path)
         self.batch_size = batch_size
         if not self.path.is_file():
             raise UserError(f"ONNX model not found: {self.path}")
         contents = self.path.read_bytes()  # read once: onnxruntime and the pre-processing check both parse it
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         try:
-            self.session = ort.InferenceSession(contents, providers=list(providers))
+            self.session = ort.InferenceSession(contents, options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own Exception subclasses (InvalidProtobuf, Fail, ...)
             raise UserError(f"{self.path}: onnxruntime {ort.__version__} cannot load it (truncated, corrupt or made "
                             f"for a newer runtime?): {exc}") from None

@@ -26,7 +26,9 @@ from .metadata import checkpoint_transform
 class CheckpointEncoder:
     """Packed codes from a checkpoint's model (CPU, eval mode), batch by batch."""
 
-    def __init__(self, path: str | os.PathLike, batch_size: int = 64):
+    def __init__(self, path: str | os.PathLike, batch_size: int = 64, threads: int | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.path = Path(path)
         self.model, self.meta = load_any_model(self.path)
         self.batch_size = batch_size

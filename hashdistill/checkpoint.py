@@ -73,6 +73,28 @@ def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     model.load_state_dict(tensors)
 
 
+def never_unpickles(path: Path) -> str:
+    """Why a pickle is refused, and how its owner can convert it once, somewhere they trust it."""
+    return ("hashdistill never unpickles a file it is handed, because unpickling can run arbitrary code; convert it "
+            "once, where you trust it, with: python -c \"import torch, safetensors.torch as st; "
+            f"st.save_file(torch.load('{path}', weights_only=False), 'model.safetensors')\" (a dict of tensors; "
+            "take its 'state_dict' entry first if it has one)")
+
+
+def pickle_kind(path: Path) -> str | None:
+    """'a torch.save file (a zip holding a pickle)' or 'a pickle file' for such files, else None (reads 4 KB)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") and b"data.pkl" in head:
+        return "a torch.save file (a zip holding a pickle)"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle file"
+    return None
+
+
 def _not_safetensors(path: Path, exc: Exception) -> str:
     """Say what a file that safetensors cannot read actually is: a pickle, a zip, an ONNX model or damage."""
     try:
@@ -81,14 +103,11 @@ def _not_safetensors(path: Path, exc: Exception) -> str:
     except OSError:
         head = b""
     if head[8:9] != b"{":  # safetensors: an 8-byte header length, then the JSON header
+        kind = pickle_kind(path)
+        if kind:
+            return f"{path} is {kind}, not a safetensors checkpoint: {never_unpickles(path)}"
         if head.startswith(b"PK\x03\x04"):
-            if b"data.pkl" in head:
-                return (f"{path} is a torch.save file (a zip holding a pickle), not a safetensors checkpoint: "
-                        "hashdistill never unpickles a file it is handed, because unpickling can run arbitrary code")
             return f"{path} is a zip archive, not a safetensors checkpoint"
-        if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
-            return (f"{path} is a pickle file, not a safetensors checkpoint: hashdistill never unpickles a file "
-                    "it is handed, because unpickling can run arbitrary code")
         if path.suffix.lower() in (".onnx", ".ort") or _looks_onnx(head):
             return f"this command takes a checkpoint (.safetensors); got an ONNX model: {path}"
     return f"{path} is not a hashdistill checkpoint (not a readable safetensors file: {exc})"

@@ -101,7 +101,7 @@ def is_readable_image(path: Path) -> bool:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 trailer = END_MARKERS.get(img.format)
-                orientation = img.getexif().get(EXIF_ORIENTATION)
+                orientation = _header_orientation(img)
                 if min(img.size) < 1 or (orientation is not None and orientation not in range(1, 9)):
                     return False
         if trailer is not None:
@@ -111,6 +111,14 @@ def is_readable_image(path: Path) -> bool:
     except (*_decode_errors(), Image.DecompressionBombError, Image.DecompressionBombWarning):
         return False
     return True
+
+
+def _header_orientation(img) -> object:
+    """The EXIF orientation where reading it decodes no pixel: PIL finds a PNG's eXIf chunk only by decoding the
+    image when the chunk comes after the pixel data (:func:`as_rgb` checks such a file when it is decoded)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return None
+    return img.getexif().get(EXIF_ORIENTATION)
 
 
 def _decode_errors() -> tuple[type[BaseException], ...]:
@@ -147,6 +155,11 @@ def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False, 
             labels.append(label)
     if not paths:
         raise UserError(f"{folder} holds no readable images ({len(skipped)} unreadable skipped)")
+    empty = [name for label, name in enumerate(classes) if label not in set(labels)]
+    if empty:
+        raise UserError(f"{folder}: the class folder{'s' if len(empty) > 1 else ''} {name_some(empty)} "
+                        f"{'hold' if len(empty) > 1 else 'holds'} no readable image; add images or remove "
+                        f"{'them' if len(empty) > 1 else 'it'}")
     if skipped:
         warn(f"{folder}: skipped {len(skipped)} unreadable image(s): {name_some([p.name for p in skipped])}")
     return paths, labels, classes, len(skipped)

@@ -228,8 +228,30 @@ class Recipe:
 
     def digest(self) -> str:
         """A short stable hash of the resolved recipe (stored in checkpoints and ONNX metadata)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _digest(self.to_dict())
+
+    def stage_digest(self, stage: str) -> str:
+        """A short hash of what ``stage``'s output depends on (:data:`STAGE_INPUTS`): the data and the settings of
+        that stage and of every stage before it. Not the seed, nor how data is loaded or the run evaluated: a
+        teacher is the teacher of every recipe that agrees on its data and teacher settings, whatever the student
+        seed, so runs may share it. A skipped stage compares its output's digest with this."""
+        raw = self.to_dict()
+        data = {k: v for k, v in raw["data"].items() if k not in _LOADING_FIELDS}
+        if stage == "float-baseline":
+            teacher = {k: raw["teacher"][k] for k in ("backbone", "pretrained", "weights", "float_baseline")}
+            return _digest({"data": data, "teacher": teacher})
+        sections = STAGE_INPUTS[stage]
+        return _digest({"data": data, **{name: raw[name] for name in sections}})
+
+
+STAGE_INPUTS = {"teacher": ("teacher",), "student": ("teacher", "student"),
+                "quantize": ("teacher", "student", "quantize"), "export": ("teacher", "student", "quantize", "export")}
+_LOADING_FIELDS = {"num_workers", "eval_batch_size", "test_limit"}  # how data is read or evaluated, not trained on
+
+
+def _digest(value: dict[str, Any]) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -66,6 +66,8 @@ class TrainTask:
     # Applied to each batch (its tensors on the device) before the loss; returns the batch with its images made
     # (hashdistill.data.batch_augmentation: an augmented split's views, normalised) and its other tensors kept.
     augment: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    # What the training depends on (Recipe.stage_digest): a saved state of another identity is refused, not resumed.
+    identity: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -267,10 +269,12 @@ def _save_state(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer, 
     # would resume past an epoch whose best model was never saved and end with an older one.
     if is_best:
         save_checkpoint(run.checkpoint(f"{task.name}-best"), weights, {"kind": "train-best", "stage": task.name,
-                                                                        "epoch": state["epoch"]})
+                                                                        "epoch": state["epoch"],
+                                                                        "identity": task.identity})
     optim_tensors, optim_meta = _flatten_optimizer(optimizer)
     save_checkpoint(run.checkpoint(f"{task.name}-last"), {**weights, **optim_tensors},
-                    {"kind": "train-state", "stage": task.name, "state": state, "optimizer": optim_meta})
+                    {"kind": "train-state", "stage": task.name, "state": state, "optimizer": optim_meta,
+                     "identity": task.identity})
 
 
 def _restore(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -281,6 +285,9 @@ def _restore(task: TrainTask, run: RunDir, optimizer: torch.optim.Optimizer) -> 
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") != "train-state" or meta.get("stage") != task.name:
         raise UserError(f"{path} is not the training state of stage '{task.name}'")
+    if task.identity is not None and meta.get("identity") not in (None, task.identity):
+        raise UserError(f"{path} is the training state of stage '{task.name}' for other data or settings than this "
+                        "run's; it is not resumed: remove it, or start the run afresh (--force or another --out)")
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     load_state_strict(task.model, weights, path)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))

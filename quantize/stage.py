@@ -63,7 +63,7 @@ def quantize_student(student_path: str | Path, out_path: str | Path, recipe: Rec
     record = fit(TrainTask("quantize", student, groups, cfg.train, IndexedDataset(train), batch_loss,
                            data.batch_size, loader_workers(data),
                            lambda m: validation_accuracy(m, val, device, data.eval_batch_size), "val_mhd_accuracy",
-                           augment=batch_augmentation(train)),
+                           augment=batch_augmentation(train), identity=recipe.stage_digest("quantize")),
                  run, device, recipe.seed)
     report = {"layers": layer_report(student), "quantized": quantized, "losses": weights,
               "teacher": str(teacher_path or meta.get("training", {}).get("teacher")) if teacher else None,
@@ -72,7 +72,8 @@ def quantize_student(student_path: str | Path, out_path: str | Path, recipe: Rec
         if cache is not None:
             cache.save(run.checkpoint(CACHE_FILE))
         save_ternary(out_path, student.cpu(), {**meta, "kind": TERNARY, "quantize": report,
-                                               "source_checkpoint": str(student_path)})
+                                               "source_checkpoint": str(student_path),
+                                               "stage_digest": recipe.stage_digest("quantize")})
     barrier()
     return report
 

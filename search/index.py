@@ -32,9 +32,11 @@ from hashdistill import codes
 from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 from hashdistill.export.images import ImageLike
+from hashdistill.messages import name_some, warn
 from hashdistill.recipe import DataConfig
 from hashdistill.untrusted import MAX_BITS, MAX_CLASSES, MAX_JSON_CHARS, parse_json, short
 
+from .encode import encode_or_skip, is_codes_folder, read_codes
 from .index_kinds import ARRAY_KEYS, KINDS, MAX_HNSW_LEVELS, SearchStructure
 from .npz import Member, read_arrays, read_headers
 from .sources import collect_images, open_encoder
@@ -132,6 +134,16 @@ class HashIndex:
         finally:
             if default is not None:
                 self.structure.set_speed(default)
+
+    def lookup(self, query_codes: np.ndarray, k: int, speed: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
+        """Distances, ids, labels and paths of the k nearest entries of each query (-1 / none where an approximate
+        index found fewer): what every search backend answers (``search.milvus.MilvusCollection`` too)."""
+        distances, rows = self.nearest(query_codes, k, speed)
+        found = rows >= 0
+        safe = np.maximum(rows, 0)
+        return (distances, np.where(found, self.ids[safe], -1), np.where(found, self.labels[safe], -1),
+                [[str(self.paths[r]) for r, ok in zip(row, hit) if ok] for row, hit in zip(safe, found)])
 
     def describe(self, speed: int | None = None) -> dict[str, Any]:
         """Kind, parameters, the speed setting a search uses, the recall measured for it, and memory per item."""
@@ -358,28 +370,73 @@ def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[
         raise UserError(f"the first id must be a non-negative integer, got {first_id!r}")
     encoder = open_encoder(source)
     image_set = collect_images(images, encoder, data)
-    packed = encoder.encode(image_set.items)
-    index = HashIndex(packed, encoder.bits, ids=np.arange(first_id, first_id + len(packed)), labels=image_set.labels,
-                      paths=image_set.paths, label_names=image_set.label_names,
+    packed, ok = _encode_readable(encoder, image_set)
+    ids = np.arange(first_id, first_id + len(ok))[ok]
+    index = HashIndex(packed[ok], encoder.bits, ids=ids, labels=np.asarray(image_set.labels)[ok],
+                      paths=np.asarray(image_set.paths)[ok], label_names=image_set.label_names,
                       model={**encoder.describe(), "bits": encoder.bits}, kind=kind, params=params)
     index.save(out_path, force=force)
     return index
 
 
+def build_index_from_codes(folder: str | os.PathLike, out_path: str | os.PathLike, force: bool = False,
+                           kind: str = "auto", params: dict[str, int] | None = None) -> HashIndex:
+    """An index of the codes ``hashdistill encode`` wrote into ``folder`` (ids, labels and paths kept)."""
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path} already exists; pass --force to overwrite it")
+    encoded = read_codes(folder)
+    index = HashIndex(encoded.codes, encoded.bits, ids=encoded.ids, labels=encoded.labels, paths=encoded.paths,
+                      label_names=encoded.manifest.get("label_names") or [], model=_model_record(encoded.manifest),
+                      kind=kind, params=params)
+    index.save(out_path, force=force)
+    return index
+
+
+def _model_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not all(isinstance(v, str | int) for v in model.values()):
+        raise UserError(f"the codes' manifest records no model (got {short(model)})")
+    return model
+
+
 def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
                  model: str | os.PathLike | None = None, data: DataConfig | None = None) -> tuple[HashIndex, int]:
-    """Encode more images with the index's model (or ``model``, of the same bit width) and add them in place."""
+    """Encode more images with the index's model (or ``model``, of the same bit width) and add them in place; a
+    folder of codes from ``hashdistill encode`` is added as it is (made by the index's own model)."""
     index = load_index(index_path)
+    if isinstance(images, str | os.PathLike) and is_codes_folder(images):
+        encoded = read_codes(images)
+        made_by = _model_record(encoded.manifest).get("hash")
+        if encoded.bits != index.bits or made_by != index.model.get("hash"):
+            raise UserError(f"{images} holds {encoded.bits}-bit codes of model {short(made_by)}, the index "
+                            f"{index.bits}-bit codes of {short(index.model.get('hash'))}: encode them with the "
+                            "index's model")
+        index.add(encoded.codes, encoded.labels, encoded.paths, ids=encoded.ids)
+        index.save(index_path, force=True)
+        return index, len(encoded.codes)
     encoder = _query_encoder(index, model)
     image_set = collect_images(images, encoder, data)
-    packed = encoder.encode(image_set.items)
     if image_set.label_names and index.label_names and image_set.label_names != index.label_names:
         raise UserError(f"the new images' classes {short(image_set.label_names)} differ from the index's "
                         f"{short(index.label_names)}")
-    index.add(packed, image_set.labels, image_set.paths)
+    packed, ok = _encode_readable(encoder, image_set)
+    packed = packed[ok]
+    index.add(packed, np.asarray(image_set.labels)[ok], np.asarray(image_set.paths)[ok])
     index.label_names = index.label_names or image_set.label_names
     index.save(index_path, force=True)
     return index, len(packed)
+
+
+def _encode_readable(encoder, image_set) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of an image set and which images could be decoded; the others are skipped, named in one warning."""
+    packed, ok = encode_or_skip(encoder, image_set.items)
+    if not ok.any():
+        raise UserError(f"none of the {len(ok)} images could be decoded")
+    if not ok.all():
+        warn(f"skipped {int((~ok).sum())} image(s) that could not be decoded: "
+             f"{name_some([p for p, good in zip(image_set.paths, ok) if not good])}")
+    return packed, ok
 
 
 def merge_indexes(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, force: bool = False,
@@ -443,25 +500,40 @@ class SearchResults:
                     zip(self.distances[query], self.ids[query], self.labels[query], self.paths[query]))]
 
 
-def search_images(index: HashIndex | str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
-                  k: int = 10, model: str | os.PathLike | None = None, speed: int | None = None) -> SearchResults:
-    """Encode query images with ``model`` (default: the model recorded in the index) and search the index.
+def search_images(index: Any, images: str | os.PathLike | Sequence[ImageLike], k: int = 10,
+                  model: str | os.PathLike | None = None, speed: int | None = None) -> SearchResults:
+    """Encode query images with ``model`` (default: the model recorded in the index) and search the index: a
+    HashIndex, a Milvus collection (``search.milvus.MilvusCollection``), or a URI of either
+    (:func:`open_search_backend`).
 
     Any model of the index's bit width may query it, e.g. a student against a teacher-built index
     (the student was trained into the teacher's code space); another bit width is a UserError.
     ``speed``: nprobe (ivf) or efSearch (hnsw) for these queries (default: the one chosen at build time).
     """
-    if not isinstance(index, HashIndex):
-        index = load_index(index)
+    if isinstance(index, str | os.PathLike):
+        index = open_search_backend(index)
     encoder = _query_encoder(index, model)
     queries = collect_images(images, encoder)
-    distances, rows = index.nearest(encoder.encode(queries.items), k, speed)
-    found = rows >= 0
-    safe = np.maximum(rows, 0)
-    return SearchResults(queries.paths, distances, np.where(found, index.ids[safe], -1),
-                         np.where(found, index.labels[safe], -1),
-                         [[str(index.paths[r]) for r, ok in zip(row, hit) if ok] for row, hit in zip(safe, found)],
-                         index.label_names)
+    query_codes = encoder.encode(queries.items)
+    if query_codes.shape[1] != index.codes.shape[1]:
+        raise UserError(f"queries must be packed {index.bits}-bit codes; got {query_codes.shape[1]} bytes each")
+    distances, ids, labels, paths = index.lookup(query_codes, k, speed)
+    return SearchResults(queries.paths, distances, ids, labels, paths, index.label_names)
+
+
+def open_search_backend(uri: str | os.PathLike, collection: str | None = None):
+    """The search backend a URI names: a Milvus Lite file (``.db``) or server (``http://...``) opens the
+    collection (:class:`~.milvus.MilvusCollection`), anything else is a faiss index file (:func:`load_index`)."""
+    from .milvus import DEFAULT_COLLECTION, SERVER_SCHEMES
+
+    text = str(uri)
+    if text.startswith(SERVER_SCHEMES) or text.endswith(".db"):
+        from .milvus import MilvusCollection
+
+        return MilvusCollection(text, collection or DEFAULT_COLLECTION)
+    if collection is not None:
+        raise UserError(f"--collection names a Milvus collection; {text} is an index file")
+    return load_index(uri)
 
 
 def _query_encoder(index: HashIndex, model: str | os.PathLike | None):

@@ -46,18 +46,19 @@ class ImageSet:
     label_names: list[str] = field(default_factory=list)
 
 
-def open_encoder(source: str | os.PathLike) -> Encoder:
-    """An ``.onnx`` or ``.ort`` file opens with the torch-free runtime; anything else is read as a checkpoint."""
+def open_encoder(source: str | os.PathLike, threads: int | None = None) -> Encoder:
+    """An ``.onnx`` or ``.ort`` file opens with the torch-free runtime; anything else is read as a checkpoint.
+    ``threads``: the model's compute threads (default: the library's own choice)."""
     path = Path(source)
     if not path.is_file():
         raise UserError(f"model not found: {path}")
     if path.suffix.lower() in (".onnx", ".ort"):
         from hashdistill.export.runtime import EdgeModel
 
-        return EdgeModel(path)
+        return EdgeModel(path, threads=threads)
     from hashdistill.export.torch_encoder import CheckpointEncoder
 
-    return CheckpointEncoder(path)
+    return CheckpointEncoder(path, threads=threads)
 
 
 def collect_images(images: str | os.PathLike | ImageLike | Sequence[ImageLike], encoder: Encoder,

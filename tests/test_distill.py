@@ -236,3 +236,50 @@ def test_ordinary_timm_arguments_pass():
     student = HashStudent("resnet18", bits=8, num_classes=3, model_kwargs={"drop_path_rate": 0.1,
                                                                            "channels": [8, 16, 32, 64]})
     assert student(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+
+
+WALKED_MODELS = ("resnet18", "lcnet_050", "mobilenetv3_small_100", "test_vit", "regnetx_002")
+
+
+def _constructor_keys(name: str) -> list[str]:
+    import inspect
+
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=0)
+    keys = set()
+    for cls in type(model).__mro__:
+        if "__init__" in vars(cls):
+            keys |= {k for k, p in inspect.signature(cls.__init__).parameters.items()
+                     if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    from hashdistill.recipe import unsafe_model_kwargs
+
+    return sorted(k for k in keys if not unsafe_model_kwargs({k: 0}))
+
+
+@pytest.mark.parametrize("name", WALKED_MODELS)
+def test_every_key_arch_kwargs_may_hold_is_a_clear_error_or_a_model(name):
+    """What a checkpoint's arch_kwargs may hold: any constructor argument of the model, with any plain value. Each
+    either builds (and runs at 32 px on the meta device) or is a UserError: never a timm traceback."""
+    from hashdistill.distill.models import create_backbone, probe_forward
+
+    for key in _constructor_keys(name):
+        for value in ("no_such_layer", -3, 0.5, [1.5, 2]):
+            try:
+                with torch.device("meta"):
+                    backbone = create_backbone(name, model_kwargs={key: value})
+                probe_forward(backbone, 32, f"{name} {key}={value!r}")
+            except UserError:
+                pass
+
+
+@pytest.mark.parametrize("key, value, kind", [("act_layer", "no_such_act", "activation"),
+                                              ("norm_layer", "batchnorm9", "normalisation"),
+                                              ("attn_layer", "nope", "attention")])
+def test_a_layer_name_timm_does_not_know_is_named_in_the_error(key, value, kind):
+    from hashdistill.distill.models import create_backbone
+
+    with pytest.raises(UserError, match=f"{key}='{value}' names no {kind} layer timm knows"):
+        create_backbone("resnet18", model_kwargs={key: value})
+    assert create_backbone("test_resnet", model_kwargs={"act_layer": "gelu"}) is not None  # a known name builds

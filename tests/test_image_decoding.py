@@ -20,8 +20,8 @@ def _with_orientation(image: Image.Image, path, orientation: int, **save) -> Non
 
 # What each EXIF orientation asks a viewer to do to the stored pixels, and so how to store UPRIGHT for it.
 STORED_AS = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-             5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, 1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
-             8: lambda a: np.rot90(a, -1)}
+             5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, 1),
+             7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, -1)}
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -123,11 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(handler=cmd_export)
 
+    p = sub.add_parser("encode", help="encode an image set into codes with ids and paths (Parquet shards), in this "
+                                      "process or on a Ray cluster")
+    p.add_argument("model", help="ONNX file (.onnx/.ort) or checkpoint that encodes the images")
+    p.add_argument("images", help="image folder (class sub-folders give labels) or a .txt file of paths, one a line")
+    p.add_argument("-o", "--output", required=True, help="folder of codes to write (codes-*.parquet + manifest.json)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="encode with Ray Data actors: a local cluster on this machine, or the cluster at ADDRESS "
+                        "(e.g. ray://head:10001, or auto); needs pip install 'hashdistill[ray]'")
+    p.add_argument("--workers", type=int, help="encoder actors with --ray (default: one per CPU of the cluster)")
+    p.add_argument("--first-id", type=int, default=0, help="ids run from here (distinct per shard, for merging)")
+    p.add_argument("--force", action="store_true", help="replace an earlier encoding at --output")
+    p.set_defaults(handler=cmd_encode)
+
     p = sub.add_parser("index", help="build, grow, merge or search a Hamming index")
     index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    b = index_sub.add_parser("build", help="encode images and store their codes in a faiss binary index")
-    b.add_argument("model", help="ONNX file or checkpoint that encodes the images")
-    b.add_argument("images", help="image folder (class sub-folders give labels) or dataset[:split], e.g. digits:test")
+    b = index_sub.add_parser("build", help="encode images (or take the codes of `hashdistill encode`) and store them "
+                                           "in a faiss binary index")
+    b.add_argument("model", help="ONNX file or checkpoint that encodes the images, or a folder of codes from "
+                                 "`hashdistill encode` (then no IMAGES)")
+    b.add_argument("images", nargs="?",
+                   help="image folder (class sub-folders give labels) or dataset[:split], e.g. digits:test")
     b.add_argument("-o", "--output", required=True)
     b.add_argument("--kind", default="auto", choices=INDEX_KINDS,
                    help="flat (exact), ivf or hnsw (approximate); auto: flat for small databases, ivf for large")
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(handler=cmd_index_build)
     a = index_sub.add_parser("add", help="encode more images and add them to an index (no rebuild)")
     a.add_argument("index")
-    a.add_argument("images", help="image folder or dataset[:split]")
+    a.add_argument("images", help="image folder, dataset[:split], or a folder of codes from `hashdistill encode`")
     a.add_argument("--model", help="model to encode with (default: the one that built the index)")
     a.set_defaults(handler=cmd_index_add)
     m = index_sub.add_parser("merge", help="merge index shards into one, ids kept")
@@ -150,13 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     i = index_sub.add_parser("info", help="kind, parameters, measured recall and memory of an index")
     i.add_argument("index")
     i.set_defaults(handler=cmd_index_info)
-    s = index_sub.add_parser("search", help="nearest codes of query images")
-    s.add_argument("index")
-    s.add_argument("images", nargs="+", help="image files")
+    x = index_sub.add_parser("export", help="write an index's codes, ids, paths and labels into a Milvus collection")
+    x.add_argument("index")
+    x.add_argument("--milvus", required=True, metavar="URI",
+                   help="a Milvus Lite file (codes.db) or server (http://host:19530); needs "
+                        "pip install 'hashdistill[milvus]'")
+    x.add_argument("--collection", default="hashdistill", help="collection name (default: hashdistill)")
+    x.add_argument("--force", action="store_true", help="replace an existing collection of that name")
+    x.set_defaults(handler=cmd_index_export)
+    s = index_sub.add_parser("search", help="nearest codes of query images",
+                             usage="hashdistill index search [INDEX] IMAGE... [--milvus URI [--collection NAME]]")
+    s.add_argument("targets", nargs="+", metavar="[INDEX] IMAGE",
+                   help="the index file (or a Milvus URI; omitted with --milvus), then the image files")
     s.add_argument("-k", type=int, default=10)
-    s.add_argument("--nprobe", type=int, help="ivf: buckets to scan (more: slower, higher recall)")
+    s.add_argument("--nprobe", type=int,
+                   help="ivf (or Milvus on a server): buckets to scan (more: slower, higher recall)")
     s.add_argument("--ef-search", type=int, help="hnsw: candidates to explore (more: slower, higher recall)")
     s.add_argument("--model", help="ONNX model for the queries (default: the one that built the index)")
+    s.add_argument("--milvus", metavar="URI", help="search this Milvus (Lite file or server) instead of an index file")
+    s.add_argument("--collection", help="the Milvus collection (default: hashdistill)")
     s.set_defaults(handler=cmd_index_search)
 
     p = sub.add_parser("taxonomy", help="print the class tree of a checkpoint's class codes, write a dendrogram")
@@ -199,6 +227,7 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from hashdistill.app.pipeline import Pipeline, prepare_run_dir
+    from hashdistill.app.preflight import check_run
     from hashdistill.recipe import load_recipe
     from hashdistill.rundir import STAGES
     from hashdistill.trainer import init_distributed, resolve_device
@@ -209,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"--stages: unknown stage '{unknown[0]}'; stages: {', '.join(STAGES)}")
+    check_run(recipe)
     run = prepare_run_dir(recipe, args.out, args.resume, args.force)
     with _discard_if_nothing_saved(run, fresh=not args.resume):
         result = Pipeline(recipe, run).run_all(stages)
@@ -218,6 +248,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from hashdistill.app.pipeline import Pipeline, prepare_run_dir
+    from hashdistill.app.preflight import check_run
     from hashdistill.distill.student_stage import BASELINE_STAGES, train_student
     from hashdistill.recipe import load_recipe
     from hashdistill.trainer import init_distributed, resolve_device
@@ -227,6 +258,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
                         f"{', '.join(BASELINE_STAGES)}")
     recipe = load_recipe(args.recipe, args.set)
     init_distributed(resolve_device(recipe.device))
+    check_run(recipe)
     run = prepare_run_dir(recipe, args.out, args.resume, args.force)
     with _discard_if_nothing_saved(run, fresh=not args.resume):
         pipeline = Pipeline(recipe, run)
@@ -330,16 +362,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     _print_figures(figures)
 
 
+def cmd_encode(args: argparse.Namespace) -> None:
+    from hashdistill.search.encode import encode_images
+
+    if args.workers is not None and (args.ray is None or args.workers < 1):
+        raise UserError("--workers takes a number >= 1, with --ray")
+    result = encode_images(args.model, args.images, args.output, ray=args.ray, workers=args.workers,
+                           first_id=args.first_id, force=args.force)
+    m = result.manifest
+    where = f"Ray, {m['workers']} workers" if m["engine"] == "ray" else "this process"
+    print(f"encoded {m['encoded']} of {m['images']} images ({m['bits']} bits; {m['skipped']} skipped) in "
+          f"{m['seconds']:.1f} s with {where} -> {result.folder} ({len(m['shards'])} shards)")
+
+
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from hashdistill.search.index import build_index
+    from hashdistill.search.encode import is_codes_folder
+    from hashdistill.search.index import build_index, build_index_from_codes
 
     output = _fresh_output(args.output, args.force)
     for flag, value, fits in (("--nlist", args.nlist, ("ivf", "auto")), ("--hnsw-m", args.hnsw_m, ("hnsw",))):
         if value is not None and args.kind not in fits:
             raise UserError(f"{flag} applies to --kind {' or '.join(fits)}, not {args.kind}")
     params = {key: value for key, value in (("nlist", args.nlist), ("M", args.hnsw_m)) if value is not None}
-    index = build_index(args.model, args.images, output, force=args.force, kind=args.kind, params=params,
-                        first_id=args.first_id)
+    if is_codes_folder(args.model):
+        if args.images is not None or args.first_id:
+            raise UserError(f"{args.model} holds codes already: give no IMAGES (nor --first-id) with it")
+        index = build_index_from_codes(args.model, output, force=args.force, kind=args.kind, params=params)
+    elif args.images is None:
+        raise UserError("index build needs the IMAGES to encode (or a folder of codes from `hashdistill encode`)")
+    else:
+        index = build_index(args.model, args.images, output, force=args.force, kind=args.kind, params=params,
+                            first_id=args.first_id)
     print(f"indexed {len(index)} images ({index.bits} bits) -> {output}")
     _print_index(index.describe())
 
@@ -371,13 +424,28 @@ def cmd_index_info(args: argparse.Namespace) -> None:
         print(f"  {info['speed_param']}={value}: recall@{index.recall['k']} {recall:.4f}")
 
 
-def cmd_index_search(args: argparse.Namespace) -> None:
-    from hashdistill.search.index import load_index, search_images
+def cmd_index_export(args: argparse.Namespace) -> None:
+    from hashdistill.search.index import load_index
+    from hashdistill.search.milvus import export_index
 
-    index = load_index(args.index)
-    speed = _search_speed(index.kind, args.nprobe, args.ef_search)
+    written = export_index(load_index(args.index), args.milvus, args.collection, force=args.force)
+    print(f"exported {written['rows']} codes ({written['bits']} bits) to {written['uri']}, collection "
+          f"'{written['collection']}' ({written['index_type']})")
+
+
+def cmd_index_search(args: argparse.Namespace) -> None:
+    from hashdistill.search.index import open_search_backend, search_images
+
+    if args.milvus:
+        index, images = open_search_backend(args.milvus, args.collection), args.targets
+    elif len(args.targets) < 2:
+        raise UserError("index search needs the index and at least one image (or --milvus URI and images)")
+    else:
+        index, images = open_search_backend(args.targets[0], args.collection), args.targets[1:]
+    kind = "ivf" if index.describe()["speed_param"] == "nprobe" else getattr(index, "kind", "flat")
+    speed = _search_speed(kind, args.nprobe, args.ef_search)
     _print_index(index.describe(speed))
-    for query, hits in zip(args.images, search_images(index, args.images, args.k, model=args.model, speed=speed)):
+    for query, hits in zip(images, search_images(index, images, args.k, model=args.model, speed=speed)):
         print(query)
         for hit in hits:
             print(f"  d={hit['distance']:3d}  id={hit['id']}  label={hit['label']}  {hit['path']}")

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from hashdistill import codes
+from hashdistill.checkpoint import read_metadata
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, torch_encoder
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import INDEX_FILE, STAGES, SWEEP_DIR, RunDir, foreign_entries, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
+from hashdistill.untrusted import short
 
 
 class Pipeline:
@@ -60,11 +62,14 @@ class Pipeline:
         from hashdistill.distill.teacher_stage import FLOAT_FILE, TEACHER_FILE, train_teacher
 
         path = self.run.checkpoint(TEACHER_FILE)
+        float_path = self.run.checkpoint(FLOAT_FILE)
         trained = not path.is_file()
         if trained:
             train_teacher(self.recipe, self.run, self.device)
-        float_path = self.run.checkpoint(FLOAT_FILE)
+        else:
+            check_output(path, self.recipe, "teacher", "teacher")
         if float_path.is_file():
+            check_output(float_path, self.recipe, "float-baseline", "float")
             self._evaluate_float(float_path)
         self.evaluate_checkpoint("teacher", path)
         return trained
@@ -98,6 +103,8 @@ class Pipeline:
         trained = not path.is_file()
         if trained:
             train_student(self.recipe, self.run, self.device, self.run.checkpoint("teacher"))
+        else:
+            check_output(path, self.recipe, "student", "student")
         self.evaluate_checkpoint("student", path)
         self.evaluate_checkpoint("student -> teacher db", path, database_from="teacher")
         return trained
@@ -107,6 +114,8 @@ class Pipeline:
 
         path = self.run.checkpoint("ternary-student")
         trained = not path.is_file()
+        if not trained:
+            check_output(path, self.recipe, "quantize", "ternary-student")
         if trained:
             report = quantize_student(self.run.checkpoint("student"), path, self.recipe, self.run, self.device)
             self.run.update_summary("quantize", {"layers": report["layers"], "losses": report["losses"],
@@ -120,6 +129,8 @@ class Pipeline:
 
         path = self.run.path / self.recipe.export.file
         exported = not path.is_file()
+        if not exported:
+            self._check_exported(path)
         if exported and is_main_process():
             export = self.recipe.export
             figures = export_checkpoint(self.run.checkpoint("ternary-student"), path, opset=export.opset,
@@ -133,6 +144,8 @@ class Pipeline:
         from hashdistill.search.index import build_index
 
         path = self.run.path / INDEX_FILE
+        if path.exists() and is_main_process():
+            self._check_index(path)
         if path.exists() or not is_main_process():
             return False
         data = dataclasses.replace(self.recipe.data, train_limit=None, augment=False)  # the whole database
@@ -146,6 +159,28 @@ class Pipeline:
         self.run.update_summary("index", {"path": str(path), "size": len(index), "bits": index.bits,
                                           **index.describe()})
         return True
+
+    def _check_exported(self, path: Path) -> None:
+        """The run's ONNX file is skipped only if it was exported from this recipe's ternary student."""
+        from hashdistill.export.metadata import FLOAT_IN, IMAGE_IN
+        from hashdistill.export.runtime import EdgeModel
+
+        props = EdgeModel(str(path)).metadata
+        expected = {"stage_digest": self.recipe.stage_digest("quantize"), "bits": self.recipe.teacher.bits,
+                    "input_format": FLOAT_IN if self.recipe.export.float_input else IMAGE_IN}
+        for key, value in expected.items():
+            if props.get(key) not in (value, str(value)):
+                raise UserError(stale_output(path, f"its {key} is {short(props.get(key))}, this recipe's is {value}"))
+
+    def _check_index(self, path: Path) -> None:
+        """The run's index is skipped only if the run's ONNX file encoded it."""
+        from hashdistill.export.runtime import EdgeModel
+        from hashdistill.search.index import load_index
+
+        model = load_index(path).model
+        onnx = self.run.path / self.recipe.export.file
+        if not onnx.is_file() or model.get("hash") != EdgeModel(str(onnx)).describe()["hash"]:
+            raise UserError(stale_output(path, f"its codes were not made by this run's {self.recipe.export.file}"))
 
     # --- evaluation: one path for checkpoints and ONNX files ---------------------------------------
 
@@ -231,6 +266,37 @@ class Pipeline:
 def _sweep_row(figures: dict[str, Any]) -> dict[str, Any]:
     keys = ("bits", "mhd_accuracy", "ed_accuracy", "map", "map_tie_aware", "precision_at_radius")
     return {key: figures[key] for key in keys}
+
+
+IDENTITY_DATA = ("dataset", "root", "image_size", "in_classes", "ood_classes", "labelled_fraction")
+
+
+def check_output(path: Path, recipe: Recipe, stage: str, kind: str) -> None:
+    """A stage whose output exists is skipped only if that output is what this recipe's stage writes: its kind,
+    bit width, data and the digest of its settings (:meth:`Recipe.stage_digest`) must match; a mismatch is a
+    UserError that names it, never a silent "already done"."""
+    meta = read_metadata(path)
+    found = meta.get("kind")
+    if found != kind:
+        raise UserError(stale_output(path, f"it holds a {short(found)} checkpoint, where this stage writes a {kind}"))
+    if kind != "float" and meta.get("bits") != recipe.teacher.bits:
+        raise UserError(stale_output(path, f"its codes have {short(meta.get('bits'))} bits, this recipe's "
+                                           f"{recipe.teacher.bits}"))
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    for key in IDENTITY_DATA:
+        if data.get(key) != getattr(recipe.data, key):
+            raise UserError(stale_output(path, f"it was trained with data.{key}={short(data.get(key))}, this recipe "
+                                               f"has {short(getattr(recipe.data, key))}"))
+    digest = meta.get("stage_digest")
+    if digest is not None and digest != recipe.stage_digest(stage):
+        raise UserError(stale_output(path, f"it was trained with other {stage} settings than this recipe's"))
+    if digest is None and meta.get("recipe_hash") != recipe.digest():  # written before stage digests existed
+        raise UserError(stale_output(path, "it was written by another recipe"))
+
+
+def stale_output(path: Path, problem: str) -> str:
+    return (f"{path} is in the run directory, but {problem}; it is not used: remove it to have the stage run "
+            "again, or start afresh (--force, or another --out)")
 
 
 def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: bool) -> RunDir:

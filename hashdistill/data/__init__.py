@@ -30,8 +30,8 @@ from .splits import SPLITS, UNLABELLED, carve_split, check_classes
 from .tensors import ImageTensorDataset, RawImages, resize_images
 
 __all__ = ["FASHION_MNIST_DIRS", "LOADERS", "MAX_SHIFT", "NUM_VIEWS", "SPLITS", "UNLABELLED", "VIEW_INDEX",
-           "ImageFileDataset", "ImageTensorDataset", "RawImages", "batch_augmentation", "build_dataset", "dataset_info",
-           "labelled_only", "loader_workers", "random_shift_flip", "shift_flip_views"]
+           "ImageFileDataset", "ImageTensorDataset", "RawImages", "batch_augmentation", "build_dataset", "check_data",
+           "dataset_info", "labelled_only", "loader_workers", "random_shift_flip", "shift_flip_views"]
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
@@ -67,6 +67,24 @@ def build_dataset(cfg: DataConfig, split: str) -> ImageTensorDataset:
     images = resize_images(source_images[index], cfg.image_size)
     return ImageTensorDataset(images, torch.from_numpy(labels), names, raw.mean, raw.std,
                               augment=cfg.augment and split == "train")
+
+
+def check_data(cfg: DataConfig) -> None:
+    """What training will need of the data, checked in seconds before any stage starts: the root exists and reads,
+    there are at least two classes, every class keeps a labelled training image under ``labelled_fraction``,
+    and model selection has labelled validation images."""
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    classes = len(train.class_names)
+    if classes < 2:
+        where = f" at {cfg.root}" if cfg.root else ""
+        raise UserError(f"the {cfg.dataset} data{where} has one class ({train.class_names[0]!r}); class codes and "
+                        "retrieval by label need at least 2 classes")
+    labels = np.asarray(train.labels)
+    missing = [train.class_names[c] for c in range(classes) if not (labels == c).any()]
+    if missing or len(val) == 0:
+        what = f"no labelled training image of class {missing[0]!r}" if missing else "no labelled validation image"
+        raise UserError(f"data.labelled_fraction={cfg.labelled_fraction} leaves {what} ({int((labels >= 0).sum())} "
+                        f"labelled training images for {classes} classes); raise it, or add images")
 
 
 def labelled_only(dataset: Dataset) -> Dataset:

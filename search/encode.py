@@ -1,0 +1,251 @@
+"""Encode an image set into codes with ids and paths, as Parquet shards: in this process, or as Ray Data actors.
+
+The unit of work is :class:`ImageEncoder`, a callable class in the form Ray Data's ``map_batches`` takes: the
+model is opened once in ``__init__`` (an ONNX file in onnxruntime, torch-free; or a checkpoint), and
+``__call__`` turns a batch of ``{id, path, label}`` rows into the same rows with their packed codes. The
+in-process path calls it batch by batch under a progress bar; ``--ray`` hands it to ``map_batches`` as actors
+on a local cluster (``ray.init()``) or a real one (``ray.init(address=...)``): the same code, so the codes are
+the same bit for bit. A file that cannot be decoded is skipped and counted, never fatal.
+
+The output folder holds ``codes-*.parquet`` (columns ``id`` int64, ``path`` string, ``label`` int64, ``code``
+binary of ceil(bits/8) bytes) and ``manifest.json`` (bits, the model's record, class names, counts, the first
+skipped files). It is written in a temporary folder beside the target and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hashdistill import codes as hc
+from hashdistill.errors import UserError
+from hashdistill.messages import name_some, warn
+from hashdistill.untrusted import parse_json, short
+
+from .sources import collect_images, open_encoder
+
+MANIFEST, FORMAT, FORMAT_VERSION = "manifest.json", "hashdistill-codes", 1
+SHARD_ROWS = 100_000  # rows per Parquet file of the in-process path
+BATCH = 64  # images per encoder call
+SKIPPED_LISTED = 20  # skipped files named in the manifest
+LOCAL = "local"  # --ray without an address: a local cluster on this machine
+
+
+class ImageEncoder:
+    """Images -> packed codes for Ray Data's ``map_batches`` (and the in-process path): ``{id, path, label}``
+    columns in, the same with ``code`` (one bytes object per row) and ``ok`` (False: the file could not be
+    decoded) out. ``threads``: onnxruntime's threads per encoder (1 when several actors share the cores)."""
+
+    def __init__(self, model: str, threads: int | None = None):
+        self.encoder = open_encoder(model, threads=threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        codes, ok = encode_or_skip(self.encoder, paths)
+        return {"id": batch["id"], "path": np.array(paths, dtype=object), "label": batch["label"],
+                "code": np.array([row.tobytes() for row in codes], dtype=object), "ok": ok}
+
+
+def encode_or_skip(encoder, items: list) -> tuple[np.ndarray, np.ndarray]:
+    """Packed codes of ``items`` and which of them could be decoded (a damaged file's row stays zero): the rule
+    every encoding path follows, so one damaged file never stops an image set."""
+    ok = np.ones(len(items), dtype=bool)
+    codes = np.zeros((len(items), hc.packed_width(encoder.bits)), dtype=np.uint8)
+    try:
+        codes[:] = encoder.encode(items)
+    except UserError:  # a file of the batch is damaged: find it, encode the rest one by one
+        for i, item in enumerate(items):
+            try:
+                codes[i] = encoder.encode([item])[0]
+            except UserError:
+                ok[i] = False
+    return codes, ok
+
+
+@dataclass
+class EncodeResult:
+    """What an encoding run wrote: the output folder and its manifest's counts."""
+
+    folder: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, ray: str | None = None,
+                  workers: int | None = None, first_id: int = 0, force: bool = False) -> EncodeResult:
+    """Encode ``images`` (an image folder, or a text file listing one path or URI per line) with ``model`` into
+    Parquet shards in the folder ``out``. ``ray``: None for this process, ``"local"`` for a local Ray cluster,
+    or a cluster's address; ``workers``: encoder actors (default: the cluster's CPUs)."""
+    out = Path(out)
+    _check_output(out, force)
+    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
+        raise UserError(f"the first id must be a non-negative integer, got {first_id!r}")
+    encoder = open_encoder(model)
+    image_set = collect_images(_listed(images), encoder)
+    rows = {"id": np.arange(first_id, first_id + len(image_set.paths), dtype=np.int64),
+            "path": np.array(image_set.paths, dtype=object), "label": np.asarray(image_set.labels, dtype=np.int64)}
+    started = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".encoding", dir=out.parent))
+    try:
+        if ray is None:
+            shards, skipped = _encode_here(str(model), rows, staging)
+            engine = {"engine": "in-process"}
+        else:
+            from .ray_encode import encode_with_ray
+
+            shards, skipped, engine = encode_with_ray(str(model), rows, staging, ray, workers)
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "bits": encoder.bits,
+                    "model": {**encoder.describe(), "bits": encoder.bits}, "label_names": image_set.label_names,
+                    "images": len(image_set.paths), "encoded": len(image_set.paths) - len(skipped),
+                    "skipped": len(skipped), "skipped_paths": skipped[:SKIPPED_LISTED], "shards": shards,
+                    "first_id": first_id, "seconds": time.perf_counter() - started, **engine}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)  # only a folder _check_output recognised as an earlier encoding, with --force
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if skipped:
+        warn(f"{images}: skipped {len(skipped)} image(s) that could not be decoded: {name_some(skipped)}")
+    return EncodeResult(out, manifest)
+
+
+def _listed(images: str | os.PathLike) -> Any:
+    """A folder as it is; a text file as the list of the paths or URIs on its lines."""
+    path = Path(images)
+    if path.is_file() and path.suffix.lower() in (".txt", ".lst", ".list"):
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        listed = [line for line in lines if line and not line.startswith("#")]
+        if not listed:
+            raise UserError(f"{path} lists no image")
+        return listed
+    if not path.exists():
+        raise UserError(f"images not found: {path} (give an image folder or a .txt file listing paths)")
+    return images
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and not is_codes_folder(out):
+        raise UserError(f"{out} exists and is not a folder of codes hashdistill wrote; it is left untouched (even "
+                        "with --force): choose another output")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent} is not a folder to write {out.name} into")
+
+
+def _encode_here(model: str, rows: dict[str, np.ndarray], staging: Path) -> tuple[list[str], list[str]]:
+    """The in-process path: one encoder, batch after batch under a progress bar, a shard every SHARD_ROWS rows."""
+    from tqdm import tqdm
+
+    encoder = ImageEncoder(model)
+    shards, skipped, pending = [], [], []
+    count = len(rows["id"])
+    with tqdm(total=count, desc="encode", unit="img", disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, count, BATCH):
+            out = encoder({k: v[start:start + BATCH] for k, v in rows.items()})
+            skipped += [str(p) for p, ok in zip(out["path"], out["ok"]) if not ok]
+            pending.append(out)
+            bar.update(len(out["id"]))
+            if sum(len(p["id"]) for p in pending) >= SHARD_ROWS or start + BATCH >= count:
+                shards.append(write_shard(staging / f"codes-{len(shards):05d}.parquet", pending))
+                pending = []
+    return shards, skipped
+
+
+def write_shard(path: Path, batches: list[dict[str, np.ndarray]]) -> str:
+    """The decoded rows of ``batches`` as one Parquet file; returns its name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keep = [b["ok"] for b in batches]
+    table = pa.table({
+        "id": pa.array(np.concatenate([b["id"][k] for b, k in zip(batches, keep)]), pa.int64()),
+        "path": pa.array(np.concatenate([b["path"][k] for b, k in zip(batches, keep)]).tolist(), pa.string()),
+        "label": pa.array(np.concatenate([b["label"][k] for b, k in zip(batches, keep)]), pa.int64()),
+        "code": pa.array(np.concatenate([b["code"][k] for b, k in zip(batches, keep)]).tolist(), pa.binary())})
+    pq.write_table(table, path)
+    return path.name
+
+
+def is_codes_folder(path: str | os.PathLike) -> bool:
+    """A folder ``encode`` wrote (its manifest names the format)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return parse_json(manifest.read_text(), str(manifest)).get("format") == FORMAT
+    except (UserError, AttributeError, OSError, UnicodeDecodeError):
+        return False
+
+
+@dataclass
+class EncodedCodes:
+    """What a codes folder holds, checked: packed codes with their ids, labels and paths, and the manifest."""
+
+    codes: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+    manifest: dict[str, Any]
+
+    @property
+    def bits(self) -> int:
+        return int(self.manifest["bits"])
+
+
+def read_codes(folder: str | os.PathLike) -> EncodedCodes:
+    """Read a codes folder written by :func:`encode_images` (or Ray), treating every field as untrusted: the
+    manifest's types, each shard's schema, widths and the declared row counts are checked before use."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    if not is_codes_folder(folder):
+        raise UserError(f"{folder} is not a folder of codes written by `hashdistill encode` (no {MANIFEST})")
+    manifest = parse_json((folder / MANIFEST).read_text(), f"{folder / MANIFEST}")
+    bits, shards = manifest.get("bits"), manifest.get("shards")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4096 or not isinstance(shards, list) \
+            or not all(isinstance(s, str) and Path(s).name == s and s.endswith(".parquet") for s in shards):
+        raise UserError(f"{folder / MANIFEST} is corrupt (bits {short(bits)}, shards {short(shards)})")
+    width = hc.packed_width(bits)
+    parts = []
+    for name in shards:
+        try:
+            table = pq.read_table(folder / name, columns=["id", "path", "label", "code"])
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types on damaged files
+            raise UserError(f"{folder / name} is not a readable shard of codes ({short(str(exc))})") from None
+        parts.append(_checked_shard(table, width, folder / name))
+    if not parts:
+        empty = np.zeros((0, width), dtype=np.uint8)
+        return EncodedCodes(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, str), manifest)
+    codes, ids, labels, paths = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    if len(np.unique(ids)) != len(ids):
+        raise UserError(f"{folder}: an id appears twice among its shards")
+    return EncodedCodes(codes, ids, labels, paths, manifest)
+
+
+def _checked_shard(table, width: int, path: Path) -> tuple[np.ndarray, ...]:
+    import pyarrow as pa
+
+    expected = {"id": pa.int64(), "label": pa.int64()}
+    for name, kind in expected.items():
+        if table.schema.field(name).type != kind:
+            raise UserError(f"{path}: column '{name}' is {table.schema.field(name).type}, expected {kind}")
+    if not pa.types.is_binary(table.schema.field("code").type) or not pa.types.is_string(
+            table.schema.field("path").type):
+        raise UserError(f"{path}: columns 'code' and 'path' must be binary and string")
+    raw = table.column("code").to_pylist()
+    if any(code is None or len(code) != width for code in raw):
+        raise UserError(f"{path}: every code must hold {width} bytes")
+    codes = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), width)
+    return (codes, table.column("id").to_numpy(), table.column("label").to_numpy(),
+            np.array(table.column("path").to_pylist(), dtype=np.str_))

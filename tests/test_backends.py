@@ -1,0 +1,95 @@
+"""One suite every search backend passes: faiss's kinds and Milvus Lite (a real engine, embedded). A backend's
+answers are exact Hamming distances, tie-aware equal to exact search for the exact ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_index_kinds import BITS, clustered
+
+from hashdistill import codes as hc
+from hashdistill.app.cli import main
+from hashdistill.search.index import HashIndex
+
+K = 20
+
+
+def _milvus_available() -> bool:
+    try:
+        import milvus_lite  # noqa: F401
+        import pymilvus  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def database() -> tuple[HashIndex, np.ndarray]:
+    codes = clustered(3000, seed=3)
+    rng = np.random.default_rng(4)
+    index = HashIndex(codes, BITS, ids=np.arange(7000, 10000), labels=rng.integers(0, 5, 3000),
+                      paths=[f"catalogue/{i:05d}.png" for i in range(3000)], label_names=list("abcde"),
+                      model={"path": "m.onnx", "hash": "h", "bits": BITS}, kind="flat")
+    return index, clustered(50, seed=5)
+
+
+def _open(name: str, index: HashIndex, tmp_path):
+    if name == "milvus-lite":
+        if not _milvus_available():
+            pytest.skip("pymilvus / milvus-lite not installed (pip install 'hashdistill[milvus]')")
+        from hashdistill.search.milvus import MilvusCollection, export_index
+
+        export_index(index, str(tmp_path / "codes.db"), "catalogue")
+        return MilvusCollection(str(tmp_path / "codes.db"), "catalogue"), True
+    kind = name.removeprefix("faiss-")
+    return HashIndex(index.codes, BITS, index.ids, index.labels, index.paths, index.label_names, index.model,
+                     kind=kind), kind == "flat"
+
+
+@pytest.mark.parametrize("name", ["faiss-flat", "faiss-ivf", "faiss-hnsw", "milvus-lite"])
+def test_a_backend_answers_with_exact_hamming_distances(name, database, tmp_path):
+    index, queries = database
+    backend, exact = _open(name, index, tmp_path)
+    distances, ids, labels, paths = backend.lookup(queries, K)
+    row_of = {int(i): r for r, i in enumerate(index.ids)}
+    for q in range(len(queries)):
+        found = [row_of[int(i)] for i in ids[q] if i >= 0]
+        true = hc.hamming_distances(queries[q:q + 1], index.codes[found])[0]
+        assert np.array_equal(distances[q][: len(found)], true)  # each answer's distance is its real one
+        assert [index.paths[r] for r in found] == paths[q] and np.array_equal(labels[q][: len(found)],
+                                                                             index.labels[found])
+        assert np.all(np.diff(distances[q][: len(found)]) >= 0)
+        if exact:  # tie-aware equal to exact search: the same distances, the same ids below the k-th distance
+            reference_d, reference_ids = index.search(queries[q:q + 1], K)
+            assert np.array_equal(distances[q], reference_d[0])
+            kth = reference_d[0][-1]
+            assert set(ids[q][distances[q] < kth]) == set(reference_ids[0][reference_d[0] < kth])
+
+
+def test_milvus_lite_through_the_command_line(database, tmp_path, capsys, student_onnx):
+    if not _milvus_available():
+        pytest.skip("pymilvus / milvus-lite not installed")
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 255, (18, 18, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+    assert main(["index", "build", str(student_onnx), str(folder), "-o", str(tmp_path / "index.npz")]) == 0
+    uri = str(tmp_path / "milvus.db")
+    assert main(["index", "export", str(tmp_path / "index.npz"), "--milvus", uri, "--collection", "shop"]) == 0
+    assert "exported 80 codes" in capsys.readouterr().out
+    assert main(["index", "export", str(tmp_path / "index.npz"), "--milvus", uri, "--collection", "shop"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    query = str(folder / "a" / "3.png")
+    assert main(["index", "search", str(tmp_path / "index.npz"), query, "-k", "5"]) == 0
+    faiss_out = capsys.readouterr().out.splitlines()
+    assert main(["index", "search", "--milvus", uri, "--collection", "shop", query, "-k", "5"]) == 0
+    milvus_out = capsys.readouterr().out.splitlines()
+    assert "milvus BIN_FLAT" in milvus_out[0]
+    first = [line.split()[0] for line in faiss_out[2:]]  # distances, in order: equal (ties may order differently)
+    assert first == [line.split()[0] for line in milvus_out[2:]] and "id=" in milvus_out[2]
+    assert main(["index", "search", "--milvus", uri, "--collection", "nope", query]) == 2
+    assert "no collection 'nope'" in capsys.readouterr().err
