@@ -31,7 +31,8 @@ def preprocess_graph(transform: EvalTransform, opset: int = 18, ir_version: int 
     size = transform.input_size
     consts = {
         "resize_size": np.array(transform.resize_size, np.int64), "crop": np.array(size, np.int64),
-        "two": np.array(2, np.int64), "three": np.array([3], np.int64), "idx_n": np.array([0], np.int64),
+        "two": np.array(2, np.int64), "four": np.array(4, np.int64), "three_rest": np.array(3, np.int64),
+        "three": np.array([3], np.int64), "idx_n": np.array([0], np.int64),
         "hw_axes": np.array([2, 3], np.int64),
         "scale255": np.array(255, np.float32),
         "mean": np.array(transform.mean, np.float32).reshape(1, 3, 1, 1),
@@ -51,7 +52,11 @@ def preprocess_graph(transform: EvalTransform, opset: int = 18, ir_version: int 
         node("Resize", ["nchw", "", "", "sizes"], ["resized"], mode="linear", antialias=1, exclude_outside=1,
              coordinate_transformation_mode="half_pixel"),
         node("Sub", ["resized_hw", "crop"], ["spare"]),
-        node("Div", ["spare", "two"], ["starts"]),
+        node("Div", ["spare", "two"], ["half"]),  # torchvision's round(spare / 2), halves to even: one more
+        node("Mod", ["spare", "four"], ["rest"]),  # where spare = 3 mod 4 (1.5 -> 2, 3.5 -> 4; 0.5 -> 0, 2.5 -> 2)
+        node("Equal", ["rest", "three_rest"], ["rounds_up"]),
+        node("Cast", ["rounds_up"], ["bump"], to=TensorProto.INT64),
+        node("Add", ["half", "bump"], ["starts"]),
         node("Add", ["starts", "crop"], ["ends"]),
         node("Slice", ["resized", "starts", "ends", "hw_axes"], ["cropped"]),
         node("Div", ["cropped", "scale255"], ["unit"]),

@@ -9,11 +9,15 @@ transform, written so that each has one exact ONNX counterpart:
    crop_pct)`` (timm's rule) and the longer one ``floor(resize_size * long / short)``; ONNX ``Resize``
    (linear, ``antialias=1``, ``exclude_outside=1``, half-pixel) matches ``F.interpolate(antialias=True)``
    to float rounding;
-2. center crop ``input_size`` x ``input_size``, offset ``floor((side - input_size) / 2)``;
+2. center crop ``input_size`` x ``input_size`` at torchvision's ``CenterCrop`` offset ``round((side -
+   input_size) / 2)``, Python's round (halves to even: 1.5 -> 2, 2.5 -> 2), which timm's eval transform uses;
 3. divide by 255, subtract ``mean`` and divide by ``std`` per channel.
 
-Pixels stay float from decode to normalisation (no rounding to uint8 after the resize), so the torch and
-ONNX paths differ by float noise only, never by a rounding step a noisy value falls on either side of.
+One deliberate difference from ``timm.data.create_transform(..., is_training=False)``: timm resizes the decoded
+PIL image, whose resize rounds each pixel to uint8; here pixels stay float from decode to normalisation (no
+rounding to uint8 after the resize), so the torch and ONNX paths differ by float noise only, never by a rounding
+step a noisy value falls on either side of. Against timm a pixel differs by at most half a grey level after the
+resize; the crop, the sizes and the normalisation are the same.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class EvalTransform:
         new_h, new_w = self.resized_shape(height, width)
         if (new_h, new_w) != (height, width):
             images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (new_h - self.input_size) // 2, (new_w - self.input_size) // 2
+        top, left = crop_offset(new_h - self.input_size), crop_offset(new_w - self.input_size)
         return self.normalise(images[:, :, top:top + self.input_size, left:left + self.input_size])
 
     def normalise(self, pixels):
@@ -92,7 +96,14 @@ class EvalTransform:
     def describe(self) -> str:
         return (f"decode to RGB uint8; bilinear antialiased resize of the shorter side to {self.resize_size} "
                 f"(the longer by floor(size * long / short)); center crop {self.input_size}x{self.input_size} "
-                f"at floor((side - {self.input_size}) / 2); /255, minus mean, over std per channel")
+                f"at round((side - {self.input_size}) / 2), halves to even (torchvision's CenterCrop); /255, minus "
+                "mean, over std per channel")
+
+
+def crop_offset(spare: int) -> int:
+    """torchvision's ``CenterCrop`` offset for ``spare`` pixels: ``int(round(spare / 2))`` with Python's round,
+    i.e. ``spare // 2``, one more where ``spare % 4 == 3`` (the graph computes it this way, in integers)."""
+    return spare // 2 + (spare % 4 == 3)
 
 
 def rgb_pixels(image) -> np.ndarray:
