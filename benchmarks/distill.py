@@ -70,15 +70,22 @@ def mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def teacher_settings(fraction: float, args: argparse.Namespace) -> list[str]:
+    """The teacher's schedule for a label fraction, which every student run of that fraction repeats (a run checks
+    that the teacher it finds is its recipe's): the converged teacher's for f = 1 (``--teacher-epochs``), else
+    ``--fraction-teacher-epochs``."""
+    epochs = args.teacher_epochs if fraction >= 1 else args.fraction_teacher_epochs
+    return [*training_overrides(*(int(e) for e in epochs.split(","))), f"data.labelled_fraction={fraction}"]
+
+
 def fraction_teacher(fraction: float, args: argparse.Namespace, base: list[str]) -> Path:
-    """The teacher of one label fraction: the converged one for f = 1, else one trained on the labelled images
-    (``--fraction-teacher-epochs``); its cache of every training view filled once, in its own folder."""
+    """The teacher of one label fraction: the converged one for f = 1, else one trained on the labelled images;
+    its cache of every training view filled once, in its own folder."""
     folder = Path(args.teacher_run) if fraction >= 1 else Path(args.work) / f"teacher-f{fraction:g}"
+    r = recipe("fashion-mnist", [*base, *teacher_settings(fraction, args)])
     if fraction < 1:
-        float_epochs, llc_epochs = (int(e) for e in args.fraction_teacher_epochs.split(","))
-        run_stages(recipe("fashion-mnist", [*base, *training_overrides(float_epochs, llc_epochs),
-                                            f"data.labelled_fraction={fraction}"]), folder, ("teacher",))
-    fill_cache(recipe("fashion-mnist", base), RunDir(folder))
+        run_stages(r, folder, ("teacher",))
+    fill_cache(r, RunDir(folder))
     return folder
 
 
@@ -95,12 +102,12 @@ def fill_cache(r: Recipe, run: RunDir) -> None:
 
 
 def train_baseline(base: list[str], seed: int, fraction: float, run: RunDir, kind: str) -> None:
-    """A labels-only baseline of ``run`` for as many steps as the distilled student, evaluated like it."""
+    """A labels-only baseline of ``run`` (``base`` holds its fraction's teacher settings) for as many steps as the
+    distilled student, evaluated like it."""
     stage, name = STUDENTS[kind]
     distilled = recipe("fashion-mnist", base).student.train.epochs
     epochs = min(MAX_BASELINE_EPOCHS, round(distilled / fraction))
-    r = recipe("fashion-mnist", [*base, f"data.labelled_fraction={fraction}", f"seed={seed}",
-                                 f"student.train.epochs={epochs}"])
+    r = recipe("fashion-mnist", [*base, f"seed={seed}", f"student.train.epochs={epochs}"])
     path = run.checkpoint(stage)
     if not path.is_file():
         train_student(r, run, CPU, run.checkpoint("teacher"), labels_only=baseline_of(kind), name=stage)
@@ -182,19 +189,20 @@ def student_table(args: argparse.Namespace, base: list[str], seeds: list[int], s
     step = None
     for fraction in (float(f) for f in args.fractions.split(",")):
         teacher_run = fraction_teacher(fraction, args, base)
+        students = [*base, *teacher_settings(fraction, args)]
         per_seed = []
         for seed in seeds:
             folder = Path(args.work) / f"f{fraction:g}-s{seed}"
             share_checkpoints(teacher_run, folder, ("teacher",))  # the teacher and its cache of views
-            r = recipe("fashion-mnist", [*base, f"data.labelled_fraction={fraction}", f"seed={seed}"])
+            r = recipe("fashion-mnist", [*students, f"seed={seed}"])
             run_stages(r, folder, ("teacher", "student"))
             run = RunDir(folder)
             for kind in kinds[1:]:
-                train_baseline(base, seed, fraction, run, kind)
+                train_baseline(students, seed, fraction, run, kind)
             write_report(run)  # with the training curves of every student
             per_seed.append(seed_row(run, seed, kinds))
         if fraction >= 1 and step is None and not args.skip_step_ratio:
-            step = step_ratio(recipe("fashion-mnist", base), RunDir(teacher_run))
+            step = step_ratio(recipe("fashion-mnist", students), RunDir(teacher_run))
         rows.append(fraction_row(fraction, teacher_run, per_seed, kinds))
         print_table([{"fraction": r["labelled_fraction"], "teacher": r["teacher_map"],
                       **{k: r[f"{k}_map"]["mean"] for k in kinds}, "gain": r["gain_points"]["mean"],
@@ -238,7 +246,8 @@ def loss_ablation(args: argparse.Namespace, base: list[str], seeds: list[int], s
             folder = Path(args.work) / "ablation" / f"{name.replace(' + ', '+')}-s{seed}"
             share_checkpoints(teacher_run, folder, ("teacher",))
             losses = "{" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}"
-            r = recipe("fashion-mnist", [*base, f"seed={seed}", f"student.losses={losses}"])
+            r = recipe("fashion-mnist", [*base, *teacher_settings(1.0, args), f"seed={seed}",
+                                         f"student.losses={losses}"])
             run_stages(r, folder, ("teacher", "student"))
             per_seed.append(seed_row(RunDir(folder), seed, ("distilled",)))
         rows.append({"losses": name, "weights": weights,
@@ -266,6 +275,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the distilled student")
     parser.add_argument("--teacher-overrides", default="teacher.backbone=resnet18,teacher.bits=16",
                         help="must match the teacher run's data and bits")
+    parser.add_argument("--teacher-epochs", default="30,4,8",
+                        help="float baseline, LLC phase 1 and phase 2 epochs of the --teacher-run (teacher.py's)")
     parser.add_argument("--fraction-teacher-epochs", default="20,4",
                         help="float baseline and LLC phase epochs of the teachers trained on a labelled fraction")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

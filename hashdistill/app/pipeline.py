@@ -21,6 +21,7 @@ from hashdistill import codes
 from hashdistill.checkpoint import read_metadata
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, torch_encoder
+from hashdistill.messages import warn
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import INDEX_FILE, STAGES, SWEEP_DIR, RunDir, foreign_entries, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
@@ -288,10 +289,11 @@ def check_output(path: Path, recipe: Recipe, stage: str, kind: str) -> None:
             raise UserError(stale_output(path, f"it was trained with data.{key}={short(data.get(key))}, this recipe "
                                                f"has {short(getattr(recipe.data, key))}"))
     digest = meta.get("stage_digest")
-    if digest is not None and digest != recipe.stage_digest(stage):
+    if digest is None and meta.get("recipe_hash") != recipe.digest():
+        warn(f"{path} was written by a hashdistill without stage digests: its kind, bits and data match this "
+             "recipe; its other settings cannot be compared")
+    elif digest is not None and digest != recipe.stage_digest(stage):
         raise UserError(stale_output(path, f"it was trained with other {stage} settings than this recipe's"))
-    if digest is None and meta.get("recipe_hash") != recipe.digest():  # written before stage digests existed
-        raise UserError(stale_output(path, "it was written by another recipe"))
 
 
 def stale_output(path: Path, problem: str) -> str:
