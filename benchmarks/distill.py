@@ -51,8 +51,9 @@ from hashdistill.distill.student_stage import (
 from hashdistill.distill.teacher_cache import CACHE_FILE, precompute
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import RunDir
+from hashdistill.trainer import resolve_device
 
-CPU = torch.device("cpu")
+DEVICE = resolve_device("auto")  # the recipes' device: a GPU where there is one
 MAX_BASELINE_EPOCHS = 2000
 STUDENTS = {"distilled": ("student", "student"), "labels_only": ("student-labels-only", "student (labels only)"),
             "dsh": ("student-dsh", "student (DSH)")}  # key -> (checkpoint / stage name, summary name)
@@ -93,11 +94,11 @@ def fill_cache(r: Recipe, run: RunDir) -> None:
     """Every training view's teacher logits in ``run``'s cache file, computed in large batches once."""
     teacher_path = run.checkpoint("teacher")
     train = student_training_set(r)
-    cache = teacher_cache_for(r, train, teacher_path, {"bernoulli_kd": 1.0}, run, CPU)
+    cache = teacher_cache_for(r, train, teacher_path, {"bernoulli_kd": 1.0}, run, DEVICE)
     if not cache.complete:
         started = time.time()
         teacher, _ = load_model(str(teacher_path))
-        precompute(cache, teacher, train, CPU, 2048).save(run.checkpoint(CACHE_FILE))
+        precompute(cache, teacher, train, DEVICE, 2000).save(run.checkpoint(CACHE_FILE))
         print(f"teacher cache {tuple(cache.logits.shape)} of {teacher_path}: {time.time() - started:.0f} s")
 
 
@@ -110,7 +111,7 @@ def train_baseline(base: list[str], seed: int, fraction: float, run: RunDir, kin
     r = recipe("fashion-mnist", [*base, f"seed={seed}", f"student.train.epochs={epochs}"])
     path = run.checkpoint(stage)
     if not path.is_file():
-        train_student(r, run, CPU, run.checkpoint("teacher"), labels_only=baseline_of(kind), name=stage)
+        train_student(r, run, DEVICE, run.checkpoint("teacher"), labels_only=baseline_of(kind), name=stage)
     evaluate_both_ways(Pipeline(r, run), name, path)
 
 
@@ -148,15 +149,18 @@ def step_ratio(r: Recipe, run: RunDir, steps: int = 20, rounds: int = 5) -> dict
     teacher, _ = load_model(str(teacher_path))
     train = student_training_set(r)
     indexed = IndexedDataset(train)
-    cache = teacher_cache_for(r, train, teacher_path, r.student.losses, run, CPU)
+    cache = teacher_cache_for(r, train, teacher_path, r.student.losses, run, DEVICE)
     assert cache is not None and cache.complete, "fill the teacher cache first"
     losses = {"distilled": r.student.losses, "labels_only": BASELINES["codes"]}
     torch.manual_seed(0)
-    student = build_student(r.student, teacher, r.data.image_size).to(memory_format=torch.channels_last)
+    student = build_student(r.student, teacher, r.data.image_size).to(DEVICE, memory_format=torch.channels_last)
+    teacher.to(DEVICE)
     optimiser = torch.optim.AdamW(student.parameters(), lr=1e-4)
     size = r.data.batch_size
-    batches = [train.augment_batch(indexed.get_batch([(i * size + j) % len(train) for j in range(size)]))
+    batches = [train.augment_batch([t.to(DEVICE) for t in indexed.get_batch([(i * size + j) % len(train)
+                                                                             for j in range(size)])])
                for i in range(steps)]
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
 
     def step(kind: str, batch: list[torch.Tensor]) -> None:
         x, y, views, index = batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]
@@ -170,17 +174,20 @@ def step_ratio(r: Recipe, run: RunDir, steps: int = 20, rounds: int = 5) -> dict
 
     timings: dict[str, list[float]] = {kind: [] for kind in losses}
     for kind in losses:  # warm-up
-        step(kind, batches[0])
+        for batch in batches[:3]:
+            step(kind, batch)
     for _ in range(rounds):
         for kind in losses:
+            sync()
             started = time.perf_counter()
             for batch in batches:
                 step(kind, batch)
+            sync()
             timings[kind].append(steps / (time.perf_counter() - started))
     rates = {kind: statistics.median(v) for kind, v in timings.items()}
     return {"distilled_steps_per_s": rates["distilled"], "labels_only_steps_per_s": rates["labels_only"],
             "ratio": rates["distilled"] / rates["labels_only"], "batch_size": r.data.batch_size,
-            "threads": torch.get_num_threads()}
+            "device": str(DEVICE), "threads": torch.get_num_threads()}
 
 
 def student_table(args: argparse.Namespace, base: list[str], seeds: list[int], started: float) -> None:
@@ -189,18 +196,25 @@ def student_table(args: argparse.Namespace, base: list[str], seeds: list[int], s
     step = None
     for fraction in (float(f) for f in args.fractions.split(",")):
         teacher_run = fraction_teacher(fraction, args, base)
+        if args.prepare:
+            continue
         students = [*base, *teacher_settings(fraction, args)]
         per_seed = []
         for seed in seeds:
             folder = Path(args.work) / f"f{fraction:g}-s{seed}"
             share_checkpoints(teacher_run, folder, ("teacher",))  # the teacher and its cache of views
-            r = recipe("fashion-mnist", [*students, f"seed={seed}"])
-            run_stages(r, folder, ("teacher", "student"))
+            if "distilled" in args.students:
+                run_stages(recipe("fashion-mnist", [*students, f"seed={seed}"]), folder, ("teacher", "student"))
             run = RunDir(folder)
             for kind in kinds[1:]:
-                train_baseline(students, seed, fraction, run, kind)
+                if kind in args.students:
+                    train_baseline(students, seed, fraction, run, kind)
+            if set(args.students) != set(kinds):
+                continue  # a process training some of the students; a last call with all of them reads every run
             write_report(run)  # with the training curves of every student
             per_seed.append(seed_row(run, seed, kinds))
+        if not per_seed:
+            continue
         if fraction >= 1 and step is None and not args.skip_step_ratio:
             step = step_ratio(recipe("fashion-mnist", students), RunDir(teacher_run))
         rows.append(fraction_row(fraction, teacher_run, per_seed, kinds))
@@ -239,11 +253,15 @@ def fraction_row(fraction: float, teacher_run: Path, per_seed: list[dict], kinds
 def loss_ablation(args: argparse.Namespace, base: list[str], seeds: list[int], started: float) -> None:
     """The distilled student under each loss combination of ABLATION, full labels, same schedule and teacher."""
     teacher_run = fraction_teacher(1.0, args, base)
+    default = recipe("fashion-mnist", base).student.losses
     rows = []
     for name, weights in ABLATION.items():
+        if args.only and name not in args.only:
+            continue
         per_seed = []
-        for seed in seeds:
-            folder = Path(args.work) / "ablation" / f"{name.replace(' + ', '+')}-s{seed}"
+        for seed in seeds:  # the default losses' row is the student table's distilled student at full labels
+            folder = Path(args.work) / (f"f1-s{seed}" if weights == default else
+                                        f"ablation/{name.replace(' + ', '+')}-s{seed}")
             share_checkpoints(teacher_run, folder, ("teacher",))
             losses = "{" + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}"
             r = recipe("fashion-mnist", [*base, *teacher_settings(1.0, args), f"seed={seed}",
@@ -283,10 +301,18 @@ def main() -> None:
                         help="recipe override for every student run, e.g. student.temperature=4 (repeatable)")
     parser.add_argument("--ablation", action="store_true", help="the loss ablation (ABLATION) instead of the table")
     parser.add_argument("--skip-step-ratio", action="store_true", help="no step timing (a run beside other work)")
+    parser.add_argument("--prepare", action="store_true", help="only train the fraction teachers and fill the caches")
+    parser.add_argument("--students", default=",".join(STUDENTS),
+                        help="which students this process trains (a last call with all of them writes the JSON)")
+    parser.add_argument("--only", default="", help="ablation rows to run, separated by ';' (default: all)")
     args = parser.parse_args()
     base = [*args.teacher_overrides.split(","), "data.augment=true", f"student.model={args.student}",
             f"student.train.epochs={args.epochs}", "student.train.warmup_epochs=1", *args.set]
     seeds = [int(s) for s in args.seeds.split(",")]
+    args.students = [s for s in args.students.split(",") if s]
+    args.only = [s for s in args.only.split(";") if s]
+    if set(args.students) - set(STUDENTS):
+        parser.error(f"--students: choose from {', '.join(STUDENTS)}")
     (loss_ablation if args.ablation else student_table)(args, base, seeds, time.time())
 
 

@@ -8,22 +8,30 @@
   no images. The ternary layers compute their weights in the graph from 2-bit packed codes, so they are no float
   initializer and stay packed; :func:`float_initializer_bytes` lets a caller check that nothing folded them
   back to fp32.
-- ``to_mobile``: the ORT format (``.ort``, what onnxruntime's mobile builds load) via
-  ``onnxruntime.tools.convert_onnx_models_to_ort``, the required-operators config for a reduced build, and the
-  report of ``onnxruntime.tools.check_onnx_model_mobile_usability`` beside the model.
+- ``to_mobile``: the ORT format (``.ort``, what onnxruntime's mobile builds load), optimized first and saved by
+  onnxruntime itself (``optimized_model_filepath`` with ``session.save_model_format=ORT``), the
+  required-operators config for a reduced build (``onnxruntime.tools.ort_format_model``), and the report of
+  ``onnxruntime.tools.check_onnx_model_mobile_usability`` beside the model.
 
-The conversion tools run as subprocesses (their command lines are their stable interface) in a private
-temporary folder; the results are moved next to the model only when all of them exist.
+Why the .ort is optimized before it is saved, and what that costs: onnxruntime applies no graph optimization when
+it loads an ORT-format file (only "saved runtime optimizations", the QDQ fusions), so an .ort saved unoptimized
+runs the int8 model as separate float QuantizeLinear / DequantizeLinear steps (measured 16x slower than the int8
+.onnx at batch 1, with codes off on 0.2% of images). Saved at the "extended" level, the .ort holds the fused int8
+kernels (QLinearConv and the like) and runs as fast as the .onnx, with its codes. The "all" level would add
+this CPU's NCHWc layouts, which another device cannot run, and the "Runtime" style leaves the fusions to be
+replayed at load time only where a session asks for it. The one thing the .ort cannot keep is the 2-bit storage
+of the ternary layers: folding them is what the .onnx session does in memory when it loads, and an .ort that kept
+them packed recomputes every ternary weight at every inference (measured 14x slower at batch 1, 8x at 64: a
+weight that is not constant also loses the convolution's pre-packed fast path). So the .ort stores the ternary
+layers as fp32 weights, and the small file to download is the .onnx.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +44,7 @@ from onnx import numpy_helper
 
 from hashdistill.atomic import atomic_write_bytes, atomic_write_text
 from hashdistill.errors import UserError
+from hashdistill.untrusted import short
 
 from .images import ImageLike, as_items, decode_batches
 from .metadata import INPUT
@@ -210,34 +219,46 @@ def float_initializer_bytes(path: str | os.PathLike) -> int:
 
 def to_mobile(onnx_path: str | os.PathLike) -> dict[str, Path]:
     """Convert ``onnx_path`` to the ORT format beside it, with the operator config and the usability report."""
+    import onnxruntime as ort
+    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
+
     path = Path(onnx_path)
     ort_path, ops_path, usability_path = mobile_outputs(path)
     with tempfile.TemporaryDirectory(prefix=".hashdistill-ort.") as tmp:
         work = Path(tmp)
-        shutil.copy(path, work / path.name)
-        # No graph optimization at conversion: constant folding would turn the packed ternary layers back into
-        # fp32 weights in the file (the runtime still optimizes in memory when it loads the model).
-        converted = _tool("convert_onnx_models_to_ort", str(work / path.name), "--output_dir", str(work / "out"),
-                          "--optimization_style", "Fixed",
-                          env={"ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL": "disable"})
-        stem = glob.escape(path.stem)
-        made_ort = sorted((work / "out").glob(f"{stem}*{ORT_SUFFIX}"))
-        made_ops = sorted((work / "out").glob(f"{stem}.required_operators*.config"))
-        if len(made_ort) != 1 or len(made_ops) != 1:
-            raise UserError(f"{path}: onnxruntime's ORT-format conversion produced no model ({converted[-300:]})")
-        made_ort, made_ops = made_ort[0], made_ops[0]
-        report = _tool("check_onnx_model_mobile_usability", str(work / path.name))
+        made_ort, made_ops = work / f"{path.stem}{ORT_SUFFIX}", work / "required_operators.config"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fusions
+        options.optimized_model_filepath = str(made_ort)
+        options.add_session_config_entry("session.save_model_format", "ORT")
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            create_config_from_models([made_ort], made_ops, enable_type_reduction=False)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise UserError(f"{path}: onnxruntime could not save it in the ORT format ({short(str(exc))})") from None
+        if not made_ort.is_file() or not made_ops.is_file():
+            raise UserError(f"{path}: onnxruntime's ORT-format conversion produced no model")
+        report = _tool("check_onnx_model_mobile_usability", str(path))
         atomic_write_bytes(ort_path, made_ort.read_bytes())
-        atomic_write_bytes(ops_path, made_ops.read_bytes())
+        atomic_write_text(ops_path, made_ops.read_text().replace(str(made_ort), ort_path.name))
         atomic_write_text(usability_path, report)
     return {"ort": ort_path, "required_operators": ops_path, "mobile_usability": usability_path}
 
 
-def _tool(name: str, *args: str, env: dict[str, str] | None = None) -> str:
+def required_operators(config: str | os.PathLike) -> set[str]:
+    """The operator names a required-operators config lists (``domain;opset;Op1,Op2`` lines)."""
+    names = set()
+    for line in Path(config).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            names |= set(line.split(";")[-1].split(","))
+    return names
+
+
+def _tool(name: str, *args: str) -> str:
     """Run one of onnxruntime.tools' command-line tools; its combined output, or a UserError if it fails."""
     try:
         done = subprocess.run([sys.executable, "-m", f"onnxruntime.tools.{name}", *args], capture_output=True,
-                              text=True, timeout=TOOL_TIMEOUT_S, env={**os.environ, **(env or {})})
+                              text=True, timeout=TOOL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise UserError(f"onnxruntime.tools.{name} did not finish within {TOOL_TIMEOUT_S} s") from None
     output = done.stdout + done.stderr

@@ -37,6 +37,7 @@ MIN_INT8_CODE_RATE = 0.8  # int8 moves logits near 0 across the sign (a trained 
 # at least one of 16 bits with static int8, 9% with dynamic, mAP within noise); more than this is a broken file
 CALIBRATION_IMAGES = 256
 DEFAULT_VERIFY_IMAGES = 512
+MOBILE_CHECK_IMAGES = 2000  # the .ort against the .onnx: test images, then database images up to this many
 
 
 def verify_export(onnx_path: str | os.PathLike, model: nn.Module, images: Sequence[np.ndarray],
@@ -144,11 +145,13 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
             os.replace(quantized, staged)
         if mobile:
             written = to_mobile(staged)
-            rate = same_code_rate(staged, written["ort"], images)
+            checked = [*images, *database_pixels(meta, MOBILE_CHECK_IMAGES - len(images))]
+            rate = same_code_rate(staged, written["ort"], checked)
             if rate < MIN_IDENTICAL_CODE_RATE:
                 raise UserError(f"{out_path}: the .ort file gives the .onnx file's codes on only {rate:.2%} of "
-                                f"{len(images)} images")
-            figures["mobile"] = {"ort_file_bytes": written["ort"].stat().st_size, "identical_code_rate_vs_onnx": rate}
+                                f"{len(checked)} images")
+            figures["mobile"] = {"ort_file_bytes": written["ort"].stat().st_size, "identical_code_rate_vs_onnx": rate,
+                                 "checked_images": len(checked)}
         os.replace(staged, out_path)
         if mobile:  # all files verified: they appear together
             for (key, made), final in zip(written.items(), mobile_outputs(out_path)):
@@ -168,6 +171,14 @@ def same_code_rate(reference: str | os.PathLike, candidate: str | os.PathLike, i
     for _, pixels in decode_batches(images, batch_size):
         same += int((first.run_pixels(pixels)[0] == second.run_pixels(pixels)[0]).all(axis=1).sum())
     return same / len(images)
+
+
+def database_pixels(meta: dict[str, Any], count: int) -> list[np.ndarray]:
+    """Up to ``count`` images spread over the checkpoint's training split (the database a deployed model indexes),
+    none where it records no dataset."""
+    if count <= 0 or not isinstance(meta.get("data"), dict):
+        return []
+    return reference_pixels(meta, count, split="train")
 
 
 def reference_pixels(meta: dict[str, Any], limit: int = DEFAULT_VERIFY_IMAGES, split: str = "test") -> list[np.ndarray]:
