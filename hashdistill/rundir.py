@@ -21,10 +21,11 @@ REPORT_FILE = "report.md"
 CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE = "checkpoints", "bits-sweep", "index.npz"
 PR_PLOT, TAXONOMY_PLOT, BITS_PLOT = "pr_curves.png", "taxonomy.png", "bits_sweep.png"
 CURVES_PLOT = "training_curves.png"
+DEMO_SHOT = "demo.png"  # a screenshot of the run's demo page (hashdistill demo --screenshot)
 MARKER_FILE = ".hashdistill-run"  # written into every run directory: what `--force` may replace
 # What a run directory written before the marker existed may hold (anything else: not ours to delete).
 LEGACY_ENTRIES = {RECIPE_FILE_NAME, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE,
-                  PR_PLOT, TAXONOMY_PLOT, BITS_PLOT, CURVES_PLOT}
+                  PR_PLOT, TAXONOMY_PLOT, BITS_PLOT, CURVES_PLOT, DEMO_SHOT}
 TEMP_SUFFIX = ".tmp"  # hashdistill.atomic's temporary files: .<name>.<random>.tmp
 STAGING_SUFFIX = ".export-staging"  # the folder an export verifies its file in: .<file>.<random>.export-staging
 

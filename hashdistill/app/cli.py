@@ -187,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collection", help="the Milvus collection (default: hashdistill)")
     s.set_defaults(handler=cmd_index_search)
 
+    p = sub.add_parser("demo", help="write a static visual-search site that runs the phone model in the browser")
+    p.add_argument("run_dir", help="a run directory (its phone model and index.npz)")
+    p.add_argument("-o", "--output", required=True, help="the site's folder (serve it with any static web server)")
+    p.add_argument("--model", help="image-in ONNX file to run (default: the run's phone model, else its model.onnx)")
+    p.add_argument("--index", help="index to search (default: the run's index.npz)")
+    p.add_argument("--ort-web", metavar="DIR", help="copy onnxruntime-web from DIR into the site (offline use; e.g. "
+                                                   "node_modules/onnxruntime-web/dist) instead of the pinned CDN URL")
+    p.add_argument("--screenshot", metavar="IMAGE",
+                   help="search IMAGE in the page in headless Chromium and save demo.png into the run's report")
+    p.add_argument("--force", action="store_true", help="replace a site written earlier at --output")
+    p.set_defaults(handler=cmd_demo)
+
     p = sub.add_parser("taxonomy", help="print the class tree of a checkpoint's class codes, write a dendrogram")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", default="taxonomy.png", help="dendrogram PNG (default: taxonomy.png)")
@@ -470,6 +482,37 @@ def _print_index(info: dict[str, Any]) -> None:
         f"recall@{info['recall_k']} {info['recall']:.4f} measured at build" if info["recall"] is not None
         else "recall not measured at this setting")
     print(f"index: {kind}{speed}, {recall}; {info['items']} items, {info['bytes_per_item']:.0f} bytes per item")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from hashdistill.app.demo import build_demo, write_page_screenshot
+    from hashdistill.app.pipeline import phone_file
+    from hashdistill.app.report import write_report
+    from hashdistill.recipe import RECIPE_FILE_NAME, load_recipe
+    from hashdistill.rundir import DEMO_SHOT, INDEX_FILE, RunDir
+
+    run = Path(args.run_dir)
+    if not (run / RECIPE_FILE_NAME).is_file() and not (args.model and args.index):
+        raise UserError(f"{run} is not a run directory (no {RECIPE_FILE_NAME}); give --model and --index")
+    model = args.model
+    if model is None:
+        fp32 = run / load_recipe(run / RECIPE_FILE_NAME).export.file
+        model = phone_file(fp32) if phone_file(fp32).is_file() else fp32
+    index = args.index or run / INDEX_FILE
+    for what, path in (("model", model), ("index", index)):
+        if not Path(path).is_file():
+            raise UserError(f"no {what} at {path}: run the export and index stages first, or pass --{what}")
+    written = build_demo(model, index, args.output, ort_web=args.ort_web, force=args.force)
+    print(f"demo site: {written['site']} ({written['items']} codes, {written['bits']} bits, onnxruntime-web from "
+          f"{written['ort_web']}); serve it, e.g. python -m http.server -d {written['site']} --bind 127.0.0.1")
+    if args.screenshot:
+        if not Path(args.screenshot).is_file():
+            raise UserError(f"--screenshot: no image at {args.screenshot}")
+        shown = write_page_screenshot(Path(written["site"]), Path(args.screenshot), run / DEMO_SHOT)
+        print(f"the page coded {args.screenshot} as {shown['code']} ({shown['class']['name']}); "
+              f"screenshot: {run / DEMO_SHOT}")
+        if (run / RECIPE_FILE_NAME).is_file():
+            print(f"report: {write_report(RunDir(run, writer=False))}")
 
 
 def cmd_taxonomy(args: argparse.Namespace) -> None:

@@ -128,17 +128,25 @@ class Pipeline:
         from hashdistill.export.metadata import FLOAT_IN, IMAGE_IN
         from hashdistill.export.verify import export_checkpoint
 
-        path = self.run.path / self.recipe.export.file
-        exported = not path.is_file()
-        if not exported:
-            self._check_exported(path)
+        path, phone = self.run.path / self.recipe.export.file, phone_file(self.run.path / self.recipe.export.file)
+        exported = not path.is_file() or not phone.is_file()
+        for existing in (p for p in (path, phone) if p.is_file()):
+            self._check_exported(existing)
         if exported and is_main_process():
             export = self.recipe.export
-            figures = export_checkpoint(self.run.checkpoint("ternary-student"), path, opset=export.opset,
-                                        input_format=FLOAT_IN if export.float_input else IMAGE_IN)
-            self.run.update_summary("export", figures)
+            layout = FLOAT_IN if export.float_input else IMAGE_IN
+            source = self.run.checkpoint("ternary-student")
+            if not path.is_file():
+                figures = export_checkpoint(source, path, opset=export.opset, input_format=layout)
+                self.run.update_summary("export", figures)
+            # The phone model: the same ternary student with its float layers as int8 (static, calibrated on
+            # training images), the file an app ships; how many images keep the fp32 file's codes is recorded.
+            figures = export_checkpoint(source, phone, opset=export.opset, input_format=layout, int8="static")
+            self.run.update_summary("export_phone", figures)
         barrier()
         self._evaluate_onnx("ternary student (ONNX)", path)
+        agreement = self.run.summary().get("export_phone", {}).get("int8", {}).get("identical_code_rate_vs_float_onnx")
+        self._evaluate_onnx(PHONE_MODEL, phone, codes_equal_fp32_onnx=agreement)
         return exported
 
     def stage_index(self) -> bool:
@@ -211,7 +219,7 @@ class Pipeline:
                      latency_ms_b64=cpu_latency_ms(forward, self.recipe.data.image_size, 64), kind=meta["kind"],
                      arch=meta["arch"], checkpoint=str(path))
 
-    def _evaluate_onnx(self, name: str, path: Path) -> None:
+    def _evaluate_onnx(self, name: str, path: Path, **extra: Any) -> None:
         if not is_main_process() or name in self.run.summary().get("models", {}):
             return
         import onnxruntime as ort
@@ -232,7 +240,7 @@ class Pipeline:
         self._record(name, figures, params=None, file_bytes=os.path.getsize(path),
                      latency_ms_b1=cpu_latency_ms(forward, size, 1, input_format=layout),
                      latency_ms_b64=cpu_latency_ms(forward, size, 64, input_format=layout), kind="onnx",
-                     arch=edge.metadata.get("arch"), checkpoint=str(path))
+                     arch=edge.metadata.get("arch"), checkpoint=str(path), **extra)
 
     def _evaluate_float(self, path: Path) -> None:
         if not is_main_process() or "float baseline" in self.run.summary().get("models", {}):
@@ -270,6 +278,12 @@ def _sweep_row(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 IDENTITY_DATA = ("dataset", "root", "image_size", "in_classes", "ood_classes", "labelled_fraction")
+PHONE_MODEL = "phone model: ternary + int8 (ONNX)"
+
+
+def phone_file(onnx_path: Path) -> Path:
+    """Where a run keeps its phone model: beside the fp32 file, ``<name>-phone.onnx``."""
+    return onnx_path.with_name(f"{onnx_path.stem}-phone{onnx_path.suffix}")
 
 
 def check_output(path: Path, recipe: Recipe, stage: str, kind: str) -> None:

@@ -15,13 +15,14 @@ from hashdistill.checkpoint import read_metadata
 from hashdistill.codes import to_signs
 from hashdistill.errors import UserError
 from hashdistill.plots import plot_bits_sweep, plot_pr_curves, plot_training_curves
-from hashdistill.rundir import BITS_PLOT, CURVES_PLOT, PR_PLOT, REPORT_FILE, TAXONOMY_PLOT, RunDir
+from hashdistill.rundir import BITS_PLOT, CURVES_PLOT, DEMO_SHOT, PR_PLOT, REPORT_FILE, TAXONOMY_PLOT, RunDir
 from hashdistill.taxonomy import class_tree, format_tree, plot_dendrogram
 
 COLUMNS = [("bits", "bits"), ("params", "params"), ("file_bytes", "file bytes"), ("latency_ms_b1", "CPU ms (b=1)"),
            ("latency_ms_b64", "CPU ms (b=64)"), ("map_tie_aware", "mAP (tie-aware)"),
            ("map", "mAP (order-dependent)"), ("precision_at_radius", "P@r2 (mean per query)"),
-           ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc"), ("accuracy", "float acc")]
+           ("mhd_accuracy", "MHD acc"), ("ed_accuracy", "ED acc"), ("accuracy", "float acc"),
+           ("codes_equal_fp32_onnx", "codes = fp32 ONNX")]
 TABLE_NOTE = ("mAP (tie-aware) is the expected AP over random orders within equal Hamming distances and does not "
               "depend on the database order; mAP (order-dependent) breaks ties by database index. P@r2 (mean per "
               "query) averages each query's precision within radius 2; the precision-recall curve below pools the "
@@ -49,6 +50,15 @@ def write_report(run: RunDir) -> Path:
         e = summary["export"]
         lines += ["## Export", "", f"identical codes ONNX vs PyTorch: {e.get('identical_code_rate')}, "
                   f"max |logit diff|: {e.get('max_abs_logit_diff')}, file bytes: {e.get('file_bytes')}", ""]
+    if "export_phone" in summary:
+        int8 = summary["export_phone"].get("int8", {})
+        lines += [f"Phone model ({Path(summary['export_phone'].get('onnx', '')).name}: the ternary student with int8 "
+                  f"float layers, {int8.get('mode')} calibration): {_cell(int8.get('file_bytes'))} bytes against "
+                  f"{_cell(int8.get('float_file_bytes'))} for the fp32 file; its codes equal the fp32 file's on "
+                  f"{_cell(int8.get('identical_code_rate_vs_float_onnx'))} of the verification images.", ""]
+    if (run.path / DEMO_SHOT).is_file():
+        lines += ["## Demo page", "", "The phone model searching this run's index in headless Chromium "
+                  "(`hashdistill demo`), onnxruntime-web:", "", f"![demo page]({DEMO_SHOT})", ""]
     lines += ["## Reproduce", "", "```", *_commands(run), "```", ""]
     return atomic_write_text(run.path / REPORT_FILE, "\n".join(lines))
 
