@@ -55,7 +55,9 @@ TOOL_TIMEOUT_S = 600
 WEIGHTED = ["MatMul", "Gemm", "Conv"]  # the ops whose float weights int8 quantization stores as int8
 STATIC, DYNAMIC = "static", "dynamic"
 INT8_MODES = (STATIC, DYNAMIC)
-CALIBRATION_BATCH = 64
+# One image per calibration feed: onnxruntime's histogram calibrators stack each tensor's values over the feeds,
+# which fails when feeds differ in batch size (image folders hold images of many sizes).
+CALIBRATION_BATCH = 1
 CALIBRATION_PERCENTILE = 99.99  # activation range: one outlier pixel should not coarsen every other step
 
 

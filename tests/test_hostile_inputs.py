@@ -84,13 +84,13 @@ def test_a_run_directory_the_user_added_files_to_is_theirs(tmp_path, capsys):
     assert (run.path / "checkpoints" / "notes.txt").read_text() == "mine" and (run.path / "my_photos").is_dir()
 
 
-def test_force_replaces_a_run_directory(tmp_path, capsys):
+def test_force_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, capsys):
     run = RunDir(tmp_path / "run")
     (run.path / "summary.json").write_text("{}")
     assert is_run_dir(run.path)
     assert main(["run", str(_missing_data_recipe(tmp_path)), "--out", str(run.path), "--force"]) == 2
-    capsys.readouterr()
-    assert not run.path.exists()  # replaced; the new run saved nothing, so it is gone too
+    assert "image folder not found" in capsys.readouterr().err
+    assert (run.path / "summary.json").read_text() == "{}"  # the checks before any stage refused: nothing replaced
 
 
 def test_a_failed_run_keeps_the_users_empty_folder(tmp_path, capsys):
@@ -123,21 +123,32 @@ def test_a_directory_where_an_output_file_belongs(arts, tmp_path, capsys, comman
 # ---------------------------------------------------------------- 2. metadata that would size an allocation
 
 
-def _peak_rss_mb(argv: list[str]) -> tuple[int, str, float]:
+# The child reports its own high-water mark (VmHWM): ru_maxrss would also count the memory of this pytest
+# process, which execve carries over into the child's figure.
+_REPORT_PEAK_AT_EXIT = """
+import atexit, runpy, sys
+report = sys.argv.pop(1)
+def write_peak():
+    with open("/proc/self/status") as status, open(report, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(write_peak)
+runpy.run_module("hashdistill", run_name="__main__", alter_sys=True)
+"""
+
+
+def _peak_rss_mb(argv: list[str], tmp_path: Path) -> tuple[int, str, float]:
     """Run the CLI in a child process: exit code, stderr and the child's own peak resident memory."""
-    child = subprocess.Popen([sys.executable, "-m", "hashdistill", *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    err = child.stderr.read().decode()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, err, usage.ru_maxrss / 1024
+    report = tmp_path / "peak-kb"
+    done = subprocess.run([sys.executable, "-c", _REPORT_PEAK_AT_EXIT, str(report), *argv], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return done.returncode, done.stderr.decode(), int(report.read_text()) / 1024
 
 
 @pytest.mark.parametrize("kwargs", [{"in_chans": 3_000_000}, {"depth": 10_000_000}, {"embed_dim": 1_000_000}])
 def test_model_arguments_asking_for_millions_of_channels_cost_nothing(arts, tmp_path, kwargs):
     path = variant(arts, tmp_path, "student", arch_kwargs=kwargs)
     start = time.perf_counter()
-    code, err, peak_mb = _peak_rss_mb(["eval", str(path)])
+    code, err, peak_mb = _peak_rss_mb(["eval", str(path)], tmp_path)
     assert code == 2 and "more than the file's" in err and err.count("\n") == 1, err
     assert peak_mb < 1500, f"peak memory {peak_mb:.0f} MB"
     assert time.perf_counter() - start < 60

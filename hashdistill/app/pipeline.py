@@ -129,7 +129,8 @@ class Pipeline:
         from hashdistill.export.verify import export_checkpoint
 
         path, phone = self.run.path / self.recipe.export.file, phone_file(self.run.path / self.recipe.export.file)
-        exported = not path.is_file() or not phone.is_file()
+        phone_declined = "declined" in self.run.summary().get("export_phone", {})
+        exported = not path.is_file() or not (phone.is_file() or phone_declined)
         for existing in (p for p in (path, phone) if p.is_file()):
             self._check_exported(existing)
         if exported and is_main_process():
@@ -139,15 +140,26 @@ class Pipeline:
             if not path.is_file():
                 figures = export_checkpoint(source, path, opset=export.opset, input_format=layout)
                 self.run.update_summary("export", figures)
-            # The phone model: the same ternary student with its float layers as int8 (static, calibrated on
-            # training images), the file an app ships; how many images keep the fp32 file's codes is recorded.
-            figures = export_checkpoint(source, phone, opset=export.opset, input_format=layout, int8="static")
-            self.run.update_summary("export_phone", figures)
+            self.run.update_summary("export_phone", self._export_phone_model(source, phone, layout))
         barrier()
         self._evaluate_onnx("ternary student (ONNX)", path)
-        agreement = self.run.summary().get("export_phone", {}).get("int8", {}).get("identical_code_rate_vs_float_onnx")
-        self._evaluate_onnx(PHONE_MODEL, phone, codes_equal_fp32_onnx=agreement)
+        if phone.is_file():
+            agreement = self.run.summary()["export_phone"].get("int8", {}).get("identical_code_rate_vs_float_onnx")
+            self._evaluate_onnx(PHONE_MODEL, phone, codes_equal_fp32_onnx=agreement)
         return exported
+
+    def _export_phone_model(self, source: Path, phone: Path, layout: str) -> dict[str, Any]:
+        """The phone model: the same ternary student with its float layers as int8 (static, calibrated on training
+        images), the file an app ships. A student whose codes int8 would change (an undertrained one, typically)
+        gets none: the run goes on with its fp32 file and says why, in a warning and in the summary."""
+        from hashdistill.export.verify import export_checkpoint
+
+        try:
+            return export_checkpoint(source, phone, opset=self.recipe.export.opset, input_format=layout,
+                                     int8="static")
+        except UserError as exc:
+            warn(f"no phone model: {exc}")
+            return {"declined": str(exc)}
 
     def stage_index(self) -> bool:
         from hashdistill.search.index import build_index

@@ -50,7 +50,9 @@ def write_report(run: RunDir) -> Path:
         e = summary["export"]
         lines += ["## Export", "", f"identical codes ONNX vs PyTorch: {e.get('identical_code_rate')}, "
                   f"max |logit diff|: {e.get('max_abs_logit_diff')}, file bytes: {e.get('file_bytes')}", ""]
-    if "export_phone" in summary:
+    if "declined" in summary.get("export_phone", {}):
+        lines += [f"No phone model: {summary['export_phone']['declined']}", ""]
+    elif "export_phone" in summary:
         int8 = summary["export_phone"].get("int8", {})
         lines += [f"Phone model ({Path(summary['export_phone'].get('onnx', '')).name}: the ternary student with int8 "
                   f"float layers, {int8.get('mode')} calibration): {_cell(int8.get('file_bytes'))} bytes against "
