@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
@@ -92,12 +93,19 @@ def check_same_data(meta: dict, recipe: Recipe, path: str | Path) -> None:
 
 def student_training_set(recipe: Recipe, labels_only: str | None = None) -> Dataset:
     """The training split a student learns from: every image for a distilled student, the labelled ones for a
-    baseline; an augmented image folder limited to ``student.teacher_views`` fixed views per image, so that
-    every student, distilled or not, sees the same views and the teacher's codes of each are computed once."""
+    baseline (repeated to the same epoch length); an augmented image folder limited to ``student.teacher_views``
+    fixed views per image, so that every student, distilled or not, sees the same views and the teacher's codes of
+    each are computed once."""
     train = build_dataset(recipe.data, "train")
     if isinstance(train, ImageFileDataset) and train.augment:
         train = train.with_view_bank(recipe.student.teacher_views)
-    return labelled_only(train) if labels_only else train
+    if not labels_only:
+        return train
+    labelled = labelled_only(train)
+    # The labelled images repeated to the length of the whole split: a baseline's epoch is as many steps as the
+    # distilled student's, so students of one recipe compare at equal steps, schedule and validations.
+    repeats = round(len(train) / len(labelled))
+    return labelled.subset(np.tile(np.arange(len(labelled)), repeats)) if repeats > 1 else labelled
 
 
 def train_student(recipe: Recipe, run: RunDir, device: torch.device, teacher_path: str | Path,

@@ -283,3 +283,17 @@ def test_a_layer_name_timm_does_not_know_is_named_in_the_error(key, value, kind)
     with pytest.raises(UserError, match=f"{key}='{value}' names no {kind} layer timm knows"):
         create_backbone("resnet18", model_kwargs={key: value})
     assert create_backbone("test_resnet", model_kwargs={"act_layer": "gelu"}) is not None  # a known name builds
+
+
+def test_a_labels_only_epoch_is_as_many_steps_as_a_distilled_one():
+    from conftest import TINY
+
+    from hashdistill.data import UNLABELLED
+    from hashdistill.distill.student_stage import student_training_set
+    from hashdistill.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({**TINY, "data": {**TINY["data"], "labelled_fraction": 0.25}})
+    every_image, labelled = student_training_set(recipe), student_training_set(recipe, labels_only="codes")
+    kept = int((torch.as_tensor(every_image.labels) != UNLABELLED).sum())
+    assert 0 < kept < len(every_image) and len(labelled) == kept * round(len(every_image) / kept)
+    assert abs(len(labelled) - len(every_image)) <= kept and UNLABELLED not in set(labelled.labels.tolist())

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint (default: train one first)")
     p.add_argument("--labels-only", nargs="?", const="codes", metavar="BASELINE",
                    help="train a labels-only baseline on the labelled images, no teacher at run time: codes (the "
-                        "default: BCE against the teacher's class codes) or dsh (the DSH pairwise loss on the labels)")
+                        "default: BCE against the teacher's class codes) or dsh (the DSH pairwise loss on the labels); "
+                        "the labelled images are repeated so that an epoch is as many steps as a distilled student's")
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="RUN_DIR")
     p.add_argument("--force", action="store_true")
