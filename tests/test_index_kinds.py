@@ -69,7 +69,7 @@ def test_round_trip_gives_identical_results(built):
     queries = clustered(50, seed=2)
     reloaded = load_index(path)
     assert sorted(index.ids.tolist()) == list(range(5000, 11000))  # held-out rows are added back after measuring
-    assert index.recall["queries"] == (0 if index.kind == "flat" else 200)
+    assert index.recall["queries"] == (0 if index.kind == "flat" else min(1000, 6000 // 10))
     assert reloaded.kind == index.kind and reloaded.structure.params == index.structure.params
     assert reloaded.recall == index.recall
     for a, b in zip(index.search(queries, 20), reloaded.search(queries, 20)):
@@ -352,3 +352,17 @@ def test_a_member_declaring_more_rows_than_the_codes_is_refused_unread(indexes, 
                 else:
                     npy.write_array(fh, value, allow_pickle=False)
     refused(capsys, tmp_path, "index", "info", out, expect="zip entry holds")
+
+
+def test_index_info_shows_the_curve_and_how_it_was_measured(indexes, capsys):
+    index, path = indexes["ivf"]
+    assert main(["index", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"measured at build on {index.recall['queries']} queries (held-out rows with 1 to bits/16" in out
+    assert "less 2 standard errors reaches 0.99" in out and out.count("<- default") == 1
+    default = index.recall["default"]
+    curve = dict(map(tuple, index.recall["curve"]))
+    errors = dict(zip(curve, index.recall["standard_errors"]))
+    assert curve[default] - 2 * errors[default] >= TARGET_RECALL  # the margin the default keeps
+    cheaper = [v for v in curve if v < default]
+    assert all(curve[v] - 2 * errors[v] < TARGET_RECALL for v in cheaper)  # and it is the cheapest that does

@@ -433,8 +433,18 @@ def cmd_index_info(args: argparse.Namespace) -> None:
     index = load_index(args.index)
     info = index.describe()
     _print_index(info)
-    for value, recall in index.recall.get("curve", []):
-        print(f"  {info['speed_param']}={value}: recall@{index.recall['k']} {recall:.4f}")
+    record = index.recall
+    if not record.get("curve"):
+        return
+    how = record.get("queries_are", "held-out database rows")
+    print(f"recall@{record['k']} against exact search, measured at build on {record['queries']} queries ({how}); "
+          f"default: the cheapest setting whose recall less {record.get('margin_standard_errors', 0):g} standard "
+          f"errors reaches {record.get('target')}")
+    errors = record.get("standard_errors") or [None] * len(record["curve"])
+    for (value, recall), error in zip(record["curve"], errors):
+        spread = f" +/- {error:.4f}" if isinstance(error, float) else ""
+        chosen = "  <- default" if value == record.get("default") else ""
+        print(f"  {info['speed_param']}={value}: recall@{record['k']} {recall:.4f}{spread}{chosen}")
 
 
 def cmd_index_export(args: argparse.Namespace) -> None:
