@@ -4,7 +4,10 @@ For each threshold t in the sweep: ternarize the student's fully connected layer
 the distillation loss from the teacher, and report sparsity, bytes of the quantized layers (fp32
 vs 2-bit packed + scales), mAP and MHD accuracy against the fp32 student, measured in the same run.
 
-    python benchmarks/quantize.py --student-run bench_out/distill/lcnet_075 --out benchmarks/results/quantize.json
+The student is the distillation benchmark's converged one (full labels, seed 0) and its teacher; the recipe is
+that run's own (its recipe.yaml), with only the quantize settings changed.
+
+    python benchmarks/quantize.py --student-run bench_out/distill-converged/f1-s0 --out benchmarks/results/quantize.json
 """
 
 from __future__ import annotations
@@ -14,30 +17,29 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, print_table, recipe, write_json
+from common import machine, print_table, write_json
 
 from hashdistill.app.pipeline import Pipeline
 from hashdistill.quantize.stage import quantize_student
+from hashdistill.recipe import RECIPE_FILE_NAME, load_recipe
 from hashdistill.rundir import RunDir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--student-run", default="bench_out/distill/lcnet_075",
-                        help="run dir holding checkpoints/student and checkpoints/teacher")
+    parser.add_argument("--student-run", default="bench_out/distill-converged/f1-s0",
+                        help="run dir holding recipe.yaml, checkpoints/student and checkpoints/teacher")
     parser.add_argument("--out", default="benchmarks/results/quantize.json")
     parser.add_argument("--thresholds", default="0.02,0.05,0.1,0.2")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--overrides", default="teacher.backbone=resnet18,teacher.bits=16,data.train_limit=12000,"
-                        "student.model=lcnet_075", help="recipe overrides matching the student run")
     args = parser.parse_args()
     source = RunDir(Path(args.student_run))
     started = time.time()
     fp32 = source.summary()["models"]["student"]
     rows = []
     for t in (float(v) for v in args.thresholds.split(",")):
-        r = recipe("fashion-mnist", [*args.overrides.split(","), f"quantize.threshold={t}",
-                                     f"quantize.train.epochs={args.epochs}"])
+        r = load_recipe(source.path / RECIPE_FILE_NAME, [f"quantize.threshold={t}",
+                                                         f"quantize.train.epochs={args.epochs}"])
         work = RunDir(source.path / f"ttq-t{t}")
         out = work.checkpoint("ternary-student")
         if not out.is_file():
