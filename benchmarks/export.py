@@ -15,6 +15,13 @@ fine-tuned under its distillation loss (``quantize_student``, ``--quantize-epoch
 several runs in this one process, so the ratios are comparable; search compares faiss IndexBinaryFlat with the
 numpy popcount baseline (hashdistill.codes) over random codes.
 
+Deployment checks (export_checks.py): the phone model's .ort against its int8 .onnx (latency, taking turns, and
+codes on test + database images), the fp32 student's image-in graph against the PyTorch model fed by timm's eval
+transform (odd-size files), onnxruntime-web in headless Chromium against Python onnxruntime (image files, the
+local onnxruntime-web copy: nothing is fetched), and a 224-px table of the ``--recipe-224`` recipe's teacher,
+student and phone model with random weights (bytes, MACs, .onnx and .ort latency, the phone model in the browser).
+``--skip-224`` and the count flags make a quick smoke run.
+
     python benchmarks/export.py --out benchmarks/results/export.json
     python benchmarks/export.py --trained-run bench_out/distill/f1-s0 --out benchmarks/results/export.json
 """
@@ -30,15 +37,33 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from common import machine, print_table, write_json
+from export_checks import (
+    ORT_WEB,
+    SIZE_224,
+    WARMUP_224,
+    browser_code_agreement,
+    browser_model_ms,
+    browser_unavailable,
+    fashion_test_pixels,
+    models_224,
+    ort_code_agreement,
+    ort_vs_onnx_latency,
+    square_pixels,
+    timm_eval_agreement,
+    write_image_files,
+)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from hashdistill import codes
-from hashdistill.checkpoint import save_checkpoint
+from hashdistill.checkpoint import read_metadata, save_checkpoint
 from hashdistill.data import build_dataset, dataset_info
+from hashdistill.data.imagefolder import eval_transform
 from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher, model_meta
 from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits
 from hashdistill.export.loading import load_any_model
@@ -46,7 +71,13 @@ from hashdistill.export.mobile import quantize_int8, to_mobile
 from hashdistill.export.onnx_encoder import onnx_encoder
 from hashdistill.export.onnx_export import export_onnx
 from hashdistill.export.runtime import EdgeModel
-from hashdistill.export.verify import CALIBRATION_IMAGES, measure_parity, reference_pixels, same_code_rate
+from hashdistill.export.verify import (
+    CALIBRATION_IMAGES,
+    MOBILE_CHECK_IMAGES,
+    measure_parity,
+    reference_pixels,
+    same_code_rate,
+)
 from hashdistill.quantize.stage import quantize_student
 from hashdistill.quantize.ternary_checkpoint import save_ternary
 from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
@@ -55,6 +86,8 @@ from hashdistill.rundir import RECIPE_FILE_NAME, RunDir
 from hashdistill.search.index import HashIndex
 
 PHONE = "phone model: ternary wide 1x1 convs + int8"
+PHONE_FILE = "pointwise-int8.onnx"  # benchmark_models' static int8 file of the phone model (its .ort lies beside it)
+CLASSES_224 = 100  # the imagenet100 recipe's classes (an image folder: the recipe does not say how many)
 MAP_OF = ("student", "ternary student + int8", PHONE, PHONE + ", dynamic int8")  # files whose mAP is measured
 
 
@@ -77,6 +110,19 @@ def main() -> None:
     parser.add_argument("--search-bits", default="16,64")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--edge-files", type=int, default=200, help="image files in the edge agreement check")
+    parser.add_argument("--mobile-check-images", type=int, default=MOBILE_CHECK_IMAGES,
+                        help="test, then database images on which the phone model's .ort and .onnx codes are compared")
+    parser.add_argument("--timm-files", type=int, default=200, help="odd-size files in the timm eval transform check")
+    parser.add_argument("--browser-files", type=int, default=200, help="image files in the browser agreement check")
+    parser.add_argument("--browser-runs", type=int, default=20, help="timed runs of the browser latency (median)")
+    parser.add_argument("--ort-web", default=str(ORT_WEB), help="onnxruntime-web's dist folder (no CDN fetch)")
+    parser.add_argument("--skip-224", action="store_true", help="no 224-px latency table (a quick smoke run)")
+    parser.add_argument("--recipe-224", default="imagenet100", help="the recipe whose architectures the 224-px "
+                        "table times (random weights)")
+    parser.add_argument("--latency-runs-224", type=int, default=3,
+                        help="timed runs per b=64 measurement at 224 px (b=1 uses --latency-runs)")
+    parser.add_argument("--calibration-224", type=int, default=32,
+                        help="training images that calibrate the 224-px phone model's static int8")
     args = parser.parse_args()
     started = time.time()
     torch.manual_seed(0)
@@ -85,6 +131,7 @@ def main() -> None:
         recipe = trained_checkpoints(args, folder) if args.trained_run else untrained_checkpoints(args, folder)
         models = benchmark_models(args, folder, recipe)
         edge_files = edge_file_agreement(folder, args.edge_files)
+        checks = deployment_checks(args, folder)
     search = [benchmark_search(int(bits), args.database, args.queries, args.k, args.latency_runs)
               for bits in args.search_bits.split(",")]
     print_table(models, ["model", "opset", "onnx_bytes", "ternary_layers", "identical_code_rate",
@@ -103,23 +150,30 @@ def main() -> None:
                           "student_teacher_latency_ratio_b64": phone["ort_ms_b64"] / teacher["ort_ms_b64"],
                           "fp32_student_teacher_latency_ratio_b64": fp32["ort_ms_b64"] / teacher["ort_ms_b64"],
                           "whole_file_map_drop_points": drop,
-                          "edge_files": edge_files, "edge_file_agreement": edge_files["agreement"]})
+                          "edge_files": edge_files, "edge_file_agreement": edge_files["agreement"], **checks})
 
 
 def untrained_checkpoints(args: argparse.Namespace, folder: Path) -> None:
     """Random-init teacher and student checkpoints (and both ternary versions) in ``folder``."""
     cfg = DataConfig(dataset=args.dataset, image_size=args.image_size)
-    info = dataset_info(cfg)
     extra = {"data": dataclasses.asdict(cfg), "recipe_hash": "benchmark"}
+    save_untrained(folder, (args.teacher, args.student), args.bits, dataset_info(cfg), extra, phone_configs(args))
+
+
+def save_untrained(folder: Path, archs: tuple[str, str], bits: int, info: dict, extra: dict,
+                   configs: dict[str, TTQConfig]) -> None:
+    """Random-init teacher and student (``archs``) and the student ternarized per ``configs`` (stem -> config),
+    saved as checkpoints in ``folder``: file sizes and latency do not depend on the weights' values."""
     classes = len(info["class_names"])
-    teacher = LLCTeacher(args.teacher, args.bits, classes).eval()
-    student = HashStudent(args.student, args.bits, classes).eval()
+    teacher = LLCTeacher(archs[0], bits, classes).eval()
+    student = HashStudent(archs[1], bits, classes).eval()
     student.codes.copy_(teacher.class_codes)
+    folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / "teacher.safetensors", teacher.state_dict(),
-                    model_meta(TEACHER, args.teacher, args.bits, info, **extra))
-    student_meta = model_meta(STUDENT, args.student, args.bits, info, **extra)
+                    model_meta(TEACHER, archs[0], bits, info, **extra))
+    student_meta = model_meta(STUDENT, archs[1], bits, info, **extra)
     save_checkpoint(folder / "student.safetensors", student.state_dict(), student_meta)
-    for stem, config in phone_configs(args).items():
+    for stem, config in configs.items():
         ternary = copy.deepcopy(student)
         ternarize_(ternary, config)
         save_ternary(folder / f"{stem}.safetensors", ternary, {**student_meta, "kind": "ternary-student"})
@@ -208,27 +262,95 @@ def _torch_forward(model: torch.nn.Module, transform, pixels: torch.Tensor) -> t
     return model(transform.apply(pixels))
 
 
+def deployment_checks(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The top-level figures of the deployment targets (export_checks.py): the phone model's .ort against its int8
+    .onnx, the image-in graph against timm's eval transform, the 224-px table and the browser; a skipped part
+    leaves its keys out (and says why under ``skipped``)."""
+    phone = folder / PHONE_FILE
+    meta = read_metadata(folder / "pointwise.safetensors")
+    images = reference_pixels(meta, args.parity_images)
+    print("phone model: .ort vs .onnx ...", flush=True)
+    speed = ort_vs_onnx_latency(phone, images, args.latency_runs)
+    agreement = ort_code_agreement(phone, meta, images, args.mobile_check_images)
+    print("timm eval transform vs the image-in graph ...", flush=True)
+    timm = timm_eval_agreement(folder, folder / "student.safetensors", folder / "student-18.onnx", args.timm_files)
+    out: dict[str, Any] = {"ort_vs_onnx": speed, "ort_vs_onnx_latency_b1": speed["ratio_b1"],
+                           "ort_vs_onnx_latency_b64": speed["ratio_b64"], "ort_code_check": agreement,
+                           "ort_code_agreement": agreement["agreement"], "timm_eval_files": timm,
+                           "timm_eval_code_agreement": timm["agreement"], "skipped": {}}
+    phone_224 = None
+    if args.skip_224:
+        out["skipped"]["models_224"] = "--skip-224"
+    else:
+        calibration = reference_pixels(meta, args.calibration_224, "train")
+        table, phone_224 = section_224(args, folder / "224", images, calibration)
+        out.update(table)
+    reason = browser_unavailable(Path(args.ort_web))
+    if reason:
+        print(f"browser checks skipped: {reason}", flush=True)
+        out["skipped"]["browser"] = reason
+    else:
+        out.update(browser_checks(args, folder, phone, phone_224, images))
+    if "browser_phone_ms_b1_224" in out:
+        next(r for r in out["models_224"]["rows"] if r["model"] == PHONE)["browser_ms_b1_224"] = \
+            out["browser_phone_ms_b1_224"]
+    return out
+
+
+def section_224(args: argparse.Namespace, folder: Path, images: list[np.ndarray],
+                calibration: list[np.ndarray]) -> tuple[dict[str, Any], Path]:
+    """The 224-px latency table of ``--recipe-224``'s teacher and student (random weights: latency does not depend
+    on training), its figures for the top level, and the phone model's file (for the browser's latency)."""
+    recipe = load_recipe(args.recipe_224, [])
+    if recipe.data.image_size != SIZE_224:
+        raise SystemExit(f"--recipe-224 {args.recipe_224}: its image_size is {recipe.data.image_size}, not {SIZE_224}")
+    archs, bits = (recipe.teacher.backbone, recipe.student.model), recipe.teacher.bits
+    info = {"class_names": [f"class_{i:03d}" for i in range(CLASSES_224)],
+            **eval_transform(recipe.data, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).as_metadata()}
+    extra = {"data": dataclasses.asdict(recipe.data), "recipe_hash": "benchmark"}
+    save_untrained(folder, archs, bits, info, extra, {"pointwise": phone_configs(args)["pointwise"]})
+    runs = {"b1": args.latency_runs, "b64": args.latency_runs_224}
+    cases = [("teacher fp32", "teacher", False), ("student fp32", "student", False), (PHONE, "pointwise", True)]
+    rows, phone = models_224(folder, cases, images, calibration, runs)
+    by_stem = dict(zip([stem for _, stem, _ in cases], rows))
+    section = {"recipe": args.recipe_224, "teacher": archs[0], "student": archs[1], "bits": bits,
+               "classes": CLASSES_224, "image_size": recipe.data.image_size, "weights": "untrained (random init)",
+               "input": "the parity images (test split) resized to uint8 224x224x3 (bicubic)",
+               "calibration_images": len(calibration), "phone_model": PHONE,
+               "macs": "torch.utils.flop_counter.FlopCounterMode on one 224x224 image, MACs = FLOPs / 2; the "
+                       "phone model has its float student's MACs", "rows": rows}
+    ratio = by_stem["pointwise"]["onnx_ms_b1"] / by_stem["teacher"]["onnx_ms_b1"]
+    return {"models_224": section, "latency_runs_224": {**runs, "warmup": WARMUP_224},
+            "phone_teacher_latency_ratio_224_b1": ratio}, phone
+
+
+def browser_checks(args: argparse.Namespace, folder: Path, phone: Path, phone_224: Path | None,
+                   images: list[np.ndarray]) -> dict[str, Any]:
+    """onnxruntime-web in headless Chromium: code agreement with Python onnxruntime on the main-size phone model
+    and, with the 224-px table, the 224-px phone model's b=1 latency."""
+    ort_web = Path(args.ort_web)
+    print("browser: onnxruntime-web vs onnxruntime ...", flush=True)
+    files = browser_code_agreement(phone, folder, args.browser_files, ort_web)
+    out: dict[str, Any] = {"browser_files": files, "browser_code_agreement": files["agreement"]}
+    if phone_224 is not None:
+        print("browser: 224-px phone model latency ...", flush=True)
+        ms = browser_model_ms(phone_224, folder, square_pixels(images, SIZE_224), args.browser_runs, ort_web)
+        out["browser_phone_ms_b1_224"] = ms
+        out["browser_runs"] = args.browser_runs
+    return out
+
+
 def edge_file_agreement(folder: Path, count: int) -> dict:
     """Codes of the ternary student on Fashion-MNIST test images written as PNG and JPEG files of several sizes and
     aspect ratios, by training-time evaluation (ImageFileDataset's eval items), the image-in ONNX graph run
     directly, and the edge runtime (EdgeModel.encode on the paths): the fraction of files where all three agree."""
-    from PIL import Image
-
     from hashdistill.data.imagefolder import ImageFileDataset
 
     model, _ = load_any_model(folder / "pointwise.safetensors")
     onnx_path = folder / "pointwise-18.onnx"
     edge = EdgeModel(onnx_path)
-    raw = build_dataset(DataConfig(dataset="fashion-mnist", image_size=28), "test")
     shapes = [(28, 28), (40, 30), (23, 57), (100, 64), (64, 64), (31, 90)]
-    paths = []
-    for i in range(count):
-        h, w = shapes[i % len(shapes)]
-        image = Image.fromarray(raw.pixels(i)).resize((w, h), Image.BICUBIC)
-        path = folder / "files" / f"{i:04d}{'.png' if i % 2 else '.jpg'}"
-        path.parent.mkdir(exist_ok=True)
-        image.save(path, quality=90)
-        paths.append(path)
+    paths = write_image_files(folder / "files", fashion_test_pixels(count), shapes, count)
     items = ImageFileDataset(paths, [0] * len(paths), ["any"], edge.meta.transform)
     with torch.no_grad():
         training = codes.pack_codes(model(torch.stack([items[i][0] for i in range(len(items))])).numpy())

@@ -215,10 +215,71 @@ def section_export(data: dict[str, Any]) -> list[str]:
                   f"the edge runtime give the same codes on **{edge['agreement']:.1%}** of the files (target 100%; "
                   f"training vs graph {edge['training_vs_graph']:.1%}, graph vs runtime "
                   f"{edge['graph_vs_runtime']:.1%})."]
+    lines += export_deployment(data) + export_224(data)
     lines += ["", "Search (faiss IndexBinaryFlat vs numpy popcount):", "",
               *table(data["search"], [("bits", "bits"), ("database", "database"), ("queries", "queries"), ("k", "k"),
                                       ("faiss_qps", "faiss q/s"), ("numpy_qps", "numpy q/s"),
                                       ("faiss_speedup", "speedup")])]
+    return lines
+
+
+def export_deployment(data: dict[str, Any]) -> list[str]:
+    """The deployment targets' agreement and speed figures (the .ort file, timm's eval transform, the browser), each
+    shown only where the JSON has it: older export.json files predate them."""
+    lines = []
+    speed, check = data.get("ort_vs_onnx"), data.get("ort_code_check")
+    if speed and check:
+        lines += ["", f"Phone model as ORT format (`.ort`, {speed['ort_bytes']:,} bytes) vs its int8 `.onnx` "
+                  f"({speed['onnx_bytes']:,} bytes), onnxruntime CPU, the two files taking turns ({speed['runs']} "
+                  f"timed runs each): `.ort` / `.onnx` latency **{data['ort_vs_onnx_latency_b1']:.3f}** at b=1 "
+                  f"({speed['ort_ms_b1']:.2f} vs {speed['onnx_ms_b1']:.2f} ms) and "
+                  f"**{data['ort_vs_onnx_latency_b64']:.3f}** at b=64; identical packed codes on "
+                  f"**{data['ort_code_agreement']:.2%}** of {check['images']:,} images ({check['test_images']:,} "
+                  f"test + {check['database_images']:,} database)."]
+    timm = data.get("timm_eval_files")
+    if timm:
+        lines += ["", f"timm's eval transform: on {timm['files']} image files (PNG and JPEG) of {len(timm['shapes'])} "
+                  "odd sizes, landscape, portrait and tiny (spare pixels after the resize "
+                  f"{', '.join(map(str, sorted(set(timm['spare_pixels']))))}: "
+                  f"{', '.join(map(str, timm['spare_mod_4']))} mod 4), the {timm['model']}: same codes on "
+                  f"**{data['timm_eval_code_agreement']:.1%}** of the files."]
+    files = data.get("browser_files")
+    if files:
+        lines += ["", f"Browser: {files['runtime']} vs Python onnxruntime, {files['model']}, on {files['files']} "
+                  f"Fashion-MNIST test images written as PNG and JPEG files of {len(files['shapes'])} sizes (each "
+                  f"decoded by the browser and by hashdistill): bit-identical codes on "
+                  f"**{data['browser_code_agreement']:.1%}** of the files."]
+    skipped = data.get("skipped") or {}
+    if skipped:
+        lines += ["", "Not measured in this run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."]
+    return lines
+
+
+def export_224(data: dict[str, Any]) -> list[str]:
+    """The 224-px table (file bytes, MACs, onnxruntime latency of .onnx and .ort, browser), when the JSON has it."""
+    section, runs = data.get("models_224"), data.get("latency_runs_224")
+    if not section or not runs:
+        return []
+    rows = [{**r, "model": f"{r['model']} ({r.get('arch', '-')})", "macs": f"{r['macs'] / 1e6:,.0f}M",
+             **{k: f"{r[k]:.2f}" for k in r if k.endswith("_ms_b1") or k.endswith("_ms_b64")
+                or k == "browser_ms_b1_224"}} for r in section["rows"]]
+    browser = data.get("browser_phone_ms_b1_224")
+    lines = ["", f"At {section['image_size']} px, the `{section['recipe']}` recipe's architectures "
+             f"({section['teacher']} teacher, {section['student']} student, {section['bits']} bits, "
+             f"{section['classes']} classes), {section['weights']}: the phone model is the student ternarized as "
+             f"above with static int8 calibrated on {section['calibration_images']} images. Input: "
+             f"{section['input']}. MACs: {section['macs']}. Median ms in onnxruntime CPU over {runs['b1']} timed "
+             f"runs at b=1 and {runs['b64']} at b=64 (after {runs['warmup']} untimed), the `.onnx` and `.ort` "
+             "files taking turns"
+             + (f"; browser: onnxruntime-web (wasm, 1 thread) in headless Chromium, median of "
+                f"{data.get('browser_runs', '-')} runs at b=1." if browser is not None else "."), "",
+             *table(rows, [("model", "model"), ("macs", "MACs"), ("onnx_bytes", ".onnx bytes"),
+                           ("ort_format_bytes", ".ort bytes"), ("onnx_ms_b1", ".onnx ms b=1"),
+                           ("ort_format_ms_b1", ".ort ms b=1"), ("onnx_ms_b64", ".onnx ms b=64"),
+                           ("ort_format_ms_b64", ".ort ms b=64"), ("browser_ms_b1_224", "browser ms b=1")]),
+             "", f"Phone model / {section['teacher']} teacher latency at {section['image_size']} px, b=1, "
+             f"onnxruntime CPU (`.onnx`): **{data['phone_teacher_latency_ratio_224_b1']:.3f}**"
+             + (f"; the phone model in the browser: **{browser:.1f} ms**." if browser is not None else ".")]
     return lines
 
 
@@ -334,6 +395,12 @@ def headline() -> list[str]:
                      f"smaller than fp32 ({small['onnx_bytes'] / 1e6:.2f} MB)"
                      + (f", mAP drop {drop:.2f} points" if drop is not None else "")
                      + f"; {export['weights']} weights"))
+    if export and export.get("phone_teacher_latency_ratio_224_b1") is not None:
+        section, browser = export["models_224"], export.get("browser_phone_ms_b1_224")
+        rows.append((f"phone model at {section['image_size']} px ({section['recipe']} architectures)",
+                     f"{export['phone_teacher_latency_ratio_224_b1']:.3f}x the {section['teacher']} teacher's "
+                     "b=1 latency in onnxruntime CPU"
+                     + (f"; {browser:.1f} ms in the browser (onnxruntime-web)" if browser is not None else "")))
     search = load("search")
     if search and search.get("recommended"):
         best = search["recommended"]
