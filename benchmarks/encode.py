@@ -57,7 +57,7 @@ def model(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/encode.json")
-    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--images", type=int, default=30000, help="enough that actor start-up is not the cost")
     parser.add_argument("--size", type=int, default=96, help="side of the PNG files")
     args = parser.parse_args()
     import ray
