@@ -23,7 +23,7 @@ student and phone model with random weights (bytes, MACs, .onnx and .ort latency
 ``--skip-224`` and the count flags make a quick smoke run.
 
     python benchmarks/export.py --out benchmarks/results/export.json
-    python benchmarks/export.py --trained-run bench_out/distill/f1-s0 --out benchmarks/results/export.json
+    python benchmarks/export.py --trained-run bench_out/distill-converged/f1-s0 --out benchmarks/results/export.json
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ from export_checks import (
     ORT_WEB,
     SIZE_224,
     WARMUP_224,
+    batch_of,
     browser_code_agreement,
     browser_model_ms,
     browser_unavailable,
+    cpu_session,
     fashion_test_pixels,
     models_224,
     ort_code_agreement,
@@ -244,13 +246,11 @@ def benchmark_models(args: argparse.Namespace, folder: Path, recipe: Recipe | No
 def latencies(path: Path, model: torch.nn.Module, images: list[np.ndarray], runs: int) -> dict[str, float]:
     """Median ms per batch of 1 and 64 images: onnxruntime (CPU) on the image-in file (uint8 pixels in, its
     pre-processing included) and PyTorch eager on the same pixels through EvalTransform.apply."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle spinning would slow torch
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     transform = EdgeModel(path).meta.transform
     figures = {}
     for batch in (1, 64):
-        pixels = np.stack([images[i % len(images)] for i in range(batch)])
+        pixels = batch_of(images, batch)
         figures[f"ort_ms_b{batch}"] = median_ms(partial(session.run, None, {"images": pixels}), runs)
         with torch.no_grad():
             tensor = torch.from_numpy(pixels)

@@ -43,8 +43,8 @@ BATCHES = (1, 64)
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
-    """An onnxruntime CPU session as latencies() in export.py makes them: no idle spinning, so one session's
-    spinning threads never slow the next one's runs."""
+    """An onnxruntime CPU session for timing: no idle spinning, so one session's spinning threads never slow the
+    next one's runs (or PyTorch's)."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -69,15 +69,20 @@ def batch_of(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     return np.stack([images[i % len(images)] for i in range(size)])
 
 
+def onnx_and_ort_ms(onnx_path: Path, pixels: Sequence[np.ndarray], runs: dict[int, int],
+                    warmup: int = 2) -> dict[int, dict[str, float]]:
+    """Median ms of a .onnx file and its .ort at each batch size of ``runs`` (batch -> timed runs), the two files
+    taking turns run by run."""
+    sessions = {"onnx": cpu_session(onnx_path), "ort": cpu_session(mobile_outputs(onnx_path)[0])}
+    return {batch: interleaved_ms(sessions, batch_of(pixels, batch), count, warmup) for batch, count in runs.items()}
+
+
 def ort_vs_onnx_latency(onnx_path: Path, images: Sequence[np.ndarray], runs: int) -> dict[str, Any]:
     """Median ms of the phone model's .ort file and its int8 .onnx at b=1 and b=64, taking turns; the ratio says
     whether an app that ships the .ort (what onnxruntime's mobile builds load) gives up speed."""
-    ort_path = mobile_outputs(onnx_path)[0]
-    sessions = {"onnx": cpu_session(onnx_path), "ort": cpu_session(ort_path)}
     figures: dict[str, Any] = {"runs": runs, "onnx_bytes": onnx_path.stat().st_size,
-                               "ort_bytes": ort_path.stat().st_size}
-    for batch in BATCHES:
-        ms = interleaved_ms(sessions, batch_of(images, batch), runs)
+                               "ort_bytes": mobile_outputs(onnx_path)[0].stat().st_size}
+    for batch, ms in onnx_and_ort_ms(onnx_path, images, dict.fromkeys(BATCHES, runs)).items():
         figures.update({f"onnx_ms_b{batch}": ms["onnx"], f"ort_ms_b{batch}": ms["ort"],
                         f"ratio_b{batch}": ms["ort"] / ms["onnx"]})
     return figures
@@ -267,11 +272,9 @@ def export_file(folder: Path, stem: str, calibration: Sequence[np.ndarray] | Non
 
 def row_224(path: Path, pixels: Sequence[np.ndarray], runs: dict[str, int]) -> dict[str, Any]:
     """File bytes and median ms of the .onnx and its .ort at b=1 and b=64, the two files taking turns."""
-    ort_path = mobile_outputs(path)[0]
-    sessions = {"onnx": cpu_session(path), "ort": cpu_session(ort_path)}
     row: dict[str, Any] = {"arch": EdgeModel(path).meta.props.get("arch"), "onnx_bytes": path.stat().st_size,
-                           "ort_format_bytes": ort_path.stat().st_size}
-    for batch in BATCHES:
-        ms = interleaved_ms(sessions, batch_of(pixels, batch), runs[f"b{batch}"], WARMUP_224)
+                           "ort_format_bytes": mobile_outputs(path)[0].stat().st_size}
+    timed = onnx_and_ort_ms(path, pixels, {batch: runs[f"b{batch}"] for batch in BATCHES}, WARMUP_224)
+    for batch, ms in timed.items():
         row.update({f"onnx_ms_b{batch}": ms["onnx"], f"ort_format_ms_b{batch}": ms["ort"]})
     return row
