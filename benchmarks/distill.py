@@ -21,12 +21,17 @@ Figures: mean and sd over seeds; a gain is a difference per seed.
     python benchmarks/distill.py --ablation --fractions 1.0 --out benchmarks/results/distill-losses.json
 
 Runs already finished in ``--work`` are reused, so seeds can train in parallel processes (``--seeds 1``) and a
-last call with every seed reads them all.
+last call with every seed reads them all. On a small machine the table grows by parts: ``--no-prefill`` lets a
+lone distilled student compute only the teacher views it draws, ``--without dsh`` leaves a baseline out of a
+fraction's row, and ``--merge`` keeps the rows (and step timing) of ``--out`` that this call does not measure:
+
+    python benchmarks/distill.py --fractions 0.1 --seeds 0,1 --without dsh --no-prefill --merge
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -81,12 +86,14 @@ def teacher_settings(fraction: float, args: argparse.Namespace) -> list[str]:
 def fraction_teacher(fraction: float, args: argparse.Namespace, base: list[str]) -> Path:
     """The teacher of one label fraction: the converged one for f = 1 (trained with the converged teacher
     benchmark's schedule where ``--teacher-run`` holds none), else one trained on the labelled images; its cache of
-    every training view filled once, in its own folder."""
+    every training view filled once, in its own folder (unless ``--no-prefill``: then each distilled student
+    computes the views it draws, as it trains)."""
     folder = Path(args.teacher_run) if fraction >= 1 else Path(args.work) / f"teacher-f{fraction:g}"
     r = recipe("fashion-mnist", [*base, *teacher_settings(fraction, args)])
     if fraction < 1 or not RunDir(folder, writer=False).checkpoint("teacher").is_file():
         run_stages(r, folder, ("teacher",))
-    fill_cache(r, RunDir(folder))
+    if args.prefill:
+        fill_cache(r, RunDir(folder))
     return folder
 
 
@@ -189,10 +196,12 @@ def step_ratio(r: Recipe, run: RunDir, steps: int = 20, rounds: int = 5) -> dict
 
 
 def student_table(args: argparse.Namespace, base: list[str], seeds: list[int], started: float) -> None:
-    rows = []
-    kinds = tuple(STUDENTS)
-    step = None
-    for fraction in (float(f) for f in args.fractions.split(",")):
+    kinds = tuple(k for k in STUDENTS if k not in args.without)  # the students of the table
+    kept = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).is_file() else {}
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rows = [r for r in kept.get("rows", []) if r["labelled_fraction"] not in fractions]
+    step = kept.get("step_timing")  # None unless merged: measured below
+    for fraction in fractions:
         teacher_run = fraction_teacher(fraction, args, base)
         if args.prepare:
             continue
@@ -213,32 +222,47 @@ def student_table(args: argparse.Namespace, base: list[str], seeds: list[int], s
             per_seed.append(seed_row(run, seed, kinds))
         if not per_seed:
             continue
-        if fraction >= 1 and step is None and not args.skip_step_ratio:
+        if fraction >= 1 and not args.skip_step_ratio:
             step = step_ratio(recipe("fashion-mnist", students), RunDir(teacher_run))
-        rows.append(fraction_row(fraction, teacher_run, per_seed, kinds))
-        print_table([{"fraction": r["labelled_fraction"], "teacher": r["teacher_map"],
-                      **{k: r[f"{k}_map"]["mean"] for k in kinds}, "gain": r["gain_points"]["mean"],
-                      "gain_dsh": r["gain_over_dsh_points"]["mean"]} for r in rows],
-                    ["fraction", "teacher", *kinds, "gain", "gain_dsh"])
-        by_fraction = {r["labelled_fraction"]: r for r in rows}
-        full, tenth = by_fraction.get(1.0), by_fraction.get(0.1)
-        write_json(args.out, {
-            "benchmark": "distill", "machine": machine(), "args": vars(args), "seeds": len(seeds),
+        rows = [r for r in rows if r["labelled_fraction"] != fraction]
+        rows = sorted([*rows, fraction_row(fraction, teacher_run, per_seed, kinds, args)],
+                      key=lambda r: r["labelled_fraction"])
+        print_table([{"fraction": r["labelled_fraction"], "seeds": len(r["seeds"]), "teacher": r["teacher_map"],
+                      **{k: mean_of(r, f"{k}_map") for k in STUDENTS}, "gain": mean_of(r, "gain_points"),
+                      "gain_dsh": mean_of(r, "gain_over_dsh_points")} for r in rows],
+                    ["fraction", "seeds", "teacher", *STUDENTS, "gain", "gain_dsh"])
+        write_json(args.out, table_figures(args, base, rows, step, started))
+
+
+def mean_of(row: dict | None, key: str) -> float | None:
+    """A row's mean of ``key``; None where the row, or that student, is missing."""
+    return row[key]["mean"] if row and row.get(key) else None
+
+
+def table_figures(args: argparse.Namespace, base: list[str], rows: list[dict], step: dict | None,
+                  started: float) -> dict:
+    """The JSON of the student table: the issue's headline keys (means over each row's seeds) and the rows."""
+    by_fraction = {r["labelled_fraction"]: r for r in rows}
+    full, tenth = by_fraction.get(1.0), by_fraction.get(0.1)
+    return {"benchmark": "distill", "machine": machine(), "args": vars(args),
+            "seeds": {f"{r['labelled_fraction']:g}": len(r["seeds"]) for r in rows},
             "losses": recipe("fashion-mnist", base).student.losses,
-            "student_teacher_map_ratio": full["student_teacher_ratio"]["mean"] if full else None,
-            "kd_gain_points_full_labels": full["gain_points"]["mean"] if full else None,
-            "kd_gain_points_10pct_labels": tenth["gain_points"]["mean"] if tenth else None,
-            "kd_gain_over_dsh_points_full_labels": full["gain_over_dsh_points"]["mean"] if full else None,
-            "asymmetric_teacher_ratio": full["asymmetric_teacher_ratio"]["mean"] if full else None,
+            "student_teacher_map_ratio": mean_of(full, "student_teacher_ratio"),
+            "kd_gain_points_full_labels": mean_of(full, "gain_points"),
+            "kd_gain_points_10pct_labels": mean_of(tenth, "gain_points"),
+            "kd_gain_over_dsh_points_full_labels": mean_of(full, "gain_over_dsh_points"),
+            "asymmetric_teacher_ratio": mean_of(full, "asymmetric_teacher_ratio"),
             "kd_step_vs_labels_only_step": step["ratio"] if step else None, "step_timing": step,
-            "rows": rows, "wall_seconds": time.time() - started})
+            "rows": rows, "wall_seconds": time.time() - started}
 
 
-def fraction_row(fraction: float, teacher_run: Path, per_seed: list[dict], kinds: tuple[str, ...]) -> dict:
-    def points(a: str, b: str) -> dict[str, float]:
-        return mean_sd([100 * (s[a] - s[b]) for s in per_seed])
+def fraction_row(fraction: float, teacher_run: Path, per_seed: list[dict], kinds: tuple[str, ...],
+                 args: argparse.Namespace) -> dict:
+    def points(a: str, b: str) -> dict[str, float] | None:
+        return mean_sd([100 * (s[a] - s[b]) for s in per_seed]) if b in kinds else None
 
     return {"labelled_fraction": fraction, "teacher_run": str(teacher_run), "teacher_map": per_seed[0]["teacher"],
+            "epochs": args.epochs, "measured": time.strftime("%Y-%m-%d"), "machine": machine(),
             "params": per_seed[0]["params"], "param_ratio": per_seed[0]["teacher_params"] / per_seed[0]["params"],
             **{f"{k}_map": mean_sd([s[k] for s in per_seed]) for k in kinds},
             **{f"{k}_teacher_db_map": mean_sd([s[f"{k}_teacher_db"] for s in per_seed]) for k in kinds},
@@ -300,8 +324,16 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="the loss ablation (ABLATION) instead of the table")
     parser.add_argument("--skip-step-ratio", action="store_true", help="no step timing (a run beside other work)")
     parser.add_argument("--prepare", action="store_true", help="only train the fraction teachers and fill the caches")
+    parser.add_argument("--no-prefill", dest="prefill", action="store_false",
+                        help="no teacher cache filled beforehand: the distilled student computes each view it draws "
+                             "(about half of them in 30 epochs), the cheaper way for a single student per teacher")
     parser.add_argument("--students", default=",".join(STUDENTS),
                         help="which students this process trains (a last call with all of them writes the JSON)")
+    parser.add_argument("--without", default="",
+                        help="students the table leaves out at these fractions (not trained), e.g. dsh")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows (each says its seeds, epochs and date) and the step timing of --out for "
+                             "what this call does not measure, so a table can grow over several sessions")
     parser.add_argument("--only", default="", help="ablation rows to run, separated by ';' (default: all)")
     args = parser.parse_args()
     base = [*args.teacher_overrides.split(","), "data.augment=true", f"student.model={args.student}",
@@ -309,8 +341,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.students = [s for s in args.students.split(",") if s]
     args.only = [s for s in args.only.split(";") if s]
-    if set(args.students) - set(STUDENTS):
-        parser.error(f"--students: choose from {', '.join(STUDENTS)}")
+    args.without = [s for s in args.without.split(",") if s]
+    if set(args.students) - set(STUDENTS) or set(args.without) - set(STUDENTS) - {"distilled"} or \
+            "distilled" in args.without:
+        parser.error(f"--students: choose from {', '.join(STUDENTS)}; --without: from labels_only, dsh")
     (loss_ablation if args.ablation else student_table)(args, base, seeds, time.time())
 
 

@@ -132,25 +132,31 @@ def section_teacher(data: dict[str, Any]) -> list[str]:
 
 def section_distill(data: dict[str, Any]) -> list[str]:
     args = data["args"]
-    lines = [f"Student `{args['student']}`, distilled for {args['epochs']} epochs over every training image (54k, "
-             "augmented; the teacher's logits of every view cached once) from a 16-bit `resnet18` LLC teacher, kept "
-             "at its best validation mAP. Two labels-only baselines train on the labelled images alone for the same "
-             "steps: class codes (BCE against the teacher's class codes) and DSH (the DTH paper's pairwise loss). "
-             f"For 100% labels the teacher is the converged one of the teacher benchmark (`{args['teacher_run']}`). "
-             f"{data['seeds']} seed(s) (mean +/- sd); tie-aware mAP, queries = 10k test images, database = 60k; "
-             "'teacher db' = the student's queries against the teacher-built database.", ""]
+    lines = [f"Student `{args['student']}`, distilled over every training image (54k, augmented; the teacher's "
+             "logits of each view computed once) from a 16-bit `resnet18` LLC teacher, kept at its best validation "
+             "mAP. Two labels-only baselines train on the labelled images alone for the same steps: class codes (BCE "
+             "against the teacher's class codes) and DSH (the DTH paper's pairwise loss). For 100% labels the "
+             "teacher is the converged one of the teacher benchmark; for a fraction, one trained on its labelled "
+             "images. Mean +/- sd over the seeds each row states; tie-aware mAP, queries = 10k test images, "
+             "database = 60k; 'teacher db' = the student's queries against the teacher-built database; '-' = not "
+             "trained at that fraction.", ""]
     rows = []
     for r in data["rows"]:
-        best = {k: [s["best_epochs"][k] + 1 for s in r["seeds"]] for k in ("distilled", "labels_only", "dsh")}
-        rows.append({"fraction": f"{r['labelled_fraction']:.0%}", "teacher": r["teacher_map"],
-                     **{k: f"{r[f'{k}_map']['mean']:.4f} +/- {r[f'{k}_map']['sd']:.4f}"
+        kinds = [k for k in ("distilled", "labels_only", "dsh") if r.get(f"{k}_map")]
+        best = {k: [s["best_epochs"][k] + 1 for s in r["seeds"]] for k in kinds}
+        gain_dsh = r.get("gain_over_dsh_points")
+        rows.append({"fraction": f"{r['labelled_fraction']:.0%}", "seeds": len(r["seeds"]),
+                     "epochs": r.get("epochs", args["epochs"]), "teacher": r["teacher_map"],
+                     **{k: f"{r[f'{k}_map']['mean']:.4f} +/- {r[f'{k}_map']['sd']:.4f}" if k in kinds else "-"
                         for k in ("distilled", "labels_only", "dsh")},
-                     **{f"{k}_db": r[f"{k}_teacher_db_map"]["mean"] for k in ("distilled", "labels_only", "dsh")},
+                     **{f"{k}_db": r[f"{k}_teacher_db_map"]["mean"] if k in kinds else "-"
+                        for k in ("distilled", "labels_only", "dsh")},
                      "gain": f"{r['gain_points']['mean']:+.2f} +/- {r['gain_points']['sd']:.2f}",
-                     "gain_dsh": f"{r['gain_over_dsh_points']['mean']:+.2f}",
+                     "gain_dsh": f"{gain_dsh['mean']:+.2f}" if gain_dsh else "-",
                      "ratio": r["student_teacher_ratio"]["mean"], "best": "; ".join(
                          f"{k} {', '.join(map(str, v))}" for k, v in best.items())})
-    lines += table(rows, [("fraction", "labelled"), ("teacher", "teacher mAP"), ("distilled", "distilled"),
+    lines += table(rows, [("fraction", "labelled"), ("seeds", "seeds"), ("epochs", "epochs"),
+                          ("teacher", "teacher mAP"), ("distilled", "distilled"),
                           ("labels_only", "class codes"), ("dsh", "DSH"), ("distilled_db", "distilled, teacher db"),
                           ("labels_only_db", "class codes, teacher db"), ("dsh_db", "DSH, teacher db"),
                           ("gain", "KD - class codes (points)"), ("gain_dsh", "KD - DSH (points)"),
@@ -432,12 +438,13 @@ def headline() -> list[str]:
                          f"OOD samples vs max-softmax TPR {fmt(msp['tpr'])} / FPR {fmt(msp['fpr'])} "
                          f"(J {fmt(msp['youden_j'])}) tuned on {msp['ood_samples_used']:,}"))
     for row in (distill or {}).get("rows", []):
-        dsh = f", {row['dsh_map']['mean']:.4f} DSH" if "dsh_map" in row else ""
+        dsh = f", {row['dsh_map']['mean']:.4f} DSH" if row.get("dsh_map") else ""
+        seeds = len(row["seeds"])
         rows.append((f"student {distill['args']['student']}, {row['labelled_fraction']:.0%} labels",
                      f"{row['param_ratio']:.1f}x fewer parameters, mAP (tie-aware) {row['distilled_map']['mean']:.4f} "
                      f"distilled vs {row['labels_only_map']['mean']:.4f} labels only{dsh} "
                      f"({row['gain_points']['mean']:+.2f} +/- {row['gain_points']['sd']:.2f} points, "
-                     f"{distill['seeds']} seed{'s' if distill['seeds'] > 1 else ''}, {distill['args']['epochs']} "
+                     f"{seeds} seed{'s' if seeds > 1 else ''}, {row.get('epochs', distill['args']['epochs'])} "
                      f"epochs; {row['student_teacher_ratio']['mean']:.3f} x teacher)"))
     if quantize:
         best = min(quantize["rows"], key=lambda r: abs(r["t"] - 0.05))
