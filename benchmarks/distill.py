@@ -78,9 +78,20 @@ def mean_sd(values: list[float]) -> dict[str, float]:
 def teacher_settings(fraction: float, args: argparse.Namespace) -> list[str]:
     """The teacher's schedule for a label fraction, which every student run of that fraction repeats (a run checks
     that the teacher it finds is its recipe's): the converged teacher's for f = 1 (``--teacher-epochs``), else
-    ``--fraction-teacher-epochs``."""
-    epochs = args.teacher_epochs if fraction >= 1 else args.fraction_teacher_epochs
+    the fraction's entry of ``--fraction-teacher-epochs``."""
+    epochs = args.teacher_epochs if fraction >= 1 else fraction_epochs(args.fraction_teacher_epochs, fraction)
     return [*training_overrides(*(int(e) for e in epochs.split(","))), f"data.labelled_fraction={fraction}"]
+
+
+def fraction_epochs(spec: str, fraction: float) -> str:
+    """``--fraction-teacher-epochs``: one schedule for every fraction (``20,4``), or one per fraction
+    (``0.01=200,40;0.1=20,4``): a teacher of fewer labelled images needs more epochs for as many steps."""
+    if "=" not in spec:
+        return spec
+    schedules = {float(f): epochs for f, epochs in (entry.split("=") for entry in spec.split(";"))}
+    if fraction not in schedules:
+        raise SystemExit(f"--fraction-teacher-epochs has no schedule for the fraction {fraction:g}")
+    return schedules[fraction]
 
 
 def fraction_teacher(fraction: float, args: argparse.Namespace, base: list[str]) -> Path:
@@ -317,8 +328,10 @@ def main() -> None:
                         help="must match the teacher run's data and bits")
     parser.add_argument("--teacher-epochs", default="30,4,8",
                         help="float baseline, LLC phase 1 and phase 2 epochs of the --teacher-run (teacher.py's)")
-    parser.add_argument("--fraction-teacher-epochs", default="20,4",
-                        help="float baseline and LLC phase epochs of the teachers trained on a labelled fraction")
+    parser.add_argument("--fraction-teacher-epochs", default="0.01=200,40;0.1=20,4",
+                        help="float baseline and LLC phase epochs of the teachers trained on a labelled fraction, "
+                             "per fraction (F=E,E;...) or one schedule for all (E,E); 20,4 over 1%% of the images "
+                             "left the teacher below its labels-only student")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every student run, e.g. student.temperature=4 (repeatable)")
     parser.add_argument("--ablation", action="store_true", help="the loss ablation (ABLATION) instead of the table")
