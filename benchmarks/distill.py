@@ -355,6 +355,7 @@ def main() -> None:
     args.students = [s for s in args.students.split(",") if s]
     args.only = [s for s in args.only.split(";") if s]
     args.without = [s for s in args.without.split(",") if s]
+    args.students = [s for s in args.students if s not in args.without]
     if set(args.students) - set(STUDENTS) or set(args.without) - set(STUDENTS) - {"distilled"} or \
             "distilled" in args.without:
         parser.error(f"--students: choose from {', '.join(STUDENTS)}; --without: from labels_only, dsh")
