@@ -235,7 +235,6 @@ def student_table(args: argparse.Namespace, base: list[str], seeds: list[int], s
             continue
         if fraction >= 1 and not args.skip_step_ratio:
             step = step_ratio(recipe("fashion-mnist", students), RunDir(teacher_run))
-        rows = [r for r in rows if r["labelled_fraction"] != fraction]
         rows = sorted([*rows, fraction_row(fraction, teacher_run, per_seed, kinds, args)],
                       key=lambda r: r["labelled_fraction"])
         print_table([{"fraction": r["labelled_fraction"], "seeds": len(r["seeds"]), "teacher": r["teacher_map"],
@@ -356,8 +355,7 @@ def main() -> None:
     args.only = [s for s in args.only.split(";") if s]
     args.without = [s for s in args.without.split(",") if s]
     args.students = [s for s in args.students if s not in args.without]
-    if set(args.students) - set(STUDENTS) or set(args.without) - set(STUDENTS) - {"distilled"} or \
-            "distilled" in args.without:
+    if set(args.students) - set(STUDENTS) or set(args.without) - {"labels_only", "dsh"}:
         parser.error(f"--students: choose from {', '.join(STUDENTS)}; --without: from labels_only, dsh")
     (loss_ablation if args.ablation else student_table)(args, base, seeds, time.time())
 

@@ -141,16 +141,16 @@ def section_distill(data: dict[str, Any]) -> list[str]:
              "database = 60k; 'teacher db' = the student's queries against the teacher-built database; '-' = not "
              "trained at that fraction.", ""]
     rows = []
+    students = ("distilled", "labels_only", "dsh")
     for r in data["rows"]:
-        kinds = [k for k in ("distilled", "labels_only", "dsh") if r.get(f"{k}_map")]
+        kinds = [k for k in students if r.get(f"{k}_map")]  # the students trained at this fraction
         best = {k: [s["best_epochs"][k] + 1 for s in r["seeds"]] for k in kinds}
         gain_dsh = r.get("gain_over_dsh_points")
         rows.append({"fraction": f"{r['labelled_fraction']:.0%}", "seeds": len(r["seeds"]),
                      "epochs": r.get("epochs", args["epochs"]), "teacher": r["teacher_map"],
                      **{k: f"{r[f'{k}_map']['mean']:.4f} +/- {r[f'{k}_map']['sd']:.4f}" if k in kinds else "-"
-                        for k in ("distilled", "labels_only", "dsh")},
-                     **{f"{k}_db": r[f"{k}_teacher_db_map"]["mean"] if k in kinds else "-"
-                        for k in ("distilled", "labels_only", "dsh")},
+                        for k in students},
+                     **{f"{k}_db": r[f"{k}_teacher_db_map"]["mean"] if k in kinds else "-" for k in students},
                      "gain": f"{r['gain_points']['mean']:+.2f} +/- {r['gain_points']['sd']:.2f}",
                      "gain_dsh": f"{gain_dsh['mean']:+.2f}" if gain_dsh else "-",
                      "ratio": r["student_teacher_ratio"]["mean"], "best": "; ".join(
