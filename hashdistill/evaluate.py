@@ -87,13 +87,14 @@ def encode_splits(encode: Encoder, splits: EvalSplits, database: np.ndarray | No
 
 def code_metrics(logits: dict[str, np.ndarray], splits: EvalSplits, class_codes: np.ndarray,
                  cfg: EvalConfig) -> dict:
-    """Retrieval (both mAP forms, precision@radius, PR curve), MHD/ED accuracy and OOD figures."""
+    """Retrieval (both mAP forms, the mAP re-ranked by the float queries, precision@radius, PR curve), MHD/ED
+    accuracy and OOD figures."""
     bits = class_codes.shape[1]
     packed = {name: codes.pack_codes(z) for name, z in logits.items()}
     packed_classes = codes.pack_codes(class_codes)
     test_labels = labels_of(splits.test)
     result = metrics.retrieval_metrics(packed["test"], test_labels, packed["database"], labels_of(splits.database),
-                                       bits, top_k=cfg.top_k, radius=cfg.radius)
+                                       bits, top_k=cfg.top_k, radius=cfg.radius, query_logits=logits["test"])
     result["mhd_accuracy"] = metrics.classification_accuracy(codes.mhd_decode(packed["test"], packed_classes),
                                                              test_labels)
     result["ed_accuracy"] = metrics.classification_accuracy(codes.ed_decode(packed["test"], packed_classes),

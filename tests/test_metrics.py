@@ -288,8 +288,58 @@ def test_tie_aware_map_is_the_headline_and_does_not_depend_on_database_order():
     assert len(tie_aware) == 1 and len(conventional) > 1
 
 
-def test_tie_aware_ap_is_credited_to_mcsherry_and_najork():
-    from hashdistill import metrics
+def test_tie_aware_ap_of_one_tie_group_by_hand():
+    """McSherry & Najork's rule on a case small enough to enumerate: 3 items tie at distance 0, 1 relevant, behind
+    them 1 relevant item alone at distance 2. The relevant tied item sits at rank 1, 2 or 3 (prob 1/3 each); the
+    lone one is at rank 4 with 2 relevant above or at it."""
+    q = np.array([[1, 1]])
+    db = np.array([[1, 1], [1, 1], [1, 1], [-1, -1]])
+    res = run(q, np.array([0]), db, np.array([0, 1, 1, 0]))
+    expected = np.mean([(1 / r + 2 / 4) / 2 for r in (1, 2, 3)])
+    assert res["map_tie_aware"] == pytest.approx(expected, abs=1e-12)
+    assert res["map"] == pytest.approx((1 + 2 / 4) / 2)  # ties by index: the relevant tied item is first
 
-    assert "McSherry & Najork" in metrics.__doc__ and "ECIR 2008" in metrics.__doc__
-    assert "McFee" not in metrics.__doc__
+
+def test_reranked_map_by_hand():
+    """<z, b> with z = (1, 2) ranks (+1, +1) = 3, (-1, +1) = 1, (+1, -1) = -1, (-1, -1) = -3: both relevant items
+    first (AP 1), where Hamming ranking ties the two codes at distance 1 (AP 11/12 in expectation); z = (2, 1)
+    puts the non-relevant one first (AP (1 + 2/3) / 2)."""
+    labels = np.array([0, 1, 0, 1])
+    first = retrieval_metrics(pack_codes(Q), np.array([0]), pack_codes(DB), labels, 2,
+                              query_logits=np.array([[1.0, 2.0]]))
+    assert first["map_reranked"] == pytest.approx(1.0)
+    assert first["map_tie_aware"] == pytest.approx(11 / 12)
+    second = retrieval_metrics(pack_codes(Q), np.array([0]), pack_codes(DB), labels, 2,
+                               query_logits=np.array([[2.0, 1.0]]))
+    assert second["map_reranked"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_reranked_map_counts_equal_codes_as_ties():
+    """Equal database codes get equal scores whatever z is: two copies of the nearest code, one relevant, give
+    the tie-aware AP 0.5 * 1 + 0.5 * 1/2 = 0.75, not the 1 or 1/2 of one order."""
+    db = np.array([[1, -1], [1, -1], [-1, -1]])
+    res = retrieval_metrics(pack_codes(Q), np.array([0]), pack_codes(db), np.array([1, 0, 1]), 2,
+                            query_logits=np.array([[0.3, 0.7]]))
+    assert res["map_reranked"] == pytest.approx(0.75)
+
+
+@given(case_strategy())
+@settings(max_examples=40, deadline=None)
+def test_reranked_map_with_sign_logits_is_the_tie_aware_map(case):
+    """z = sign(code) gives <z, b> = bits - 2 * Hamming distance: the same groups, the same figure."""
+    q, ql, db, dl, top_k = case
+    res = retrieval_metrics(pack_codes(q), ql, pack_codes(db), dl, q.shape[1], top_k=top_k,
+                            query_logits=q.astype(np.float64))
+    assert res["map_reranked"] == pytest.approx(res["map_tie_aware"], abs=1e-12)
+
+
+def test_reranked_map_matches_brute_force_without_ties():
+    """Distinct codes and generic z: no ties, so the re-ranked mAP is the textbook AP of the score order."""
+    rng = np.random.default_rng(3)
+    bits = 8
+    db = np.array([[1 if (i >> b) & 1 else -1 for b in range(bits)] for i in range(2**bits)])
+    dl, ql = rng.integers(0, 3, len(db)), rng.integers(0, 3, 5)
+    z = rng.standard_normal((5, bits))
+    res = retrieval_metrics(pack_codes(z), ql, pack_codes(db), dl, bits, top_k=40, query_logits=z)
+    expected = np.mean([reference_ap(-(db @ z[i]), dl == ql[i], 40) for i in range(5)])
+    assert res["map_reranked"] == pytest.approx(expected, abs=1e-12)
