@@ -1,77 +1,23 @@
-"""The evaluation pre-processing of :mod:`hashdistill.preprocessing` as an ONNX graph (onnx + numpy only).
+"""The evaluation pre-processing graph (:mod:`hashdistill.preprocessing_graph`) inside exported models.
 
-Input ``images``: uint8 [N, H, W, 3], RGB, the layout apps and image decoders hold pixels in (Android
-bitmaps, CoreGraphics, PIL and OpenCV all give height x width x channel), so a phone app hands its
-decoded pixels over without a transpose or a float conversion of its own. N, H and W are dynamic;
-every image of one batch has the same H and W. Output: float32 [N, 3, S, S], normalised.
-
-:func:`image_in_model` puts this graph in front of an exported float-input model; the edge runtime
-runs it alone in front of a float-input model. Either way the steps are the torch ones of
-``EvalTransform.apply``, op for op.
+:func:`image_in_model` puts the graph in front of an exported float-input model; the edge runtime runs it alone
+in front of a float-input model; training-time evaluation runs it too, so all three see the same pixels.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, compose, helper, numpy_helper
+from onnx import compose, helper, numpy_helper
 
 from hashdistill.errors import UserError
 from hashdistill.preprocessing import EvalTransform
+from hashdistill.preprocessing_graph import PIXELS, preprocess_graph
 from hashdistill.untrusted import short
 
 from .metadata import INPUT as IMAGE_INPUT
 
-PIXELS = "pixels"  # the graph's output: the float model input
 FRONT_PREFIX = "preprocess/"  # names of the pre-processing's nodes and constants inside an image-in model
-
-
-def preprocess_graph(transform: EvalTransform, opset: int = 18, ir_version: int | None = None) -> onnx.ModelProto:
-    """A model from uint8 ``images`` [N, H, W, 3] to normalised float ``pixels`` [N, 3, S, S]."""
-    size = transform.input_size
-    consts = {
-        "resize_size": np.array(transform.resize_size, np.int64), "crop": np.array(size, np.int64),
-        "two": np.array(2, np.int64), "four": np.array(4, np.int64), "three_rest": np.array(3, np.int64),
-        "three": np.array([3], np.int64), "idx_n": np.array([0], np.int64),
-        "hw_axes": np.array([2, 3], np.int64),
-        "scale255": np.array(255, np.float32),
-        "mean": np.array(transform.mean, np.float32).reshape(1, 3, 1, 1),
-        "std": np.array(transform.std, np.float32).reshape(1, 3, 1, 1),
-    }
-    node = helper.make_node
-    nodes = [
-        node("Cast", [IMAGE_INPUT], ["as_float"], to=TensorProto.FLOAT),
-        node("Transpose", ["as_float"], ["nchw"], perm=[0, 3, 1, 2]),
-        node("Shape", ["nchw"], ["shape"]),
-        node("Gather", ["shape", "idx_n"], ["n"], axis=0),
-        node("Gather", ["shape", "hw_axes"], ["hw"], axis=0),
-        node("ReduceMin", ["hw"], ["short"], keepdims=0),
-        node("Mul", ["hw", "resize_size"], ["hw_scaled"]),
-        node("Div", ["hw_scaled", "short"], ["resized_hw"]),  # integer division: floor for positive sides
-        node("Concat", ["n", "three", "resized_hw"], ["sizes"], axis=0),
-        node("Resize", ["nchw", "", "", "sizes"], ["resized"], mode="linear", antialias=1, exclude_outside=1,
-             coordinate_transformation_mode="half_pixel"),
-        node("Sub", ["resized_hw", "crop"], ["spare"]),
-        node("Div", ["spare", "two"], ["half"]),  # torchvision's round(spare / 2), halves to even: one more
-        node("Mod", ["spare", "four"], ["rest"]),  # where spare = 3 mod 4 (1.5 -> 2, 3.5 -> 4; 0.5 -> 0, 2.5 -> 2)
-        node("Equal", ["rest", "three_rest"], ["rounds_up"]),
-        node("Cast", ["rounds_up"], ["bump"], to=TensorProto.INT64),
-        node("Add", ["half", "bump"], ["starts"]),
-        node("Add", ["starts", "crop"], ["ends"]),
-        node("Slice", ["resized", "starts", "ends", "hw_axes"], ["cropped"]),
-        node("Div", ["cropped", "scale255"], ["unit"]),
-        node("Sub", ["unit", "mean"], ["centred"]),
-        node("Div", ["centred", "std"], [PIXELS]),
-    ]
-    graph = helper.make_graph(
-        nodes, "hashdistill_preprocess",
-        [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, ["batch", "height", "width", 3])],
-        [helper.make_tensor_value_info(PIXELS, TensorProto.FLOAT, ["batch", 3, size, size])],
-        initializer=[numpy_helper.from_array(value, name) for name, value in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 18))])
-    if ir_version is not None:
-        model.ir_version = ir_version
-    return model
 
 
 def image_in_model(float_model: onnx.ModelProto, transform: EvalTransform) -> onnx.ModelProto:

@@ -21,11 +21,12 @@ import onnxruntime as ort
 
 from hashdistill import codes
 from hashdistill.errors import UserError
+from hashdistill.preprocessing_graph import preprocess_graph
 from hashdistill.untrusted import short
 
 from .images import ImageLike, as_items, decode_batches
 from .metadata import CODES, IMAGE_IN, INPUT, LOGITS, EdgeMetadata, parse_props
-from .preprocess_graph import check_embedded, preprocess_graph
+from .preprocess_graph import check_embedded
 
 METHODS = ("mhd", "ed")
 

@@ -6,18 +6,19 @@ the image-in ONNX graph (:mod:`hashdistill.export.preprocess_graph` builds the s
 transform, written so that each has one exact ONNX counterpart:
 
 1. resize, bilinear with antialiasing, so the shorter side becomes ``resize_size = floor(input_size /
-   crop_pct)`` (timm's rule) and the longer one ``floor(resize_size * long / short)``; ONNX ``Resize``
-   (linear, ``antialias=1``, ``exclude_outside=1``, half-pixel) matches ``F.interpolate(antialias=True)``
-   to float rounding;
+   crop_pct)`` (timm's rule) and the longer one ``floor(resize_size * long / short)``, on the uint8 pixels, giving
+   uint8 pixels: PIL's ``Image.resize(..., BILINEAR)``, which timm's eval transform calls, rounds each resized
+   pixel to uint8, and so does ONNX ``Resize`` (linear, ``antialias=1``, ``exclude_outside=1``, half-pixel) on
+   uint8 NHWC pixels, onnxruntime's port of PIL's algorithm;
 2. center crop ``input_size`` x ``input_size`` at torchvision's ``CenterCrop`` offset ``round((side -
    input_size) / 2)``, Python's round (halves to even: 1.5 -> 2, 2.5 -> 2), which timm's eval transform uses;
 3. divide by 255, subtract ``mean`` and divide by ``std`` per channel.
 
-One deliberate difference from ``timm.data.create_transform(..., is_training=False)``: timm resizes the decoded
-PIL image, whose resize rounds each pixel to uint8; here pixels stay float from decode to normalisation (no
-rounding to uint8 after the resize), so the torch and ONNX paths differ by float noise only, never by a rounding
-step a noisy value falls on either side of. Against timm a pixel differs by at most half a grey level after the
-resize; the crop, the sizes and the normalisation are the same.
+What is and is not equal to timm, measured (tests/test_timm_parity.py, benchmarks/export.py): the sizes, the crop
+and the normalisation exactly; the resized pixels but for one grey level (rarely two) on a small fraction of
+pixels, where onnxruntime's float32 coefficients land a value on the other side of a rounding step that PIL's
+fixed-point ones do not (most often for mild upscales such as 224 -> 256, whose values often fall on half a grey
+level). Training-time evaluation runs the graph itself, so PyTorch and the exported files see the same pixels.
 """
 
 from __future__ import annotations
@@ -63,20 +64,17 @@ class EvalTransform:
         return size * height // width, size
 
     def apply(self, pixels):
-        """float32 [N, 3, S, S] model input from uint8 RGB pixels [N, H, W, 3] (a torch tensor)."""
+        """float32 [N, 3, S, S] model input from uint8 RGB pixels [N, H, W, 3] (a torch tensor), by the very graph
+        the exported files hold (:mod:`hashdistill.preprocessing_graph`): the same pixels, bit for bit."""
         import torch
-        import torch.nn.functional as F
 
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
             raise UserError(f"pre-processing needs uint8 pixels [N, H, W, 3], got {pixels.dtype} "
                             f"{list(pixels.shape)}")
-        height, width = int(pixels.shape[1]), int(pixels.shape[2])
-        images = pixels.permute(0, 3, 1, 2).float()
-        new_h, new_w = self.resized_shape(height, width)
-        if (new_h, new_w) != (height, width):
-            images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        top, left = crop_offset(new_h - self.input_size), crop_offset(new_w - self.input_size)
-        return self.normalise(images[:, :, top:top + self.input_size, left:left + self.input_size])
+        from .preprocessing_graph import INPUT, preprocess_session
+
+        pixels_in = pixels.detach().cpu().contiguous().numpy()
+        return torch.from_numpy(preprocess_session(self).run(None, {INPUT: pixels_in})[0]).to(pixels.device)
 
     def normalise(self, pixels):
         """Step 3 on a batch [N, C, S, S] (C = 1 or 3, uint8 or float pixel values, any device) -> float32
@@ -95,7 +93,8 @@ class EvalTransform:
 
     def describe(self) -> str:
         return (f"decode to RGB uint8; bilinear antialiased resize of the shorter side to {self.resize_size} "
-                f"(the longer by floor(size * long / short)); center crop {self.input_size}x{self.input_size} "
+                f"(the longer by floor(size * long / short)), rounded to uint8 as PIL does; center crop "
+                f"{self.input_size}x{self.input_size} "
                 f"at round((side - {self.input_size}) / 2), halves to even (torchvision's CenterCrop); /255, minus "
                 "mean, over std per channel")
 

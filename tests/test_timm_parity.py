@@ -1,6 +1,6 @@
 """The in-graph pre-processing is timm's eval transform: the same resize sizes and centre-crop offsets for every
-input size (odd and even spare pixels, 3 mod 4 included, landscape, portrait, tiny), pixels within the stated
-float-vs-uint8 rounding of timm's, and the same codes."""
+input size (odd and even spare pixels, 3 mod 4 included, landscape, portrait, tiny), and timm's uint8 pixels but
+for one grey level on a few pixels (fixed-point coefficients that round the other way)."""
 
 from __future__ import annotations
 
@@ -34,20 +34,18 @@ def test_sizes_and_crop_offsets_are_timms(shape, crop_pct):
     theirs = timm_eval(size, crop_pct)(Image.fromarray(pixels))
     assert ours.shape == theirs.shape == (3, size, size)
     levels = (ours - theirs).abs() * torch.tensor(STD).view(3, 1, 1) * 255  # in grey levels
-    # one pixel of misalignment on noise costs tens of grey levels; the uint8 rounding of timm's resize, half a level
-    assert levels.mean() < 0.6 and levels.max() < 2.5, (shape, float(levels.mean()), float(levels.max()))
+    # one pixel of misalignment on noise costs tens of grey levels; float pixels (no uint8 rounding after the resize)
+    # are off by a quarter of a level on average; PIL's rounding reproduced leaves one level on a few pixels
+    assert levels.max() < 1.01 and levels.mean() < 0.05, (shape, float(levels.mean()), float(levels.max()))
 
 
-def test_the_onnx_graph_crops_where_torch_does(tmp_path):
-    import onnxruntime as ort
+def test_a_batch_is_pre_processed_as_its_images_one_by_one_and_a_mild_upscale_stays_near_timm():
+    from hashdistill.preprocessing_graph import INPUT, preprocess_session
 
-    from hashdistill.export.preprocess_graph import preprocess_graph
-
-    transform = EvalTransform(24, 0.875, MEAN, STD)
-    session = ort.InferenceSession(preprocess_graph(transform).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    for shape in SIZES:
-        pixels = np.random.default_rng(1).integers(0, 256, (1, *shape, 3), dtype=np.uint8)
-        graph = session.run(None, {"images": pixels})[0]
-        torch_side = transform.apply(torch.from_numpy(pixels)).numpy()
-        assert np.abs(graph - torch_side).max() < 1e-4, shape
+    transform = EvalTransform(224, 0.875, MEAN, STD)  # 224 -> 256: the upscale a phone app's 224-px input gets
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    batch = preprocess_session(transform).run(None, {INPUT: pixels})[0]
+    for image, row in zip(pixels, batch):
+        assert np.array_equal(preprocess_session(transform).run(None, {INPUT: image[None]})[0][0], row)
+        levels = np.abs(row - timm_eval(224, 0.875)(Image.fromarray(image)).numpy()) * np.array(STD)[:, None, None]
+        assert (levels * 255).max() < 2.01 and (levels * 255).mean() < 0.05

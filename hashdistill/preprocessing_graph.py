@@ -1,0 +1,90 @@
+"""THE evaluation pre-processing as an ONNX graph, and the one session that runs it (onnx, onnxruntime, numpy).
+
+Input ``images``: uint8 [N, H, W, 3], RGB, the layout apps and image decoders hold pixels in (Android
+bitmaps, CoreGraphics, PIL and OpenCV all give height x width x channel), so a phone app hands its
+decoded pixels over without a transpose or a float conversion of its own. N, H and W are dynamic;
+every image of one batch has the same H and W. Output: float32 [N, 3, S, S], normalised.
+
+Why training-time evaluation runs this graph too (:meth:`EvalTransform.apply`): the resize rounds to uint8 as
+PIL does, and two implementations of that rounding (torch's, onnxruntime's) disagree on a grey level here and
+there, which flips a code now and then; one graph run by both means the PyTorch model and the exported file see
+the same pixels, bit for bit. The graph sits in the kernel so the kernel never imports the export stage; the
+export stage puts it in front of a float-input model (:mod:`hashdistill.export.preprocess_graph`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+INPUT = "images"  # the graph's input: the exported models' input name too
+PIXELS = "pixels"  # the graph's output: the float model input
+
+
+def preprocess_graph(transform, opset: int = 18, ir_version: int | None = None) -> onnx.ModelProto:
+    """A model from uint8 ``images`` [N, H, W, 3] to normalised float ``pixels`` [N, 3, S, S]."""
+    size = transform.input_size
+    consts = {
+        "resize_size": np.array(transform.resize_size, np.int64), "crop": np.array(size, np.int64),
+        "two": np.array(2, np.int64), "four": np.array(4, np.int64), "three_rest": np.array(3, np.int64),
+        "three": np.array([3], np.int64), "idx_n": np.array([0], np.int64),
+        "hw_axes": np.array([1, 2], np.int64),
+        "scale255": np.array(255, np.float32),
+        "mean": np.array(transform.mean, np.float32).reshape(1, 3, 1, 1),
+        "std": np.array(transform.std, np.float32).reshape(1, 3, 1, 1),
+    }
+    node = helper.make_node
+    nodes = [  # the resize and the crop on the uint8 NHWC pixels: PIL's rounding, and 3 bytes a pixel moved
+        node("Shape", [INPUT], ["shape"]),
+        node("Gather", ["shape", "idx_n"], ["n"], axis=0),
+        node("Gather", ["shape", "hw_axes"], ["hw"], axis=0),
+        node("ReduceMin", ["hw"], ["short"], keepdims=0),
+        node("Mul", ["hw", "resize_size"], ["hw_scaled"]),
+        node("Div", ["hw_scaled", "short"], ["resized_hw"]),  # integer division: floor for positive sides
+        node("Concat", ["n", "resized_hw", "three"], ["sizes"], axis=0),
+        node("Resize", [INPUT, "", "", "sizes"], ["resized"], mode="linear", antialias=1, exclude_outside=1,
+             coordinate_transformation_mode="half_pixel"),
+        node("Sub", ["resized_hw", "crop"], ["spare"]),
+        node("Div", ["spare", "two"], ["half"]),  # torchvision's round(spare / 2), halves to even: one more
+        node("Mod", ["spare", "four"], ["rest"]),  # where spare = 3 mod 4 (1.5 -> 2, 3.5 -> 4; 0.5 -> 0, 2.5 -> 2)
+        node("Equal", ["rest", "three_rest"], ["rounds_up"]),
+        node("Cast", ["rounds_up"], ["bump"], to=TensorProto.INT64),
+        node("Add", ["half", "bump"], ["starts"]),
+        node("Add", ["starts", "crop"], ["ends"]),
+        node("Slice", ["resized", "starts", "ends", "hw_axes"], ["cropped"]),
+        node("Transpose", ["cropped"], ["nchw"], perm=[0, 3, 1, 2]),
+        node("Cast", ["nchw"], ["as_float"], to=TensorProto.FLOAT),
+        node("Div", ["as_float", "scale255"], ["unit"]),
+        node("Sub", ["unit", "mean"], ["centred"]),
+        node("Div", ["centred", "std"], [PIXELS]),
+    ]
+    graph = helper.make_graph(
+        nodes, "hashdistill_preprocess",
+        [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info(PIXELS, TensorProto.FLOAT, ["batch", 3, size, size])],
+        initializer=[numpy_helper.from_array(value, name) for name, value in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 18))])
+    if ir_version is not None:
+        model.ir_version = ir_version
+    return model
+
+
+
+def preprocess_session(transform):  # noqa: ANN001, ANN201 - an EvalTransform -> its onnxruntime session
+    """The onnxruntime session of ``transform``'s graph, made once per set of parameters."""
+    return _session(transform.input_size, transform.crop_pct, tuple(transform.mean), tuple(transform.std),
+                    type(transform))
+
+
+@functools.lru_cache(maxsize=8)
+def _session(input_size, crop_pct, mean, std, kind):  # noqa: ANN001, ANN202
+    """One thread: a small, memory-bound step that evaluation's data loader workers run beside the model."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    graph = preprocess_graph(kind(input_size, crop_pct, mean, std))
+    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
