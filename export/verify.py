@@ -87,14 +87,15 @@ def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: Seque
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = 18,
                       images: Sequence[np.ndarray] | None = None, force: bool = False,
                       ternary_encoding: str | None = None, int8: str | None = None, mobile: bool = False,
-                      input_format: str = IMAGE_IN) -> dict[str, Any]:
+                      input_format: str = IMAGE_IN, calibration_images: int = CALIBRATION_IMAGES) -> dict[str, Any]:
     """Load a checkpoint, export it and verify the files; they appear (together) only if verification passes.
 
     ``images``: uint8 RGB [H, W, 3] arrays; default: up to 512 images of the checkpoint's test split.
     ``input_format``: image in (uint8 pixels, pre-processing in the graph; the default) or ``float32-nchw``.
     ``int8``: ``"static"`` or ``"dynamic"``: store the float layers' weights as int8 (:func:`~.mobile.quantize_int8`;
     the ternary layers stay packed; static calibrates on images of the checkpoint's training split) and report how
-    many images keep the float file's codes. ``mobile``: also write the ORT-format
+    many images keep the float file's codes; ``calibration_images``: how many training images static int8 calibrates
+    on (streamed: memory does not grow with it). ``mobile``: also write the ORT-format
     model, its required-operators config and the mobile usability report beside the file, and check that the
     ``.ort`` file gives the same codes. Returns the figures to print (sizes, parity, timings).
     """
@@ -113,6 +114,8 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
         raise UserError(f"{out_path}: name the .onnx file; --mobile writes the .ort file beside it")
     if int8 not in (None, *INT8_MODES):
         raise UserError(f"int8 quantization is {' or '.join(INT8_MODES)}, not {int8!r}")
+    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
+        raise UserError(f"--calibration-images must be a whole number >= 1, got {calibration_images!r}")
     outputs = [out_path, *(mobile_outputs(out_path) if mobile else [])]
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not force:
@@ -120,7 +123,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
     model, meta = load_any_model(checkpoint_path)
     if images is None:
         images = reference_pixels(meta)
-    calibration = reference_pixels(meta, CALIBRATION_IMAGES, split="train") if int8 == STATIC else None
+    calibration = reference_pixels(meta, calibration_images, split="train") if int8 == STATIC else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_path.parent.glob(f".{glob.escape(out_path.name)}.*{STAGING_SUFFIX}"):  # a killed export's
         if stale.is_dir() and not stale.is_symlink():

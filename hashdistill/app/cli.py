@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"],
                    help="float layers' weights as int8, ternary ones stay packed: static (the default; activation "
                         "ranges from training images, runs as int8 kernels) or dynamic (no images needed)")
+    p.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="training images static int8 calibrates on (default 256; streamed, so memory does not grow "
+                        "with N)")
     p.add_argument("--mobile", action="store_true",
                    help="also write MODEL.ort, its required-operators config and the mobile usability report")
     p.add_argument("--float-input", action="store_true",
@@ -371,7 +374,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     output = _fresh_output(args.output, args.force)
     figures = export_checkpoint(args.checkpoint, output, opset=args.opset, force=args.force, int8=args.int8,
-                                mobile=args.mobile, input_format=FLOAT_IN if args.float_input else IMAGE_IN)
+                                mobile=args.mobile, input_format=FLOAT_IN if args.float_input else IMAGE_IN,
+                                calibration_images=args.calibration_images)
     _print_figures(figures)
 
 
