@@ -132,3 +132,36 @@ def test_a_screenshot_of_the_page_goes_into_the_runs_report(run, queries, tmp_pa
     shot = np.asarray(Image.open(run / "demo.png").convert("RGB"))
     assert shot.shape[0] > 300 and shot.std() > 10  # a page, not a blank frame
     assert "![demo page](demo.png)" in (run / "report.md").read_text()
+
+
+@needs_browser
+def test_the_screenshot_searches_the_file_given_whatever_its_name(run, queries, tmp_path, capsys):
+    """A query's name reaches the page as data: a name written as JavaScript is searched as the file it names, not
+    run, and a same-named file beside the site is not the one searched."""
+    from hashdistill.app.demo import build_demo, write_page_screenshot
+    from hashdistill.app.pipeline import phone_file
+    from hashdistill.export.runtime import EdgeModel
+
+    phone = phone_file(run / "model.onnx")
+    build_demo(phone, run / "index.npz", tmp_path / "site", ort_web=ORT_WEB)
+    pngs = [p for p in queries if p.suffix == ".png"]
+    codes = [row.tobytes() for row in EdgeModel(phone).encode([str(p) for p in pngs])]
+    other = next(i for i, code in enumerate(codes) if code != codes[0])  # two files of different codes
+    given = tmp_path / "mine" / "y.png'.replace('y.png','z.png')+'"
+    given.parent.mkdir()
+    shutil.copyfile(pngs[0], given)
+    shutil.copyfile(pngs[other], tmp_path / given.name)  # a same-named file in the site's parent folder
+    shutil.copyfile(pngs[other], tmp_path / "z.png")  # what the name, run as code, would have fetched
+    shown = write_page_screenshot(tmp_path / "site", given, tmp_path / "shot.png")
+    assert bytes.fromhex(shown["code"]) == codes[0] and (tmp_path / "shot.png").is_file()
+
+
+def test_a_browser_that_will_not_start_is_a_clear_error(monkeypatch):
+    pytest.importorskip("playwright", reason="playwright is not installed (pip install playwright)")
+    from hashdistill.app.browser import with_page
+    from hashdistill.errors import UserError
+
+    monkeypatch.setenv("HASHDISTILL_CHROMIUM", "/bin/false")  # a file that runs and exits at once
+    with pytest.raises(UserError, match="Chromium at /bin/false did not start"):
+        with with_page("about:blank", timeout_s=30):
+            pass

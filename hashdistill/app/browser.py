@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hashdistill.errors import UserError
+from hashdistill.untrusted import short
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
@@ -35,15 +36,8 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_folder(root: Path, extra: dict[str, Path] | None = None) -> Iterator[str]:
-    """Serve ``root`` (and the files of ``extra``, each under its own name) at http://127.0.0.1:<free port>."""
-    root = Path(root)
-    links = []
-    for name, path in (extra or {}).items():
-        link = root / name
-        if not link.exists():
-            link.symlink_to(Path(path).resolve())
-            links.append(link)
+def serve_folder(root: Path) -> Iterator[str]:
+    """Serve ``root`` at http://127.0.0.1:<free port>."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -52,8 +46,6 @@ def serve_folder(root: Path, extra: dict[str, Path] | None = None) -> Iterator[s
     finally:
         server.shutdown()
         server.server_close()
-        for link in links:
-            link.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -64,9 +56,16 @@ def with_page(url: str, timeout_s: float = 120.0) -> Iterator[object]:
     except ImportError:
         raise UserError("the browser check needs playwright: pip install playwright (no browser download: it "
                         "drives Debian's chromium)") from None
+    from playwright.sync_api import Error
+
+    executable = chromium()
     with sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=chromium(), headless=True,
-                                         args=["--no-sandbox", "--disable-gpu"])
+        try:
+            browser = driver.chromium.launch(executable_path=executable, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu"], timeout=timeout_s * 1000)
+        except Error as exc:  # a broken or foreign executable, a missing library: say which browser and why
+            raise UserError(f"Chromium at {executable} did not start: {short(str(exc).splitlines()[0])} "
+                            "(apt-get install chromium, or set HASHDISTILL_CHROMIUM)") from None
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.set_default_timeout(timeout_s * 1000)

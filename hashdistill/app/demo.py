@@ -175,12 +175,22 @@ class _SizeOnly:
 
 def write_page_screenshot(site: Path, query: Path, png: Path, timeout_s: float = 120.0) -> dict[str, Any]:
     """Open the site in headless Chromium (Debian's /usr/bin/chromium through playwright), search ``query`` in it and
-    save a screenshot of the page; returns what the page showed. Served from 127.0.0.1 only."""
+    save a screenshot of the page; returns what the page showed. Served from 127.0.0.1 only.
+
+    The served folder holds only two links, to the site and to the query under a fixed name: whatever the query's
+    name, the page searches that file (not a same-named one beside the site), and the URL reaches the page as an
+    argument, never as JavaScript source."""
+    from hashdistill.imagefiles import IMAGE_SUFFIXES
+
     from .browser import serve_folder, with_page
 
-    with serve_folder(site.parent, extra={query.name: query}) as base:
-        with with_page(f"{base}/{site.name}/index.html", timeout_s) as page:
-            shown = page.evaluate(f"window.hashdistill.searchUrl('{base}/{query.name}')")
-            page.screenshot(path=str(png), full_page=True)
+    suffix = Path(query).suffix.lower()
+    name = f"query{suffix if suffix in IMAGE_SUFFIXES else ''}"
+    with tempfile.TemporaryDirectory(prefix="hashdistill-demo-") as served:
+        (Path(served) / "site").symlink_to(Path(site).resolve(), target_is_directory=True)
+        (Path(served) / name).symlink_to(Path(query).resolve())
+        with serve_folder(Path(served)) as base:
+            with with_page(f"{base}/site/index.html", timeout_s) as page:
+                shown = page.evaluate("(url) => window.hashdistill.searchUrl(url)", f"{base}/{name}")
+                page.screenshot(path=str(png), full_page=True)
     return shown
-
