@@ -122,7 +122,7 @@ class CalibrationFeeds:
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= self.end:
             return None
-        _, pixels = next(decode_batches([self.items[self.position]], CALIBRATION_BATCH))
+        _, pixels = next(decode_batches([self.items[self.position]], self.edge.meta.transform, CALIBRATION_BATCH))
         self.position += 1
         return {INPUT: self.edge.graph_input(pixels)}
 

@@ -112,9 +112,8 @@ class EdgeModel:
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """float32 [N, 3, S, S]: the model's pre-processing of paths or uint8 HxW / HxWx3 arrays (any sizes)."""
-        items = as_items(images)
-        batches = [self._preprocess_pixels(pixels) for _, pixels in decode_batches(items, self.batch_size)]
-        return np.concatenate(batches)
+        batches = decode_batches(as_items(images), self.meta.transform, self.batch_size)
+        return np.concatenate([self._preprocess_pixels(pixels) for _, pixels in batches])
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Packed codes and logits for one batch in the graph's own input format: uint8 pixels [N, H, W, 3] for
@@ -166,5 +165,6 @@ class EdgeModel:
         return self._front.run(None, {INPUT: pixels})[0]
 
     def _forward(self, images: ImageLike | Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self.run_pixels(pixels) for _, pixels in decode_batches(as_items(images), self.batch_size)]
+        batches = decode_batches(as_items(images), self.meta.transform, self.batch_size)
+        parts = [self.run_pixels(pixels) for _, pixels in batches]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

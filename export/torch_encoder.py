@@ -49,5 +49,5 @@ class CheckpointEncoder:
     @torch.no_grad()
     def encode(self, items: Sequence[ImageLike]) -> np.ndarray:
         parts = [codes.pack_codes(self.model(self.transform.apply(torch.from_numpy(pixels))).float().numpy())
-                 for _, pixels in decode_batches(items, self.batch_size)]
+                 for _, pixels in decode_batches(items, self.transform, self.batch_size)]
         return np.concatenate(parts)

@@ -73,7 +73,7 @@ def measure_parity(onnx_path: str | os.PathLike, model: nn.Module, images: Seque
     same, max_diff = 0, 0.0
     transform = edge.meta.transform
     with torch.no_grad():
-        for _, pixels in decode_batches(images, batch_size):
+        for _, pixels in decode_batches(images, transform, batch_size):
             onnx_codes, onnx_logits = edge.run_pixels(pixels)
             torch_logits = model(transform.apply(torch.from_numpy(pixels)).to(device)).float().cpu().numpy()
             same += int((onnx_codes == codes.pack_codes(torch_logits)).all(axis=1).sum())
@@ -171,7 +171,7 @@ def same_code_rate(reference: str | os.PathLike, candidate: str | os.PathLike, i
     .ort, image-in or float-input)."""
     first, second = EdgeModel(reference), EdgeModel(candidate)
     same = 0
-    for _, pixels in decode_batches(images, batch_size):
+    for _, pixels in decode_batches(images, first.meta.transform, batch_size):
         same += int((first.run_pixels(pixels)[0] == second.run_pixels(pixels)[0]).all(axis=1).sum())
     return same / len(images)
 

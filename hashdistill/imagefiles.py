@@ -10,7 +10,9 @@ decoded: the datasets count it and warn (see ``hashdistill.data.imagefolder``).
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -22,26 +24,65 @@ END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # end of image; t
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def read_rgb(path: str | os.PathLike):
+REDUCIBLE_MODES = ("L", "RGB")  # photo modes PIL's box reduce handles as it would the full decode
+DECODE_PIXELS = 1 << 24  # 16.8 megapixels: larger images are decoded reduced (a 12-megapixel photo is not)
+
+
+def read_rgb(path: str | os.PathLike, max_pixels: int | None = DECODE_PIXELS):
     """Decode an image file into an RGB PIL image: the one place image files are opened (training, evaluation,
     indexing, the edge runtime), so every user of an image sees the same pixels (:func:`as_rgb`).
 
-    Every way a hostile or damaged file fails (unidentified, truncated, a decompression bomb whose
-    declared size exceeds PIL's ``MAX_IMAGE_PIXELS`` guard, ...) becomes one UserError.
+    An image of more than ``max_pixels`` is decoded reduced by the smallest integer factor that brings it within:
+    a JPEG in the DCT domain first (PIL's ``draft``, 1/2 to 1/8, so a 48-megapixel photo never exists at full
+    size), then PIL's box ``reduce``. Below that the full decode is kept: reducing a 12-megapixel photo to twice
+    the model's resize changed the codes of 2-60% of large JPEGs (benchmarks/robustness.py), while the host resize
+    of :meth:`hashdistill.preprocessing.EvalTransform.reduce` keeps them exact.
+
+    Only regular files are opened (a FIFO or a device would block or never end). Every way a hostile or damaged
+    file fails (unidentified, truncated, a decompression bomb whose declared size exceeds PIL's
+    ``MAX_IMAGE_PIXELS`` guard, ...) becomes one UserError.
     """
     from PIL import Image
 
+    require_regular_file(path, "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice the limit
             with Image.open(path) as img:
+                factor = _reduction(img.size, max_pixels)
+                if factor > 1 and img.format == "JPEG":
+                    img.draft(img.mode, (math.ceil(img.size[0] / factor), math.ceil(img.size[1] / factor)))
                 img.load()  # an animated file's first frame
+                factor = _reduction(img.size, max_pixels)
+                if factor > 1 and img.mode in REDUCIBLE_MODES:
+                    reduced = img.reduce(factor)
+                    reduced.info, reduced.format = img.info, img.format  # keep the EXIF orientation
+                    return as_rgb(reduced, path)
                 return as_rgb(img, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"cannot read image {path}: it declares more pixels than PIL's decompression-bomb limit "
                         f"({Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except _decode_errors() as exc:  # damage can still show up at full decode
         raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def _reduction(size: tuple[int, int], max_pixels: int | None) -> int:
+    """The smallest integer factor that brings an image of ``size`` within ``max_pixels`` (1: none needed)."""
+    if max_pixels is None or size[0] * size[1] <= max_pixels:
+        return 1
+    return math.ceil(math.sqrt(size[0] * size[1] / max_pixels))
+
+
+def require_regular_file(path: str | os.PathLike, what: str = "file") -> None:
+    """A UserError unless ``path`` is a regular file (after links): a FIFO blocks a reader forever, a device
+    file never ends, and neither is an image, a model or an index."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+        raise UserError(f"cannot read {what} {path}: it is {kind}, not a regular file")
 
 
 EXIF_ORIENTATION = 0x0112
@@ -64,7 +105,8 @@ def as_rgb(img, source: object):
     orientation = img.getexif().get(EXIF_ORIENTATION)
     if orientation is not None and orientation not in range(1, 9):
         raise UserError(f"cannot read image {source}: its EXIF orientation {short(orientation)} is not one of 1-8")
-    img = ImageOps.exif_transpose(img)
+    if orientation not in (None, 1):  # (no copy of an upright photo: a 12-megapixel one is 36 MB)
+        img = ImageOps.exif_transpose(img)
     if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
         img = _to_eight_bits(img, source)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
@@ -72,7 +114,7 @@ def as_rgb(img, source: object):
 
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _to_eight_bits(img, source: object):

@@ -24,7 +24,6 @@ level). Training-time evaluation runs the graph itself, so PyTorch and the expor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +61,23 @@ class EvalTransform:
         if height <= width:
             return size, size * width // height
         return size * height // width, size
+
+    def shrinks(self, height: int, width: int) -> bool:
+        """Whether step 1 makes an image of this size smaller (then :meth:`reduce` may run it on the host)."""
+        return min(height, width) > self.resize_size
+
+    def reduce(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB [H, W, 3] -> what step 1 makes of it where step 1 shrinks it, else the pixels unchanged.
+
+        Run on the host, one image at a time, before images are batched: a batch of phone photos then holds
+        256-pixel images, not 12-megapixel ones, and the graph's own resize of the result is the identity
+        (onnxruntime's antialiased resize at scale 1), so the codes are those of the full-size input, bit for bit.
+        """
+        if not self.shrinks(*pixels.shape[:2]):
+            return pixels
+        from .preprocessing_graph import INPUT, resize_session
+
+        return resize_session(self).run(None, {INPUT: np.ascontiguousarray(pixels)[None]})[0][0]
 
     def apply(self, pixels):
         """float32 [N, 3, S, S] model input from uint8 RGB pixels [N, H, W, 3] (a torch tensor), by the very graph
@@ -117,13 +133,3 @@ def rgb_pixels(image) -> np.ndarray:
             raise UserError(f"an image array must be HxW or HxWx3 and not empty, got shape {image.shape}")
         return np.ascontiguousarray(array)
     return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch.from_numpy warns on PIL's view
-
-
-def same_shape_runs(shapes: Sequence[tuple[int, ...]], limit: int) -> list[slice]:
-    """Consecutive stretches of equal shapes, at most ``limit`` long: the batches an image-in model can take."""
-    runs, start = [], 0
-    for i in range(1, len(shapes) + 1):
-        if i == len(shapes) or shapes[i] != shapes[start] or i - start == limit:
-            runs.append(slice(start, i))
-            start = i
-    return runs

@@ -28,25 +28,15 @@ def preprocess_graph(transform, opset: int = 18, ir_version: int | None = None) 
     """A model from uint8 ``images`` [N, H, W, 3] to normalised float ``pixels`` [N, 3, S, S]."""
     size = transform.input_size
     consts = {
-        "resize_size": np.array(transform.resize_size, np.int64), "crop": np.array(size, np.int64),
+        **_resize_consts(transform), "crop": np.array(size, np.int64),
         "two": np.array(2, np.int64), "four": np.array(4, np.int64), "three_rest": np.array(3, np.int64),
-        "three": np.array([3], np.int64), "idx_n": np.array([0], np.int64),
-        "hw_axes": np.array([1, 2], np.int64),
         "scale255": np.array(255, np.float32),
         "mean": np.array(transform.mean, np.float32).reshape(1, 3, 1, 1),
         "std": np.array(transform.std, np.float32).reshape(1, 3, 1, 1),
     }
     node = helper.make_node
     nodes = [  # the resize and the crop on the uint8 NHWC pixels: PIL's rounding, and 3 bytes a pixel moved
-        node("Shape", [INPUT], ["shape"]),
-        node("Gather", ["shape", "idx_n"], ["n"], axis=0),
-        node("Gather", ["shape", "hw_axes"], ["hw"], axis=0),
-        node("ReduceMin", ["hw"], ["short"], keepdims=0),
-        node("Mul", ["hw", "resize_size"], ["hw_scaled"]),
-        node("Div", ["hw_scaled", "short"], ["resized_hw"]),  # integer division: floor for positive sides
-        node("Concat", ["n", "resized_hw", "three"], ["sizes"], axis=0),
-        node("Resize", [INPUT, "", "", "sizes"], ["resized"], mode="linear", antialias=1, exclude_outside=1,
-             coordinate_transformation_mode="half_pixel"),
+        *_resize_nodes(),
         node("Sub", ["resized_hw", "crop"], ["spare"]),
         node("Div", ["spare", "two"], ["half"]),  # torchvision's round(spare / 2), halves to even: one more
         node("Mod", ["spare", "four"], ["rest"]),  # where spare = 3 mod 4 (1.5 -> 2, 3.5 -> 4; 0.5 -> 0, 2.5 -> 2)
@@ -61,10 +51,44 @@ def preprocess_graph(transform, opset: int = 18, ir_version: int | None = None) 
         node("Sub", ["unit", "mean"], ["centred"]),
         node("Div", ["centred", "std"], [PIXELS]),
     ]
+    output = helper.make_tensor_value_info(PIXELS, TensorProto.FLOAT, ["batch", 3, size, size])
+    return _model(nodes, consts, output, opset, ir_version)
+
+
+def resize_graph(transform) -> onnx.ModelProto:  # noqa: ANN001 - an EvalTransform
+    """Step 1 alone, uint8 ``images`` [N, H, W, 3] -> uint8 ``resized`` [N, H', W', 3]: the very nodes of
+    :func:`preprocess_graph`, run on the host to shrink a photo before it is batched. The full graph resizes
+    their output to itself, exactly (onnxruntime's resize at scale 1 is the identity), so codes do not change."""
+    output = helper.make_tensor_value_info("resized", TensorProto.UINT8, ["batch", "height", "width", 3])
+    return _model(_resize_nodes(), _resize_consts(transform), output, 18, None)
+
+
+def _resize_consts(transform) -> dict[str, np.ndarray]:  # noqa: ANN001
+    return {"resize_size": np.array(transform.resize_size, np.int64), "three": np.array([3], np.int64),
+            "idx_n": np.array([0], np.int64), "hw_axes": np.array([1, 2], np.int64)}
+
+
+def _resize_nodes() -> list[onnx.NodeProto]:
+    """Shorter side to ``resize_size``, the longer by floor(size * long / short), bilinear with antialiasing."""
+    node = helper.make_node
+    return [
+        node("Shape", [INPUT], ["shape"]),
+        node("Gather", ["shape", "idx_n"], ["n"], axis=0),
+        node("Gather", ["shape", "hw_axes"], ["hw"], axis=0),
+        node("ReduceMin", ["hw"], ["short"], keepdims=0),
+        node("Mul", ["hw", "resize_size"], ["hw_scaled"]),
+        node("Div", ["hw_scaled", "short"], ["resized_hw"]),  # integer division: floor for positive sides
+        node("Concat", ["n", "resized_hw", "three"], ["sizes"], axis=0),
+        node("Resize", [INPUT, "", "", "sizes"], ["resized"], mode="linear", antialias=1, exclude_outside=1,
+             coordinate_transformation_mode="half_pixel"),
+    ]
+
+
+def _model(nodes: list, consts: dict[str, np.ndarray], output, opset: int,  # noqa: ANN001
+           ir_version: int | None) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "hashdistill_preprocess",
-        [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["batch", "height", "width", 3])],
-        [helper.make_tensor_value_info(PIXELS, TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["batch", "height", "width", 3])], [output],
         initializer=[numpy_helper.from_array(value, name) for name, value in consts.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 18))])
     if ir_version is not None:
@@ -72,19 +96,27 @@ def preprocess_graph(transform, opset: int = 18, ir_version: int | None = None) 
     return model
 
 
-
 def preprocess_session(transform):  # noqa: ANN001, ANN201 - an EvalTransform -> its onnxruntime session
     """The onnxruntime session of ``transform``'s graph, made once per set of parameters."""
-    return _session(transform.input_size, transform.crop_pct, tuple(transform.mean), tuple(transform.std),
-                    type(transform))
+    return _session(*_key(transform), preprocess_graph)
 
 
-@functools.lru_cache(maxsize=8)
-def _session(input_size, crop_pct, mean, std, kind):  # noqa: ANN001, ANN202
+def resize_session(transform):  # noqa: ANN001, ANN201
+    """The onnxruntime session of ``transform``'s step 1 (:func:`resize_graph`), made once per set of parameters."""
+    return _session(*_key(transform), resize_graph)
+
+
+def _key(transform) -> tuple:  # noqa: ANN001
+    """The transform's parameters as a hashable key (its mean and std may arrive as lists)."""
+    return transform.input_size, transform.crop_pct, tuple(transform.mean), tuple(transform.std), type(transform)
+
+
+@functools.lru_cache(maxsize=16)
+def _session(input_size, crop_pct, mean, std, kind, build):  # noqa: ANN001, ANN202
     """One thread: a small, memory-bound step that evaluation's data loader workers run beside the model."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    graph = preprocess_graph(kind(input_size, crop_pct, mean, std))
+    graph = build(kind(input_size, crop_pct, mean, std))
     return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -11,7 +11,9 @@ leave the loader as uint8 pixels; the trainer normalises whole batches on the tr
 (:func:`hashdistill.data.batch_augmentation`), as timm's prefetcher does: no per-item float conversion or
 normalisation, and a quarter of the bytes to pass between processes and to the GPU. Every other split goes
 through THE evaluation pre-processing (:class:`hashdistill.preprocessing.EvalTransform`), the one the exported
-model runs in its graph.
+model runs in its graph; evaluation splits hold a photo bigger than the model needs already shrunk by the graph's
+own resize step (:meth:`ImageFileDataset.pixels`), so a folder of 12-megapixel phone photos evaluates in the memory
+of small images.
 
 A view bank (:meth:`ImageFileDataset.with_view_bank`) limits each training image to K fixed views: view v of an
 image is timm's transform run with its random generators seeded from the image's path and v, so the same view
@@ -77,7 +79,7 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         if self.train_transform is None:
             index, image = self._decode(index)
-            pixels = torch.from_numpy(rgb_pixels(image))[None]
+            pixels = torch.from_numpy(np.array(self.transform.reduce(rgb_pixels(image))))[None]
             return self.transform.apply(pixels)[0], self._label_of[index]
         if self.view_bank is None:
             index, image = self._decode(index)
@@ -105,8 +107,10 @@ class ImageFileDataset(Dataset):
                                 self.transform, self.train_transform, self.view_bank)
 
     def pixels(self, index: int) -> np.ndarray:
-        """The decoded RGB uint8 [H, W, 3] image behind item ``index`` (what an image-in model takes)."""
-        return rgb_pixels(self._decode(index)[1])
+        """The decoded RGB uint8 [H, W, 3] image behind item ``index``, as an image-in model takes it: a photo
+        bigger than the model needs comes already shrunk by the graph's resize step (:meth:`EvalTransform.reduce`,
+        the same codes), so a split of phone photos is held as small images."""
+        return self.transform.reduce(rgb_pixels(self._decode(index)[1]))
 
     def _decode(self, index: int):
         """(index, PIL image) of the first readable image from ``index`` on (wrapping around)."""
