@@ -81,6 +81,10 @@ def test_the_site_has_the_pinned_runtime_and_refuses_what_is_not_ours(run, tmp_p
     codes = (tmp_path / "site" / "codes.bin").read_bytes()
     assert len(codes) == index["count"] * index["width"] and index["thumbnails"]["sheets"]
     assert (tmp_path / "site" / "thumbs" / "sheet-0000.png").is_file()
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in [tmp_path / "site",
+                                                                                *(tmp_path / "site").rglob("*")]}
+    assert modes["site"] == modes["site/thumbs"] == 0o755 and modes["site/index.html"] == 0o644, modes
+    assert {mode for name, mode in modes.items() if (tmp_path / name).is_file()} == {0o644}
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("mine")
@@ -100,7 +104,7 @@ def test_the_page_gives_python_onnxruntimes_codes_and_index_search_top_k(run, qu
     from hashdistill.app.demo import build_demo
     from hashdistill.app.pipeline import phone_file
     from hashdistill.export.runtime import EdgeModel
-    from hashdistill.search.index import search_images
+    from hashdistill.search.index import load_index, search_images
 
     phone = phone_file(run / "model.onnx")
     site = tmp_path / "site"
@@ -112,6 +116,7 @@ def test_the_page_gives_python_onnxruntimes_codes_and_index_search_top_k(run, qu
         codes = page.evaluate("async (urls) => { const out = []; for (const u of urls) "
                               "out.push(await window.hashdistill.codeOfUrl(u)); return out; }", urls)
         shown = [page.evaluate("(u) => window.hashdistill.searchUrl(u)", u) for u in urls[:5]]
+        texts = page.evaluate("['timing', 'ties'].map((id) => document.getElementById(id).textContent)")
     assert [bytes.fromhex(c) for c in codes] == [row.tobytes() for row in expected]  # every file, bit for bit
     for path, page_result in zip(queries[:5], shown):
         python = search_images(run / "index.npz", [str(path)], k=len(page_result["top"]), model=str(phone))
@@ -121,6 +126,14 @@ def test_the_page_gives_python_onnxruntimes_codes_and_index_search_top_k(run, qu
         assert {h["id"] for h in page_result["top"] if h["distance"] < kth} == \
             {int(i) for i, d in zip(python.ids[0], python.distances[0]) if d < kth}
         assert page_result["class"]["ood"] == (page_result["class"]["distance"] != 0)
+        everyone = search_images(run / "index.npz", [str(path)], k=len(load_index(run / "index.npz")),
+                                 model=str(phone))
+        best = int(everyone.distances[0][0])
+        ties = page_result["ties"]
+        assert ties == {"distance": best, "count": int((everyone.distances[0] == best).sum()),
+                        "shown": sum(d == best for d in distances)}
+        assert ties["count"] > 1  # short codes tie: the page says so (the message is checked below)
+    assert "median of 5 runs" in texts[0] and f"share the best distance, {shown[-1]['ties']['distance']}" in texts[1]
 
 
 @needs_browser

@@ -7,7 +7,9 @@ class names, the class codebook), small thumbnails of the database images in spr
 orientation applied, transparency over white: ``hashdistill.imagefiles.as_rgb``), runs the model in
 onnxruntime-web (WebAssembly), and shows the code, the nearest class code (MHD, ties to the lowest class), whether
 it is out of distribution (no class code matches exactly) and the top-k database thumbnails by Hamming distance,
-ties by database order: all on the device.
+ties by database order, with how many database images share the best distance and which of them are shown; the
+model time it shows is the steady state (the median of 5 runs after a warm-up, not the first run's set-up): all
+on the device. The site is world-readable (files 0644, folders 0755), so any web server can serve it.
 
 onnxruntime-web comes from a pinned CDN URL with its integrity hash (the version is pinned in package.json too),
 or with ``--ort-web DIR`` from a local copy (npm's ``node_modules/onnxruntime-web/dist``) copied into the site, for
@@ -71,7 +73,7 @@ def build_demo(model: str | Path, index_path: str | Path, out: str | Path, ort_w
         sheets = _thumbnails(index.paths, edge.meta.input_size, staging / "thumbs")
         record = {"bits": index.bits, "width": int(index.codes.shape[1]), "count": len(index),
                   "ids": index.ids.tolist(), "labels": index.labels.tolist(), "label_names": index.label_names,
-                  "class_names": edge.meta.class_names,
+                  "class_names": edge.meta.class_names, "input_size": edge.meta.input_size,
                   "class_codes": [row.tobytes().hex() for row in edge.class_codes],
                   "thumbnails": {"size": THUMB_PX, "per_row": int(math.isqrt(PER_SHEET)), "per_sheet": PER_SHEET,
                                  "sheets": sheets},
@@ -87,6 +89,7 @@ def build_demo(model: str | Path, index_path: str | Path, out: str | Path, ort_w
             for name in ORT_WEB_FILES:
                 shutil.copyfile(Path(ort_web) / name, staging / "ort" / name)
         (staging / MARKER).touch()
+        _world_readable(staging)
         if out.exists():
             shutil.rmtree(out)  # a site this command wrote (MARKER), replaced with --force
         staging.rename(out)
@@ -95,6 +98,13 @@ def build_demo(model: str | Path, index_path: str | Path, out: str | Path, ort_w
         raise
     return {"site": str(out), "items": len(index), "bits": index.bits, "sheets": len(sheets),
             "ort_web": "local copy" if ort_web is not None else ORT_WEB_CDN}
+
+
+def _world_readable(site: Path) -> None:
+    """Folders 0755, files 0644: a web server running as another user serves the site (mkdtemp makes 0700)."""
+    site.chmod(0o755)
+    for path in site.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _ort_web_source(ort_web: str | Path | None) -> dict[str, str]:
