@@ -13,7 +13,9 @@ normalisation, and a quarter of the bytes to pass between processes and to the G
 through THE evaluation pre-processing (:class:`hashdistill.preprocessing.EvalTransform`), the one the exported
 model runs in its graph; evaluation splits hold a photo bigger than the model needs already shrunk by the graph's
 own resize step (:meth:`ImageFileDataset.pixels`), so a folder of 12-megapixel phone photos evaluates in the memory
-of small images.
+of small images. A training image is decoded reduced to about TRAIN_DECODE_SIDES times the input size a side
+(JPEG's DCT scaling, then box reduce): augmentation has no exact pixels to keep, and decoding a phone photo at full
+size made training 5 images/s.
 
 A view bank (:meth:`ImageFileDataset.with_view_bank`) limits each training image to K fixed views: view v of an
 image is timm's transform run with its random generators seeded from the image's path and v, so the same view
@@ -35,12 +37,14 @@ import torch
 from torch.utils.data import Dataset
 
 from hashdistill.errors import UserError
-from hashdistill.imagefiles import read_rgb, scan_image_files
+from hashdistill.imagefiles import DECODE_PIXELS, read_rgb, scan_image_files
 from hashdistill.messages import warn
 from hashdistill.preprocessing import IMAGEFOLDER_CROP_PCT, EvalTransform, rgb_pixels
 from hashdistill.recipe import DataConfig
 
 from .splits import SPLIT_SEED, UNLABELLED, carve_split
+
+TRAIN_DECODE_SIDES = 4  # a training image is decoded at about this many times the input size a side, at most
 
 
 class ImageFileDataset(Dataset):
@@ -82,14 +86,14 @@ class ImageFileDataset(Dataset):
             pixels = torch.from_numpy(np.array(self.transform.reduce(rgb_pixels(image))))[None]
             return self.transform.apply(pixels)[0], self._label_of[index]
         if self.view_bank is None:
-            index, image = self._decode(index)
+            index, image = self._decode(index, self._train_pixels)
             return self.train_transform(image), self._label_of[index], -1
         view = int(torch.randint(0, self.view_bank, ()))  # the loader's RNG, seeded per epoch by the trainer
         return self.view(index, view), self._label_of[index], view
 
     def view(self, index: int, view: int) -> torch.Tensor:
         """View ``view`` of item ``index`` of the bank: uint8 [3, S, S], the same pixels every time."""
-        index, image = self._decode(index)
+        index, image = self._decode(index, self._train_pixels)
         with _seeded_generators(zlib.crc32(f"{self.paths[index]}\0{view}".encode())):
             return self.train_transform(image)
 
@@ -112,7 +116,15 @@ class ImageFileDataset(Dataset):
         the same codes), so a split of phone photos is held as small images."""
         return self.transform.reduce(rgb_pixels(self._decode(index)[1]))
 
-    def _decode(self, index: int):
+    @property
+    def _train_pixels(self) -> int:
+        """How big a training image is decoded at most (:func:`read_rgb` reduces a bigger one): a view is a random
+        crop resized to S, and RandomResizedCrop's smallest (8% of the area, about a quarter of each side) still
+        has S pixels a side at TRAIN_DECODE_SIDES x S; decoding a phone photo at full size would only slow it."""
+        side = TRAIN_DECODE_SIDES * self.transform.input_size
+        return 2 * side * side  # (a 2:1 image keeps TRAIN_DECODE_SIDES x S on its shorter side)
+
+    def _decode(self, index: int, max_pixels: int | None = DECODE_PIXELS):
         """(index, PIL image) of the first readable image from ``index`` on (wrapping around)."""
         for step in range(len(self.paths)):
             candidate = (index + step) % len(self.paths)
@@ -120,7 +132,7 @@ class ImageFileDataset(Dataset):
             if path in self.damaged:
                 continue
             try:
-                return candidate, read_rgb(path)
+                return candidate, read_rgb(path, max_pixels)
             except UserError as exc:
                 self.damaged.add(path)
                 if len(self.damaged) == 1:
