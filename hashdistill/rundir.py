@@ -22,47 +22,68 @@ CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE = "checkpoints", "bits-sweep", "index.npz
 PR_PLOT, TAXONOMY_PLOT, BITS_PLOT = "pr_curves.png", "taxonomy.png", "bits_sweep.png"
 CURVES_PLOT = "training_curves.png"
 DEMO_SHOT = "demo.png"  # a screenshot of the run's demo page (hashdistill demo --screenshot)
-MARKER_FILE = ".hashdistill-run"  # written into every run directory: what `--force` may replace
-# What a run directory written before the marker existed may hold (anything else: not ours to delete).
-LEGACY_ENTRIES = {RECIPE_FILE_NAME, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, CHECKPOINTS_DIR, SWEEP_DIR, INDEX_FILE,
-                  PR_PLOT, TAXONOMY_PLOT, BITS_PLOT, CURVES_PLOT, DEMO_SHOT}
+MARKER_FILE = ".hashdistill-run"  # written into every run directory: the entries the run wrote, all `--force` removes
+MARKER_FORMAT = "hashdistill-run"
 TEMP_SUFFIX = ".tmp"  # hashdistill.atomic's temporary files: .<name>.<random>.tmp
 STAGING_SUFFIX = ".export-staging"  # the folder an export verifies its file in: .<file>.<random>.export-staging
 
 
+def owned_entries(path: str | Path) -> list[str] | None:
+    """The entries (paths relative to the run directory) its marker lists as written by hashdistill; None where
+    there is no marker hashdistill wrote (an empty marker is a run of an older hashdistill, which listed nothing)."""
+    from hashdistill.untrusted import parse_json
+
+    marker = Path(path) / MARKER_FILE
+    try:
+        if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > 4 * 1024 * 1024:
+            return None
+        record = parse_json(marker.read_text(), str(marker))
+    except (UserError, OSError, UnicodeDecodeError):
+        return None
+    entries = record.get("entries") if isinstance(record, dict) and record.get("format") == MARKER_FORMAT else None
+    if not isinstance(entries, list) or not all(isinstance(e, str) and _inside(e) for e in entries):
+        return None
+    return entries
+
+
+def _inside(entry: str) -> bool:
+    """A relative path that stays inside the run directory (a hostile marker cannot name ../ or /etc)."""
+    parts = Path(entry).parts
+    return bool(parts) and not Path(entry).is_absolute() and ".." not in parts and MARKER_FILE not in parts
+
+
 def is_run_dir(path: str | Path) -> bool:
-    """True for a folder hashdistill wrote and nothing else did: it has the marker (or, for runs older than the
-    marker, a recipe.yaml and checkpoints/), and holds only what a run writes (:func:`foreign_entries`)."""
+    """True for a folder whose marker says hashdistill wrote it (a recipe.yaml and checkpoints/ alone do not)."""
     path = Path(path)
-    if not path.is_dir() or path.is_symlink():
-        return False
-    names = {entry.name for entry in path.iterdir()}
-    ours = MARKER_FILE in names or (RECIPE_FILE_NAME in names and (path / CHECKPOINTS_DIR).is_dir())
-    return ours and not foreign_entries(path)
+    return path.is_dir() and not path.is_symlink() and owned_entries(path) is not None
 
 
-def foreign_entries(path: Path) -> list[str]:
-    """Entries of a run directory that a run does not write: a user's files there make it theirs.
+def clear_run_dir(path: Path) -> list[str]:
+    """Remove what the run directory's marker lists (sub-runs of bits-sweep/ by their own markers), the temporary
+    files and staging folders of killed writes, and the marker; returns the entries kept: everything else, which
+    hashdistill did not write. Its checkpoints/ and bits-sweep/ go too when left empty (the folder itself stays:
+    the caller knows whether hashdistill made it)."""
+    import shutil
 
-    A run writes the files named in LEGACY_ENTRIES (and its ONNX model and temporary files) at the top,
-    checkpoints and temporary files in checkpoints/, and run directories of their own under bits-sweep/.
-    """
-    foreign = []
-    for entry in path.iterdir():
-        name = entry.name
-        if entry.is_symlink():
-            foreign.append(name)
-        elif name == CHECKPOINTS_DIR and entry.is_dir():
-            foreign += [f"checkpoints/{p.name}" for p in entry.iterdir()
-                        if p.is_symlink() or not p.is_file() or not p.name.endswith((".safetensors", TEMP_SUFFIX))]
-        elif name == SWEEP_DIR and entry.is_dir():
-            foreign += [f"bits-sweep/{p.name}" for p in entry.iterdir() if not is_run_dir(p)]
-        elif entry.is_dir() and name.startswith(".") and name.endswith(STAGING_SUFFIX):
-            continue  # a killed export's staging folder
-        elif not (name in LEGACY_ENTRIES or name == MARKER_FILE or name.endswith(".onnx")
-                  or name.endswith(TEMP_SUFFIX)) or entry.is_dir() != (name in (CHECKPOINTS_DIR, SWEEP_DIR)):
-            foreign.append(name)
-    return foreign
+    for entry in owned_entries(path) or []:
+        target = path / entry
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif is_run_dir(target):
+            clear_run_dir(target)
+    for folder in (path, path / CHECKPOINTS_DIR):
+        if folder.is_dir() and not folder.is_symlink():
+            for stale in folder.glob(f".*{TEMP_SUFFIX}"):
+                if stale.is_file() and not stale.is_symlink():
+                    stale.unlink()
+            for staging in folder.glob(f".*{STAGING_SUFFIX}"):
+                if staging.is_dir() and not staging.is_symlink():
+                    shutil.rmtree(staging, ignore_errors=True)
+    (path / MARKER_FILE).unlink(missing_ok=True)
+    for folder in (path / SWEEP_DIR, path / CHECKPOINTS_DIR):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
 
 
 class RunDir:
@@ -72,22 +93,35 @@ class RunDir:
         self.path = Path(path)
         self.writer = writer
         self.created = False  # set by whoever made the folder: only then may discard() remove the folder itself
+        self._owned: list[str] = []
         if writer:
             if self.path.exists() and not self.path.is_dir():
                 raise UserError(f"{self.path} is a file; a run directory must be a folder (choose another --out)")
             self.checkpoints.mkdir(parents=True, exist_ok=True)
-            (self.path / MARKER_FILE).touch()
+            self._owned = owned_entries(self.path) or []
+            self._write_marker()
+
+    def claim(self, *entries: str | Path) -> None:
+        """Record entries (paths in this run directory, or relative to it) as written by hashdistill, before they
+        are written: the marker lists them, and they are all that ``--force`` removes."""
+        new = [Path(e).relative_to(self.path).as_posix() if Path(e).is_absolute() else Path(e).as_posix()
+               for e in entries]
+        new = [e for e in new if e not in self._owned]
+        if self.writer and new:
+            self._owned += new
+            self._write_marker()
+
+    def output(self, name: str) -> Path:
+        """The path of a file the run writes at its top (a report, a plot, a model, an index), claimed."""
+        self.claim(name)
+        return self.path / name
+
+    def _write_marker(self) -> None:
+        atomic_write_text(self.path / MARKER_FILE, json.dumps({"format": MARKER_FORMAT, "entries": self._owned}))
 
     def discard(self) -> None:
         """Undo a fresh run that saved nothing: remove what hashdistill wrote, and the folder if it made it."""
-        import shutil
-
-        for name in (*LEGACY_ENTRIES, MARKER_FILE):
-            entry = self.path / name
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.exists() or entry.is_symlink():
-                entry.unlink(missing_ok=True)
+        clear_run_dir(self.path)
         if self.created and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()
 
@@ -107,16 +141,18 @@ class RunDir:
         return self.path / CHECKPOINTS_DIR
 
     def checkpoint(self, name: str) -> Path:
+        """The path of checkpoint ``name``, claimed (a stage asks for it before it writes or reads it)."""
+        self.claim(f"{CHECKPOINTS_DIR}/{name}.safetensors")
         return self.checkpoints / f"{name}.safetensors"
 
     def save_recipe(self, recipe: Recipe) -> None:
         if self.writer:
-            atomic_write_text(self.path / RECIPE_FILE_NAME, dump_recipe(recipe))
+            atomic_write_text(self.output(RECIPE_FILE_NAME), dump_recipe(recipe))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (after cutting a line a kill left half-written)."""
         if self.writer:
-            path = self.path / METRICS_FILE
+            path = self.output(METRICS_FILE)
             if _ends_torn(path):
                 text = path.read_text()
                 atomic_write_text(path, text[: text.rfind("\n") + 1])
@@ -165,7 +201,7 @@ class RunDir:
         if self.writer:
             summary = self.summary()
             summary[stage] = figures
-            atomic_write_text(self.path / SUMMARY_FILE, json.dumps(summary, indent=2, default=float))
+            atomic_write_text(self.output(SUMMARY_FILE), json.dumps(summary, indent=2, default=float))
 
 
 def _ends_torn(path: Path) -> bool:

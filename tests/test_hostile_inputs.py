@@ -28,6 +28,7 @@ from PIL import Image
 
 from hashdistill.app.cli import main
 from hashdistill.app.pipeline import prepare_run_dir
+from hashdistill.atomic import atomic_write_text
 from hashdistill.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
 from hashdistill.recipe import recipe_from_dict
 from hashdistill.rundir import MARKER_FILE, RunDir, is_run_dir
@@ -69,19 +70,53 @@ def test_force_never_deletes_a_folder_hashdistill_did_not_write(tmp_path, capsys
     mine.mkdir()
     (mine / "holiday.jpg").write_bytes(b"my own bytes")
     (mine / "recipe.yaml").write_text("name: mine\n")  # even a recipe.yaml does not make it a run directory
-    err = refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", mine, "--force",
-                  expect="holds files that hashdistill did not write (such as")
+    err = refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", mine, "--force", expect="has no run marker")
     assert "--force to" not in err
     assert (mine / "holiday.jpg").read_bytes() == b"my own bytes"
 
 
-def test_a_run_directory_the_user_added_files_to_is_theirs(tmp_path, capsys):
+def test_a_folder_that_only_looks_like_a_run_is_not_deleted(tmp_path, capsys):
+    """recipe.yaml + checkpoints/ with the user's fine-tuned checkpoint, ONNX file and report: no marker, not ours."""
+    mine = tmp_path / "finetuned"
+    (mine / "checkpoints").mkdir(parents=True)
+    files = {"recipe.yaml": "name: mine\n", "checkpoints/student.safetensors": "my weights", "model.onnx": "mine",
+             "report.md": "# my notes"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", mine, "--force", expect="has no run marker")
+    assert {name: (mine / name).read_text() for name in files} == files
+
+
+def test_force_removes_only_what_the_marker_lists_and_names_what_it_kept(tmp_path, capsys):
     run = RunDir(tmp_path / "run")  # marked: hashdistill wrote it
+    atomic_write_text(run.checkpoint("teacher"), "the run's")
+    atomic_write_text(run.output("report.md"), "the run's")
     (run.path / "my_photos").mkdir()
-    (run.path / "checkpoints" / "notes.txt").write_text("mine")
-    refused(capsys, tmp_path, "run", _recipe(tmp_path), "--out", run.path, "--force",
-            expect="holds files that hashdistill did not write (such as")
-    assert (run.path / "checkpoints" / "notes.txt").read_text() == "mine" and (run.path / "my_photos").is_dir()
+    (run.path / "my_photos" / "a.jpg").write_text("mine")
+    (run.path / "checkpoints" / "finetuned.safetensors").write_text("mine")
+    (run.path / "notes.md").write_text("mine")
+    hostile = {"format": "hashdistill-run", "entries": ["../outside.txt", "/etc/hostname", "report.md"]}
+    (tmp_path / "outside.txt").write_text("mine")
+    marker = json.loads((run.path / MARKER_FILE).read_text())
+    assert {"checkpoints/teacher.safetensors", "report.md"} <= set(marker["entries"])
+    assert owned_entries_of(hostile, tmp_path) is None  # a marker naming paths outside the folder is not ours
+    fresh = prepare_run_dir(recipe_from_dict(TINY), str(run.path), None, force=True)
+    err = capsys.readouterr().err
+    assert "kept 3 that hashdistill did not write" in err and "notes.md" in err and "finetuned.safetensors" in err
+    assert not (run.path / "report.md").exists() and not (run.path / "checkpoints" / "teacher.safetensors").exists()
+    for mine in ("my_photos/a.jpg", "checkpoints/finetuned.safetensors", "notes.md"):
+        assert (run.path / mine).read_text() == "mine"
+    assert (tmp_path / "outside.txt").read_text() == "mine" and is_run_dir(fresh.path)
+    assert json.loads((run.path / MARKER_FILE).read_text())["entries"] == []  # the new run owns nothing yet
+
+
+def owned_entries_of(record: dict, folder) -> list | None:
+    from hashdistill.rundir import owned_entries
+
+    probe = folder / "probe"
+    probe.mkdir()
+    (probe / MARKER_FILE).write_text(json.dumps(record))
+    return owned_entries(probe)
 
 
 def test_force_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, capsys):

@@ -504,7 +504,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from hashdistill.app.pipeline import phone_file
     from hashdistill.app.report import write_report
     from hashdistill.recipe import RECIPE_FILE_NAME, load_recipe
-    from hashdistill.rundir import DEMO_SHOT, INDEX_FILE, RunDir
+    from hashdistill.rundir import DEMO_SHOT, INDEX_FILE, RunDir, is_run_dir
 
     run = Path(args.run_dir)
     if not (run / RECIPE_FILE_NAME).is_file() and not (args.model and args.index):
@@ -523,6 +523,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.screenshot:
         if not Path(args.screenshot).is_file():
             raise UserError(f"--screenshot: no image at {args.screenshot}")
+        if is_run_dir(run):
+            RunDir(run).claim(DEMO_SHOT)  # the run's own file: its marker lists it
         shown = write_page_screenshot(Path(written["site"]), Path(args.screenshot), run / DEMO_SHOT)
         print(f"the page coded {args.screenshot} as {shown['code']} ({shown['class']['name']}); "
               f"screenshot: {run / DEMO_SHOT}")

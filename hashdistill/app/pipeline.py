@@ -21,9 +21,9 @@ from hashdistill import codes
 from hashdistill.checkpoint import read_metadata
 from hashdistill.errors import UserError
 from hashdistill.evaluate import EvalSplits, code_metrics, cpu_latency_ms, encode_splits, torch_encoder
-from hashdistill.messages import warn
+from hashdistill.messages import name_some, warn
 from hashdistill.recipe import Recipe
-from hashdistill.rundir import INDEX_FILE, STAGES, SWEEP_DIR, RunDir, foreign_entries, is_run_dir
+from hashdistill.rundir import INDEX_FILE, MARKER_FILE, STAGES, SWEEP_DIR, RunDir, clear_run_dir, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
 from hashdistill.untrusted import short
 
@@ -84,6 +84,7 @@ class Pipeline:
         for bits in todo:
             recipe = dataclasses.replace(self.recipe, teacher=dataclasses.replace(self.recipe.teacher, bits=bits,
                                                                                   bits_sweep=[]))
+            self.run.claim(f"{SWEEP_DIR}/k{bits}")
             sub = RunDir(self.run.path / SWEEP_DIR / f"k{bits}", writer=is_main_process())
             if not sub.checkpoint(TEACHER_FILE).is_file():
                 train_teacher(recipe, sub, self.device)
@@ -128,7 +129,8 @@ class Pipeline:
         from hashdistill.export.metadata import FLOAT_IN, IMAGE_IN
         from hashdistill.export.verify import export_checkpoint
 
-        path, phone = self.run.path / self.recipe.export.file, phone_file(self.run.path / self.recipe.export.file)
+        path = self.run.output(self.recipe.export.file)
+        phone = self.run.output(phone_file(path).name)
         phone_declined = "declined" in self.run.summary().get("export_phone", {})
         exported = not path.is_file() or not (phone.is_file() or phone_declined)
         for existing in (p for p in (path, phone) if p.is_file()):
@@ -164,7 +166,7 @@ class Pipeline:
     def stage_index(self) -> bool:
         from hashdistill.search.index import build_index
 
-        path = self.run.path / INDEX_FILE
+        path = self.run.output(INDEX_FILE)
         if path.exists() and is_main_process():
             self._check_index(path)
         if path.exists() or not is_main_process():
@@ -330,11 +332,10 @@ def stale_output(path: Path, problem: str) -> str:
 def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: bool) -> RunDir:
     """Choose the run directory; an existing one is continued only with --resume, replaced only with --force.
 
-    ``--force`` replaces only a folder hashdistill recognisably wrote (:func:`~hashdistill.rundir.is_run_dir`);
-    a folder holding anything else is the user's and is never deleted.
+    ``--force`` removes only what the folder's marker lists as written by hashdistill
+    (:func:`~hashdistill.rundir.clear_run_dir`) and says which files it kept; a folder without the marker is the
+    user's and is never touched.
     """
-    import shutil
-
     from hashdistill.recipe import RECIPE_FILE_NAME, load_recipe
 
     if resume:
@@ -357,14 +358,17 @@ def prepare_run_dir(recipe: Recipe, out: str | None, resume: str | None, force: 
         raise UserError(f"{path} is a file, not a run directory; choose another --out")
     if path.exists() and any(path.iterdir()):
         if not is_run_dir(path):
-            foreign = foreign_entries(path) if path.is_dir() else []
-            example = f" (such as {foreign[0]})" if foreign else ""
-            raise UserError(f"{path} already exists and holds files that hashdistill did not write{example}; it is "
-                            "left untouched (even with --force): choose another --out")
+            why = ("its marker lists nothing (a run of an older hashdistill): remove it yourself" if
+                   (path / MARKER_FILE).is_file() else "it has no run marker, so hashdistill did not write it")
+            raise UserError(f"{path} already exists and {why}; it is left untouched (even with --force): choose "
+                            "another --out")
         if not force:
             raise UserError(f"run directory {path} already exists: pass --resume {path} to continue it, "
                             "--force to start over, or --out to choose another")
-        shutil.rmtree(path)
+        kept = clear_run_dir(path)
+        if kept:
+            warn(f"--force removed the earlier run's files from {path} and kept {len(kept)} that hashdistill did not "
+                 f"write: {name_some(kept)}")
     created = not path.exists()
     run = RunDir(path)
     run.created = created

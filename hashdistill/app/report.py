@@ -41,7 +41,7 @@ def write_report(run: RunDir) -> Path:
     lines = [f"# hashdistill run: {run.path.name}", "", "## Models", "", _table(models), "", TABLE_NOTE, ""]
     curves = {name: m["pr_curve"] for name, m in models.items() if "pr_curve" in m}
     if curves:
-        plot_pr_curves(curves, run.path / PR_PLOT)
+        plot_pr_curves(curves, run.output(PR_PLOT))
         lines += ["## Precision-recall by Hamming radius (pooled over queries)", "",
                   f"![precision-recall curves]({PR_PLOT})", ""]
     lines += _curves_section(run)
@@ -65,7 +65,7 @@ def write_report(run: RunDir) -> Path:
         lines += ["## Demo page", "", "The phone model searching this run's index in headless Chromium "
                   "(`hashdistill demo`), onnxruntime-web:", "", f"![demo page]({DEMO_SHOT})", ""]
     lines += ["## Reproduce", "", "```", *_commands(run), "```", ""]
-    return atomic_write_text(run.path / REPORT_FILE, "\n".join(lines))
+    return atomic_write_text(run.output(REPORT_FILE), "\n".join(lines))
 
 
 def _table(models: dict[str, dict[str, Any]]) -> str:
@@ -104,7 +104,7 @@ def _curves_section(run: RunDir) -> list[str]:
         curves.setdefault(stage, []).append((seen[stage], value))
     if not curves:
         return []
-    plot_training_curves(curves, run.path / CURVES_PLOT, "mAP (tie-aware)")
+    plot_training_curves(curves, run.output(CURVES_PLOT), "mAP (tie-aware)")
     return ["## Training curves", "", "Tie-aware mAP of the validation images searching among themselves, after "
             "each epoch, against the training images seen.", "", f"![training curves]({CURVES_PLOT})", ""]
 
@@ -113,7 +113,7 @@ def _bits_sweep_section(run: RunDir, sweep: dict[str, dict[str, Any]] | None) ->
     if not sweep or len(sweep) < 2:
         return []
     rows = sorted(sweep.values(), key=lambda r: r["bits"])
-    plot_bits_sweep(rows, run.path / BITS_PLOT)
+    plot_bits_sweep(rows, run.output(BITS_PLOT))
     table = [f"| {r['bits']} | {r['mhd_accuracy']:.4f} | {r['ed_accuracy']:.4f} | {r['map_tie_aware']:.4f} | "
              f"{r['map']:.4f} | {r['precision_at_radius']:.4f} |" for r in rows]
     return ["## Code length vs accuracy (teachers of the bits sweep)", "", f"![bits vs accuracy]({BITS_PLOT})", "",
@@ -157,7 +157,7 @@ def _taxonomy_section(run: RunDir) -> list[str]:
     codebook = load_file(str(teacher))["codebook"]
     signs = to_signs(codebook)
     tree = class_tree(signs, meta["class_names"])
-    plot_dendrogram(tree, meta["class_names"], run.path / TAXONOMY_PLOT)
+    plot_dendrogram(tree, meta["class_names"], run.output(TAXONOMY_PLOT))
     return ["## Taxonomy of the classes (from the teacher's class codes)", "",
             f"![class dendrogram]({TAXONOMY_PLOT})", "", "```", format_tree(tree, meta["class_names"]), "```", ""]
 
