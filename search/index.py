@@ -18,9 +18,9 @@ Recall counts a returned item as right when its distance is no larger than the k
 
 Persisted as ONE ``.npz`` file, read back without trusting it (:mod:`.npz`): codes, ids, labels, display paths,
 label names, a JSON record of the model that encoded the database, the kind, its parameters, the recall
-record, and the kind's arrays (see :mod:`.index_kinds`). Its size is checked against the memory available
-before anything is inflated. Indexes can grow (:func:`add_to_index`, no retraining) and shards built on
-several machines can be merged (:func:`merge_indexes`), ids kept.
+record, and the kind's arrays (see :mod:`.index_kinds`). Its declared size is checked against the file's own size
+and the memory available before anything is inflated (:mod:`.bounds`). Indexes can grow (:func:`add_to_index`, no
+retraining) and shards built on several machines can be merged (:func:`merge_indexes`), ids kept.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from hashdistill.messages import name_some, warn
 from hashdistill.recipe import DataConfig
 from hashdistill.untrusted import MAX_BITS, MAX_CLASSES, MAX_JSON_CHARS, parse_json, short
 
+from .bounds import check_declared
 from .encode import encode_or_skip, is_codes_folder, read_codes
 from .index_kinds import ARRAY_KEYS, KINDS, MAX_HNSW_LEVELS, SearchStructure
 from .npz import Member, read_arrays, read_headers
@@ -340,13 +341,15 @@ def _check_recall_record(recall: dict[str, Any], path: Path) -> None:
 RECORD_KEYS = ("kind", "params", "recall")  # JSON records and the kind's name, beside KEYS
 SCALARS = ("format", "version", "bits", "model", *RECORD_KEYS)
 PER_ROW = ("ids", "labels", "paths", "ivf_assign", "hnsw_group")
-MAX_TEXT_BYTES = 4 * 4096  # a path or a label name: 4096 characters of numpy's 4-byte unicode
+MAX_TEXT_BYTES = 4 * 4096  # a path: 4096 characters of numpy's 4-byte unicode
+MAX_NAME_BYTES = 4 * 255  # a label name: a folder's name (255 characters at most on common file systems)
 MAX_LINKS_PER_NODE = 2 * 256 + 256 * (MAX_HNSW_LEVELS - 1)  # HNSW's most links for one node (M <= 256)
 
 
 def _check_declared_sizes(members: dict[str, Member], path: Path) -> None:
-    """Compare what every member declares (dtype, shape) with the codes' row count and width and with the memory
-    available, before any member is decompressed: a member cannot claim more than its index needs."""
+    """Compare what every member declares (dtype, shape) with the codes' row count and width, and their bytes with
+    the file's size and the memory available (:mod:`.bounds`), before any member is decompressed: a member cannot
+    claim more than its index needs, nor the index more than its file can hold."""
     codes = members["codes"]
     if codes.dtype != np.uint8 or len(codes.shape) != 2 or codes.shape[1] > MAX_BITS // 8:
         raise UserError(f"{path}: codes must be uint8 (n, bytes per code), declared {codes.dtype} {codes.shape}")
@@ -358,7 +361,7 @@ def _check_declared_sizes(members: dict[str, Member], path: Path) -> None:
         elif name in PER_ROW:
             ok = shape == (n,) and size <= MAX_TEXT_BYTES
         elif name == "label_names":
-            ok = len(shape) == 1 and shape[0] <= MAX_CLASSES and size <= MAX_TEXT_BYTES
+            ok = len(shape) == 1 and shape[0] <= MAX_CLASSES and size <= MAX_NAME_BYTES
         elif name == "hnsw_neighbors":
             ok = len(shape) == 1 and shape[0] <= (n + 1) * MAX_LINKS_PER_NODE and size <= 8
         elif name == "codes":
@@ -368,23 +371,8 @@ def _check_declared_sizes(members: dict[str, Member], path: Path) -> None:
         if not ok:
             raise UserError(f"{path}: member '{name}' declares {member.dtype} {shape}, which an index of {n:,} "
                             f"codes of {width} bytes cannot hold (a damaged or crafted file)")
-    needed = sum(member.nbytes for member in members.values()) + codes.nbytes  # + faiss's own copy of the codes
-    available = _available_memory()
-    if available is not None and needed > available:
-        raise UserError(f"{path} needs about {needed / 2**30:.1f} GiB of memory to load, and "
-                        f"{available / 2**30:.1f} GiB are available; load it on a larger machine or split it "
-                        "into shards")
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    check_declared(path, {name: member.nbytes for name, member in members.items()},
+                   copies=codes.nbytes)  # faiss keeps its own copy of the codes
 
 
 def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
