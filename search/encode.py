@@ -42,6 +42,7 @@ LOCAL = "local"  # --ray without an address: a local cluster on this machine
 COLUMNS = ("id", "path", "label", "code")
 ROW_BYTES = 8 + 8 + 4  # a row once read, beside its code: id, label and at least one 4-byte character of path
 MAX_PATH_CHARS = 4096
+MAX_ID = int(np.iinfo(np.int64).max)
 
 
 class ImageEncoder:
@@ -90,11 +91,9 @@ def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str 
     or a cluster's address; ``workers``: encoder actors (default: the cluster's CPUs)."""
     out = Path(out)
     _check_output(out, force)
-    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
-        raise UserError(f"the first id must be a non-negative integer, got {first_id!r}")
     encoder = open_encoder(model)
     image_set = collect_images(_listed(images), encoder)
-    rows = {"id": np.arange(first_id, first_id + len(image_set.paths), dtype=np.int64),
+    rows = {"id": id_range(first_id, len(image_set.paths)),
             "path": np.array(image_set.paths, dtype=object), "label": np.asarray(image_set.labels, dtype=np.int64)}
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".encoding", dir=out.parent))
@@ -121,6 +120,17 @@ def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str 
     if skipped:
         warn(f"{images}: skipped {len(skipped)} image(s) that could not be decoded: {name_some(skipped)}")
     return EncodeResult(out, manifest)
+
+
+def id_range(first: int, count: int) -> np.ndarray:
+    """The int64 ids ``first`` .. ``first + count - 1``: a first id that is not a non-negative integer, or a range
+    past int64's largest value (where the ids would wrap to negative ones), is a UserError."""
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise UserError(f"the first id must be a non-negative integer, got {short(first)}")
+    if first + max(count, 1) - 1 > MAX_ID:
+        raise UserError(f"{count:,} ids from {first:,} would pass {MAX_ID:,}, the largest id (int64); start at "
+                        f"{max(0, MAX_ID - count + 1):,} at most")
+    return first + np.arange(count, dtype=np.int64)
 
 
 def _listed(images: str | os.PathLike) -> Any:

@@ -45,7 +45,7 @@ from hashdistill.recipe import DataConfig
 from hashdistill.untrusted import MAX_BITS, MAX_CLASSES, MAX_JSON_CHARS, parse_json, short
 
 from .bounds import check_declared
-from .encode import encode_or_skip, is_codes_folder, read_codes
+from .encode import encode_or_skip, id_range, is_codes_folder, read_codes
 from .index_kinds import ARRAY_KEYS, KINDS, MAX_HNSW_LEVELS, SearchStructure
 from .npz import Member, read_arrays, read_headers
 from .sources import collect_images, open_encoder
@@ -187,7 +187,7 @@ class HashIndex:
             raise UserError(f"new entries must be packed {self.bits}-bit codes, uint8 (n, {self.codes.shape[1]}); "
                             f"got {packed.dtype} {packed.shape}")
         start = int(self.ids.max()) + 1 if len(self) else 0
-        new_ids, new_labels, new_paths = _columns(n, np.arange(start, start + n) if ids is None else ids, labels, paths)
+        new_ids, new_labels, new_paths = _columns(n, id_range(start, n) if ids is None else ids, labels, paths)
         if np.isin(new_ids, self.ids).any():
             raise UserError("new entries' ids must be unique and not already in the index")
         self.structure.add(packed)
@@ -387,12 +387,11 @@ def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise UserError(f"{out_path} already exists; pass --force to overwrite it")
-    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
-        raise UserError(f"the first id must be a non-negative integer, got {first_id!r}")
     encoder = open_encoder(source)
     image_set = collect_images(images, encoder, data)
+    all_ids = id_range(first_id, len(image_set.items))
     packed, ok = _encode_readable(encoder, image_set)
-    ids = np.arange(first_id, first_id + len(ok))[ok]
+    ids = all_ids[ok]
     index = HashIndex(packed[ok], encoder.bits, ids=ids, labels=np.asarray(image_set.labels)[ok],
                       paths=np.asarray(image_set.paths)[ok], label_names=image_set.label_names,
                       model={**encoder.describe(), "bits": encoder.bits}, kind=kind, params=params)
@@ -551,7 +550,7 @@ def open_search_backend(uri: str | os.PathLike, collection: str | None = None):
     if text.startswith(SERVER_SCHEMES) or text.endswith(".db"):
         from .milvus import MilvusCollection
 
-        return MilvusCollection(text, collection or DEFAULT_COLLECTION)
+        return MilvusCollection(text, DEFAULT_COLLECTION if collection is None else collection)
     if collection is not None:
         raise UserError(f"--collection names a Milvus collection; {text} is an index file")
     return load_index(uri)

@@ -588,3 +588,42 @@ def test_a_shard_declaring_millions_of_rows_is_refused_before_it_is_read(tmp_pat
     assert encoded.paths[60] == "img-10.png" and encoded.codes[60].tolist() == [10, 1]
     monkeypatch.setattr(bounds, "available_memory", lambda: 1000)
     refused(capsys, tmp_path, "index", "build", honest, "-o", tmp_path / "i.npz", expect="GiB of memory to load")
+
+
+# ---------------------------------------------------------------- 9. ids within int64, dataset rows within the split
+
+MAX_ID = 2**63 - 1
+
+
+def test_ids_past_int64_are_refused_not_wrapped(student_onnx, tmp_path, capsys):
+    """--first-id 2**63-1 (a traceback before) and 2**63-8 (ids wrapped negative before) for 10 images: refused;
+    a range ending exactly at int64's largest value is built, and adding to it is refused."""
+    from hashdistill.search.index import build_index, load_index
+
+    folder = tmp_path / "images"
+    for i in range(10):
+        _png(folder / f"{i}.png", seed=i)
+    for first in (MAX_ID, MAX_ID - 8):
+        for argv in (["encode", student_onnx, folder, "-o", tmp_path / "codes", "--first-id", first],
+                     ["index", "build", student_onnx, folder, "-o", tmp_path / "i.npz", "--first-id", first]):
+            refused(capsys, tmp_path, *argv, expect="the largest id (int64)")
+    edge = build_index(student_onnx, folder, tmp_path / "edge.npz", first_id=MAX_ID - 9)
+    assert edge.ids.min() == MAX_ID - 9 and edge.ids.max() == MAX_ID
+    assert main(["encode", str(student_onnx), str(folder), "-o", str(tmp_path / "codes"), "--first-id",
+                 str(MAX_ID - 9)]) == 0
+    refused(capsys, tmp_path, "index", "add", tmp_path / "edge.npz", _png(tmp_path / "more" / "x.png"),
+            expect="the largest id (int64)")
+    assert len(load_index(tmp_path / "edge.npz")) == 10
+
+
+def test_the_demo_refuses_an_index_naming_rows_past_its_dataset(student_onnx, tmp_path, capsys):
+    index = tmp_path / "i.npz"
+    assert main(["index", "build", str(student_onnx), "synthetic:test", "-o", str(index)]) == 0
+    capsys.readouterr()
+    with np.load(index) as npz:
+        fields = {key: npz[key] for key in npz.files}
+    paths = fields["paths"].astype("<U40")
+    paths[3] = "synthetic:test#999999"
+    np.savez(tmp_path / "far.npz", **{**fields, "paths": paths})
+    refused(capsys, tmp_path, "demo", tmp_path, "-o", tmp_path / "site", "--model", student_onnx, "--index",
+            tmp_path / "far.npz", expect="names image 999,999 of synthetic:test")
