@@ -48,7 +48,7 @@ from .bounds import check_declared
 from .encode import encode_or_skip, id_range, is_codes_folder, read_codes
 from .index_kinds import ARRAY_KEYS, KINDS, MAX_HNSW_LEVELS, SearchStructure
 from .npz import Member, read_arrays, read_headers
-from .sources import collect_images, open_encoder
+from .sources import ARRAY_PATH, collect_images, open_encoder
 
 FORMAT = "hashdistill-hash-index"
 FORMAT_VERSION = 2  # version 1 (flat only, no kind / params / recall) is still read
@@ -400,12 +400,20 @@ def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[
 
 
 def build_index_from_codes(folder: str | os.PathLike, out_path: str | os.PathLike, force: bool = False,
-                           kind: str = "auto", params: dict[str, int] | None = None) -> HashIndex:
-    """An index of the codes ``hashdistill encode`` wrote into ``folder`` (ids, labels and paths kept)."""
+                           kind: str = "auto", params: dict[str, int] | None = None,
+                           model: str | os.PathLike | None = None) -> HashIndex:
+    """An index of the codes ``hashdistill encode`` wrote into ``folder`` (ids, labels and paths kept). ``model``,
+    when given (``index build MODEL CODES``), must be the model the codes record, by its hash and bit width."""
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise UserError(f"{out_path} already exists; pass --force to overwrite it")
     encoded = read_codes(folder)
+    if model is not None:
+        given, made_by = open_encoder(model), _model_record(encoded.manifest).get("hash")
+        if given.bits != encoded.bits or given.describe().get("hash") != made_by:
+            raise UserError(f"{folder} holds {encoded.bits}-bit codes of model {short(made_by)}, not of {model} "
+                            f"({given.bits} bits, {short(given.describe().get('hash'))}): give the model that "
+                            "encoded them, or the codes alone")
     index = HashIndex(encoded.codes, encoded.bits, ids=encoded.ids, labels=encoded.labels, paths=encoded.paths,
                       label_names=encoded.manifest.get("label_names") or [], model=_model_record(encoded.manifest),
                       kind=kind, params=params)
@@ -421,9 +429,11 @@ def _model_record(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
-                 model: str | os.PathLike | None = None, data: DataConfig | None = None) -> tuple[HashIndex, int]:
+                 model: str | os.PathLike | None = None, data: DataConfig | None = None,
+                 allow_duplicates: bool = False) -> tuple[HashIndex, int]:
     """Encode more images with the index's model (or ``model``, of the same bit width) and add them in place; a
-    folder of codes from ``hashdistill encode`` is added as it is (made by the index's own model)."""
+    folder of codes from ``hashdistill encode`` is added as it is (made by the index's own model). Images whose
+    paths the index holds already are refused (adding a folder twice), unless ``allow_duplicates``."""
     index = load_index(index_path)
     if isinstance(images, str | os.PathLike) and is_codes_folder(images):
         encoded = read_codes(images)
@@ -432,6 +442,7 @@ def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequ
             raise UserError(f"{images} holds {encoded.bits}-bit codes of model {short(made_by)}, the index "
                             f"{index.bits}-bit codes of {short(index.model.get('hash'))}: encode them with the "
                             "index's model")
+        _refuse_duplicates(index, encoded.paths, allow_duplicates, encoded.ids)
         index.add(encoded.codes, encoded.labels, encoded.paths, ids=encoded.ids)
         index.save(index_path, force=True)
         return index, len(encoded.codes)
@@ -440,12 +451,27 @@ def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequ
     if image_set.label_names and index.label_names and image_set.label_names != index.label_names:
         raise UserError(f"the new images' classes {short(image_set.label_names)} differ from the index's "
                         f"{short(index.label_names)}")
+    _refuse_duplicates(index, image_set.paths, allow_duplicates)
     packed, ok = _encode_readable(encoder, image_set)
     packed = packed[ok]
     index.add(packed, np.asarray(image_set.labels)[ok], np.asarray(image_set.paths)[ok])
     index.label_names = index.label_names or image_set.label_names
     index.save(index_path, force=True)
     return index, len(packed)
+
+
+def _refuse_duplicates(index: HashIndex, paths: Sequence[str], allow: bool, ids: np.ndarray | None = None) -> None:
+    """Refuse entries the index holds already, before any is encoded: ids always (they stay unique), and paths of
+    files or dataset rows (not in-memory arrays) unless ``allow``."""
+    if ids is not None and np.isin(ids, index.ids).any():
+        again = ids[np.isin(ids, index.ids)]
+        raise UserError(f"{len(again):,} of the new entries' ids are in the index already (id {int(again[0])}): "
+                        "were these codes added before? Encode new images with a distinct --first-id")
+    named = np.array([str(p) for p in paths if not str(p).startswith(ARRAY_PATH)], dtype=np.str_)
+    again = named[np.isin(named, index.paths)] if len(named) and not allow else named[:0]
+    if len(again):
+        raise UserError(f"{len(again):,} of the new images are in the index already ({name_some(list(again))}); "
+                        "pass --allow-duplicates to add them again")
 
 
 def _encode_readable(encoder, image_set) -> tuple[np.ndarray, np.ndarray]:
