@@ -269,7 +269,7 @@ def _read_shard(path: Path, width: int) -> tuple[np.ndarray, ...]:
         parts.append(_checked_rows(table, width, path))
     if not parts:
         return np.zeros((0, width), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.str_)
-    longest = max(len(p) for part in parts for p in part[3]) if rows else 0
+    longest = max((len(p) for part in parts for p in part[3]), default=0)
     check_memory(path, 4 * longest * rows)  # the paths become one numpy unicode array, each as long as the longest
     codes, ids, labels = (np.concatenate([part[i] for part in parts]) for i in range(3))
     return codes, ids, labels, np.array([p for part in parts for p in part[3]], dtype=np.str_)
