@@ -31,6 +31,7 @@ from hashdistill.errors import UserError
 from hashdistill.messages import name_some, warn
 from hashdistill.untrusted import parse_json, short
 
+from .bounds import check_declared, check_memory
 from .sources import collect_images, open_encoder
 
 MANIFEST, FORMAT, FORMAT_VERSION = "manifest.json", "hashdistill-codes", 1
@@ -38,6 +39,10 @@ SHARD_ROWS = 100_000  # rows per Parquet file of the in-process path
 BATCH = 64  # images per encoder call
 SKIPPED_LISTED = 20  # skipped files named in the manifest
 LOCAL = "local"  # --ray without an address: a local cluster on this machine
+COLUMNS = ("id", "path", "label", "code")
+ROW_BYTES = 8 + 8 + 4  # a row once read, beside its code: id, label and at least one 4-byte character of path
+MAX_PATH_CHARS = 4096
+MAX_ID = int(np.iinfo(np.int64).max)
 
 
 class ImageEncoder:
@@ -86,11 +91,9 @@ def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str 
     or a cluster's address; ``workers``: encoder actors (default: the cluster's CPUs)."""
     out = Path(out)
     _check_output(out, force)
-    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
-        raise UserError(f"the first id must be a non-negative integer, got {first_id!r}")
     encoder = open_encoder(model)
     image_set = collect_images(_listed(images), encoder)
-    rows = {"id": np.arange(first_id, first_id + len(image_set.paths), dtype=np.int64),
+    rows = {"id": id_range(first_id, len(image_set.paths)),
             "path": np.array(image_set.paths, dtype=object), "label": np.asarray(image_set.labels, dtype=np.int64)}
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".encoding", dir=out.parent))
@@ -117,6 +120,17 @@ def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str 
     if skipped:
         warn(f"{images}: skipped {len(skipped)} image(s) that could not be decoded: {name_some(skipped)}")
     return EncodeResult(out, manifest)
+
+
+def id_range(first: int, count: int) -> np.ndarray:
+    """The int64 ids ``first`` .. ``first + count - 1``: a first id that is not a non-negative integer, or a range
+    past int64's largest value (where the ids would wrap to negative ones), is a UserError."""
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise UserError(f"the first id must be a non-negative integer, got {short(first)}")
+    if first + max(count, 1) - 1 > MAX_ID:
+        raise UserError(f"{count:,} ids from {first:,} would pass {MAX_ID:,}, the largest id (int64); start at "
+                        f"{max(0, MAX_ID - count + 1):,} at most")
+    return first + np.arange(count, dtype=np.int64)
 
 
 def _listed(images: str | os.PathLike) -> Any:
@@ -206,8 +220,6 @@ class EncodedCodes:
 def read_codes(folder: str | os.PathLike) -> EncodedCodes:
     """Read a codes folder written by :func:`encode_images` (or Ray), treating every field as untrusted: the
     manifest's types, each shard's schema, widths and the declared row counts are checked before use."""
-    import pyarrow.parquet as pq
-
     folder = Path(folder)
     if not is_codes_folder(folder):
         raise UserError(f"{folder} is not a folder of codes written by `hashdistill encode` (no {MANIFEST})")
@@ -217,13 +229,7 @@ def read_codes(folder: str | os.PathLike) -> EncodedCodes:
             or not all(isinstance(s, str) and Path(s).name == s and s.endswith(".parquet") for s in shards):
         raise UserError(f"{folder / MANIFEST} is corrupt (bits {short(bits)}, shards {short(shards)})")
     width = hc.packed_width(bits)
-    parts = []
-    for name in shards:
-        try:
-            table = pq.read_table(folder / name, columns=["id", "path", "label", "code"])
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types on damaged files
-            raise UserError(f"{folder / name} is not a readable shard of codes ({short(str(exc))})") from None
-        parts.append(_checked_shard(table, width, folder / name))
+    parts = [_read_shard(folder / name, width) for name in shards]
     if not parts:
         empty = np.zeros((0, width), dtype=np.uint8)
         return EncodedCodes(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, str), manifest)
@@ -233,7 +239,44 @@ def read_codes(folder: str | os.PathLike) -> EncodedCodes:
     return EncodedCodes(codes, ids, labels, paths, manifest)
 
 
-def _checked_shard(table, width: int, path: Path) -> tuple[np.ndarray, ...]:
+def _read_shard(path: Path, width: int) -> tuple[np.ndarray, ...]:
+    """One shard's codes, ids, labels and paths. The rows and column sizes its Parquet metadata declares are bounded
+    by the file's size and the memory available (:mod:`.bounds`) before any row is read, and it is read one row
+    group at a time: a small file declaring millions of rows is refused, not inflated."""
+    import pyarrow.parquet as pq
+
+    try:
+        shard = pq.ParquetFile(path)
+        groups = [shard.metadata.row_group(i) for i in range(shard.metadata.num_row_groups)]
+        rows = max(shard.metadata.num_rows, sum(group.num_rows for group in groups))
+        declared = {"rows": rows * (width + ROW_BYTES)}
+        for group in groups:
+            for column in (group.column(j) for j in range(group.num_columns)):
+                if column.path_in_schema in COLUMNS:
+                    declared[column.path_in_schema] = (declared.get(column.path_in_schema, 0)
+                                                       + max(0, column.total_uncompressed_size))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types on damaged files
+        raise UserError(f"{path} is not a readable shard of codes ({short(str(exc))})") from None
+    check_declared(path, declared)
+    parts = []
+    for i, group in enumerate(groups):
+        try:
+            table = shard.read_row_group(i, columns=list(COLUMNS))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{path} is not a readable shard of codes ({short(str(exc))})") from None
+        if table.num_rows != group.num_rows:
+            raise UserError(f"{path}: row group {i} declares {group.num_rows:,} rows but holds {table.num_rows:,}")
+        parts.append(_checked_rows(table, width, path))
+    if not parts:
+        return np.zeros((0, width), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.str_)
+    longest = max((len(p) for part in parts for p in part[3]), default=0)
+    check_memory(path, 4 * longest * rows)  # the paths become one numpy unicode array, each as long as the longest
+    codes, ids, labels = (np.concatenate([part[i] for part in parts]) for i in range(3))
+    return codes, ids, labels, np.array([p for part in parts for p in part[3]], dtype=np.str_)
+
+
+def _checked_rows(table, width: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """A row group's codes, ids, labels and paths, its schema, code widths and path lengths checked."""
     import pyarrow as pa
 
     expected = {"id": pa.int64(), "label": pa.int64()}
@@ -246,6 +289,8 @@ def _checked_shard(table, width: int, path: Path) -> tuple[np.ndarray, ...]:
     raw = table.column("code").to_pylist()
     if any(code is None or len(code) != width for code in raw):
         raise UserError(f"{path}: every code must hold {width} bytes")
+    paths = table.column("path").to_pylist()
+    if any(p is None or len(p) > MAX_PATH_CHARS for p in paths):
+        raise UserError(f"{path}: every row needs a path of at most {MAX_PATH_CHARS:,} characters")
     codes = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), width)
-    return (codes, table.column("id").to_numpy(), table.column("label").to_numpy(),
-            np.array(table.column("path").to_pylist(), dtype=np.str_))
+    return codes, table.column("id").to_numpy(), table.column("label").to_numpy(), paths

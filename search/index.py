@@ -18,9 +18,9 @@ Recall counts a returned item as right when its distance is no larger than the k
 
 Persisted as ONE ``.npz`` file, read back without trusting it (:mod:`.npz`): codes, ids, labels, display paths,
 label names, a JSON record of the model that encoded the database, the kind, its parameters, the recall
-record, and the kind's arrays (see :mod:`.index_kinds`). Its size is checked against the memory available
-before anything is inflated. Indexes can grow (:func:`add_to_index`, no retraining) and shards built on
-several machines can be merged (:func:`merge_indexes`), ids kept.
+record, and the kind's arrays (see :mod:`.index_kinds`). Its declared size is checked against the file's own size
+and the memory available before anything is inflated (:mod:`.bounds`). Indexes can grow (:func:`add_to_index`, no
+retraining) and shards built on several machines can be merged (:func:`merge_indexes`), ids kept.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ from hashdistill.messages import name_some, warn
 from hashdistill.recipe import DataConfig
 from hashdistill.untrusted import MAX_BITS, MAX_CLASSES, MAX_JSON_CHARS, parse_json, short
 
-from .encode import encode_or_skip, is_codes_folder, read_codes
+from .bounds import check_declared
+from .encode import encode_or_skip, id_range, is_codes_folder, read_codes
 from .index_kinds import ARRAY_KEYS, KINDS, MAX_HNSW_LEVELS, SearchStructure
 from .npz import Member, read_arrays, read_headers
-from .sources import collect_images, open_encoder
+from .sources import ARRAY_PATH, collect_images, open_encoder
 
 FORMAT = "hashdistill-hash-index"
 FORMAT_VERSION = 2  # version 1 (flat only, no kind / params / recall) is still read
@@ -186,7 +187,7 @@ class HashIndex:
             raise UserError(f"new entries must be packed {self.bits}-bit codes, uint8 (n, {self.codes.shape[1]}); "
                             f"got {packed.dtype} {packed.shape}")
         start = int(self.ids.max()) + 1 if len(self) else 0
-        new_ids, new_labels, new_paths = _columns(n, np.arange(start, start + n) if ids is None else ids, labels, paths)
+        new_ids, new_labels, new_paths = _columns(n, id_range(start, n) if ids is None else ids, labels, paths)
         if np.isin(new_ids, self.ids).any():
             raise UserError("new entries' ids must be unique and not already in the index")
         self.structure.add(packed)
@@ -340,13 +341,15 @@ def _check_recall_record(recall: dict[str, Any], path: Path) -> None:
 RECORD_KEYS = ("kind", "params", "recall")  # JSON records and the kind's name, beside KEYS
 SCALARS = ("format", "version", "bits", "model", *RECORD_KEYS)
 PER_ROW = ("ids", "labels", "paths", "ivf_assign", "hnsw_group")
-MAX_TEXT_BYTES = 4 * 4096  # a path or a label name: 4096 characters of numpy's 4-byte unicode
+MAX_TEXT_BYTES = 4 * 4096  # a path: 4096 characters of numpy's 4-byte unicode
+MAX_NAME_BYTES = 4 * 255  # a label name: a folder's name (255 characters at most on common file systems)
 MAX_LINKS_PER_NODE = 2 * 256 + 256 * (MAX_HNSW_LEVELS - 1)  # HNSW's most links for one node (M <= 256)
 
 
 def _check_declared_sizes(members: dict[str, Member], path: Path) -> None:
-    """Compare what every member declares (dtype, shape) with the codes' row count and width and with the memory
-    available, before any member is decompressed: a member cannot claim more than its index needs."""
+    """Compare what every member declares (dtype, shape) with the codes' row count and width, and their bytes with
+    the file's size and the memory available (:mod:`.bounds`), before any member is decompressed: a member cannot
+    claim more than its index needs, nor the index more than its file can hold."""
     codes = members["codes"]
     if codes.dtype != np.uint8 or len(codes.shape) != 2 or codes.shape[1] > MAX_BITS // 8:
         raise UserError(f"{path}: codes must be uint8 (n, bytes per code), declared {codes.dtype} {codes.shape}")
@@ -358,7 +361,7 @@ def _check_declared_sizes(members: dict[str, Member], path: Path) -> None:
         elif name in PER_ROW:
             ok = shape == (n,) and size <= MAX_TEXT_BYTES
         elif name == "label_names":
-            ok = len(shape) == 1 and shape[0] <= MAX_CLASSES and size <= MAX_TEXT_BYTES
+            ok = len(shape) == 1 and shape[0] <= MAX_CLASSES and size <= MAX_NAME_BYTES
         elif name == "hnsw_neighbors":
             ok = len(shape) == 1 and shape[0] <= (n + 1) * MAX_LINKS_PER_NODE and size <= 8
         elif name == "codes":
@@ -368,23 +371,8 @@ def _check_declared_sizes(members: dict[str, Member], path: Path) -> None:
         if not ok:
             raise UserError(f"{path}: member '{name}' declares {member.dtype} {shape}, which an index of {n:,} "
                             f"codes of {width} bytes cannot hold (a damaged or crafted file)")
-    needed = sum(member.nbytes for member in members.values()) + codes.nbytes  # + faiss's own copy of the codes
-    available = _available_memory()
-    if available is not None and needed > available:
-        raise UserError(f"{path} needs about {needed / 2**30:.1f} GiB of memory to load, and "
-                        f"{available / 2**30:.1f} GiB are available; load it on a larger machine or split it "
-                        "into shards")
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    check_declared(path, {name: member.nbytes for name, member in members.items()},
+                   copies=codes.nbytes)  # faiss keeps its own copy of the codes
 
 
 def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
@@ -399,12 +387,11 @@ def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise UserError(f"{out_path} already exists; pass --force to overwrite it")
-    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
-        raise UserError(f"the first id must be a non-negative integer, got {first_id!r}")
     encoder = open_encoder(source)
     image_set = collect_images(images, encoder, data)
+    all_ids = id_range(first_id, len(image_set.items))
     packed, ok = _encode_readable(encoder, image_set)
-    ids = np.arange(first_id, first_id + len(ok))[ok]
+    ids = all_ids[ok]
     index = HashIndex(packed[ok], encoder.bits, ids=ids, labels=np.asarray(image_set.labels)[ok],
                       paths=np.asarray(image_set.paths)[ok], label_names=image_set.label_names,
                       model={**encoder.describe(), "bits": encoder.bits}, kind=kind, params=params)
@@ -413,12 +400,20 @@ def build_index(source: str | os.PathLike, images: str | os.PathLike | Sequence[
 
 
 def build_index_from_codes(folder: str | os.PathLike, out_path: str | os.PathLike, force: bool = False,
-                           kind: str = "auto", params: dict[str, int] | None = None) -> HashIndex:
-    """An index of the codes ``hashdistill encode`` wrote into ``folder`` (ids, labels and paths kept)."""
+                           kind: str = "auto", params: dict[str, int] | None = None,
+                           model: str | os.PathLike | None = None) -> HashIndex:
+    """An index of the codes ``hashdistill encode`` wrote into ``folder`` (ids, labels and paths kept). ``model``,
+    when given (``index build MODEL CODES``), must be the model the codes record, by its hash and bit width."""
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise UserError(f"{out_path} already exists; pass --force to overwrite it")
     encoded = read_codes(folder)
+    if model is not None:
+        given, made_by = open_encoder(model), _model_record(encoded.manifest).get("hash")
+        if given.bits != encoded.bits or given.describe().get("hash") != made_by:
+            raise UserError(f"{folder} holds {encoded.bits}-bit codes of model {short(made_by)}, not of {model} "
+                            f"({given.bits} bits, {short(given.describe().get('hash'))}): give the model that "
+                            "encoded them, or the codes alone")
     index = HashIndex(encoded.codes, encoded.bits, ids=encoded.ids, labels=encoded.labels, paths=encoded.paths,
                       label_names=encoded.manifest.get("label_names") or [], model=_model_record(encoded.manifest),
                       kind=kind, params=params)
@@ -434,9 +429,11 @@ def _model_record(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequence[ImageLike],
-                 model: str | os.PathLike | None = None, data: DataConfig | None = None) -> tuple[HashIndex, int]:
+                 model: str | os.PathLike | None = None, data: DataConfig | None = None,
+                 allow_duplicates: bool = False) -> tuple[HashIndex, int]:
     """Encode more images with the index's model (or ``model``, of the same bit width) and add them in place; a
-    folder of codes from ``hashdistill encode`` is added as it is (made by the index's own model)."""
+    folder of codes from ``hashdistill encode`` is added as it is (made by the index's own model). Images whose
+    paths the index holds already are refused (adding a folder twice), unless ``allow_duplicates``."""
     index = load_index(index_path)
     if isinstance(images, str | os.PathLike) and is_codes_folder(images):
         encoded = read_codes(images)
@@ -445,6 +442,7 @@ def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequ
             raise UserError(f"{images} holds {encoded.bits}-bit codes of model {short(made_by)}, the index "
                             f"{index.bits}-bit codes of {short(index.model.get('hash'))}: encode them with the "
                             "index's model")
+        _refuse_duplicates(index, encoded.paths, allow_duplicates, encoded.ids)
         index.add(encoded.codes, encoded.labels, encoded.paths, ids=encoded.ids)
         index.save(index_path, force=True)
         return index, len(encoded.codes)
@@ -453,12 +451,27 @@ def add_to_index(index_path: str | os.PathLike, images: str | os.PathLike | Sequ
     if image_set.label_names and index.label_names and image_set.label_names != index.label_names:
         raise UserError(f"the new images' classes {short(image_set.label_names)} differ from the index's "
                         f"{short(index.label_names)}")
+    _refuse_duplicates(index, image_set.paths, allow_duplicates)
     packed, ok = _encode_readable(encoder, image_set)
     packed = packed[ok]
     index.add(packed, np.asarray(image_set.labels)[ok], np.asarray(image_set.paths)[ok])
     index.label_names = index.label_names or image_set.label_names
     index.save(index_path, force=True)
     return index, len(packed)
+
+
+def _refuse_duplicates(index: HashIndex, paths: Sequence[str], allow: bool, ids: np.ndarray | None = None) -> None:
+    """Refuse entries the index holds already, before any is encoded: ids always (they stay unique), and paths of
+    files or dataset rows (not in-memory arrays) unless ``allow``."""
+    if ids is not None and np.isin(ids, index.ids).any():
+        again = ids[np.isin(ids, index.ids)]
+        raise UserError(f"{len(again):,} of the new entries' ids are in the index already (id {int(again[0])}): "
+                        "were these codes added before? Encode new images with a distinct --first-id")
+    named = np.array([str(p) for p in paths if not str(p).startswith(ARRAY_PATH)], dtype=np.str_)
+    again = named[np.isin(named, index.paths)] if len(named) and not allow else named[:0]
+    if len(again):
+        raise UserError(f"{len(again):,} of the new images are in the index already ({name_some(list(again))}); "
+                        "pass --allow-duplicates to add them again")
 
 
 def _encode_readable(encoder, image_set) -> tuple[np.ndarray, np.ndarray]:
@@ -563,7 +576,7 @@ def open_search_backend(uri: str | os.PathLike, collection: str | None = None):
     if text.startswith(SERVER_SCHEMES) or text.endswith(".db"):
         from .milvus import MilvusCollection
 
-        return MilvusCollection(text, collection or DEFAULT_COLLECTION)
+        return MilvusCollection(text, DEFAULT_COLLECTION if collection is None else collection)
     if collection is not None:
         raise UserError(f"--collection names a Milvus collection; {text} is an index file")
     return load_index(uri)

@@ -19,26 +19,41 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hashdistill.errors import UserError
-from hashdistill.untrusted import parse_json, short
+from hashdistill.untrusted import MAX_BITS, parse_json, require_int, short
 
 SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://")
 INSERT_BATCH = 10_000
 MAX_PATH_BYTES = 65_535  # Milvus's longest VARCHAR
 MAX_K = 16_384  # Milvus's largest search limit
+SCHEMA = {"id": "INT64", "code": "BINARY_VECTOR", "path": "VARCHAR", "label": "INT64"}  # what export_index writes
 DEFAULT_COLLECTION = "hashdistill"
+FORMAT = "hashdistill-milvus"
+COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus's rule for a collection's name
+
+
+def check_collection_name(name: str) -> str:
+    """``name`` if Milvus accepts it for a collection (letters, digits and underscores, not starting with a digit,
+    at most 255 characters); checked here so that a bad name is a clear error, not pymilvus's logged traceback."""
+    if not isinstance(name, str) or not COLLECTION_NAME.fullmatch(name):
+        raise UserError(f"{short(name)} is not a Milvus collection name: use letters, digits and underscores, "
+                        "starting with a letter or underscore, at most 255 characters")
+    return name
 
 
 def is_server(uri: str) -> bool:
     return str(uri).startswith(SERVER_SCHEMES)
 
 
-def connect(uri: str):
-    """A MilvusClient for ``uri`` (a Lite file or a server), or a UserError that says what is missing."""
+def connect(uri: str, create: bool = False):
+    """A MilvusClient for ``uri`` (a Lite file or a server), or a UserError that says what is missing. A Lite file
+    that does not exist is created only with ``create`` (writing), never by a search."""
     try:
         from pymilvus import MilvusClient
     except ImportError:
@@ -48,6 +63,8 @@ def connect(uri: str):
     if not is_server(uri) and not uri.endswith(".db"):
         raise UserError(f"a Milvus URI is a Lite file ending in .db or a server address (http://host:19530); got "
                         f"{short(uri)}")
+    if not is_server(uri) and not create and not Path(uri).is_file():
+        raise UserError(f"no Milvus Lite file at {uri}; write one with `hashdistill index export --milvus {uri}`")
     try:
         return MilvusClient(uri=uri, token=os.environ.get("MILVUS_TOKEN", ""))
     except Exception as exc:  # noqa: BLE001 - pymilvus raises MilvusException and connection errors
@@ -57,15 +74,16 @@ def connect(uri: str):
 def export_index(index, uri: str, collection: str = DEFAULT_COLLECTION, force: bool = False) -> dict[str, Any]:
     """Write ``index`` (a :class:`~hashdistill.search.index.HashIndex`) into a new collection; returns what was
     written. An existing collection is replaced only with ``force``."""
+    check_collection_name(collection)
     from pymilvus import DataType, MilvusClient
 
-    client = connect(uri)
+    client = connect(uri, create=True)
     if client.has_collection(collection):
         if not force:
             raise UserError(f"collection '{collection}' already exists at {uri}; pass --force to replace it")
         client.drop_collection(collection)
     dim = 8 * index.codes.shape[1]
-    record = {"format": "hashdistill-milvus", "bits": index.bits, "model": index.model,
+    record = {"format": FORMAT, "bits": index.bits, "model": index.model,
               "label_names": index.label_names}
     description = json.dumps(record)
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
@@ -94,15 +112,29 @@ def export_index(index, uri: str, collection: str = DEFAULT_COLLECTION, force: b
 
 
 def collection_record(client, collection: str) -> dict[str, Any]:
-    """The bits and model record a collection written by :func:`export_index` carries (checked)."""
+    """The bits and model record a collection written by :func:`export_index` carries, checked with its schema: a
+    collection hashdistill did not write, or whose vectors are not as wide as its recorded codes, is refused."""
     if not client.has_collection(collection):
         raise UserError(f"no collection '{collection}' in this Milvus; write one with `hashdistill index export`")
-    record = parse_json(client.describe_collection(collection).get("description", ""), f"collection '{collection}'")
-    bits = record.get("bits") if isinstance(record, dict) else None
-    if record.get("format") != "hashdistill-milvus" or isinstance(bits, bool) or not isinstance(bits, int) \
-            or not 1 <= bits <= 4096 or not isinstance(record.get("model"), dict):
+    described = client.describe_collection(collection)
+    text = described.get("description", "")
+    try:
+        record = parse_json(text, f"collection '{collection}'")
+    except UserError:
+        record = None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("model"), dict):
         raise UserError(f"collection '{collection}' was not written by hashdistill (its description is "
-                        f"{short(record)})")
+                        f"{short(text)})")
+    bits = require_int(record.get("bits"), f"collection '{collection}': its bit width", 1, MAX_BITS)
+    fields = {field.get("name"): field for field in described.get("fields", []) if isinstance(field, dict)}
+    kinds = {name: str(getattr(field.get("type"), "name", field.get("type"))) for name, field in fields.items()}
+    if kinds != SCHEMA or not fields["id"].get("is_primary"):
+        raise UserError(f"collection '{collection}' was not written by hashdistill: its fields are "
+                        f"{short(kinds)}, expected {SCHEMA} (id the primary key)")
+    dim = fields["code"].get("params", {}).get("dim")
+    if dim != 8 * math.ceil(bits / 8):
+        raise UserError(f"collection '{collection}' holds vectors of {short(dim)} bits but records {bits}-bit codes "
+                        f"(expected {8 * math.ceil(bits / 8)}): a damaged or foreign collection")
     return record
 
 
@@ -110,7 +142,7 @@ class MilvusCollection:
     """A collection written by :func:`export_index`, searched like a HashIndex (see ``search_images``)."""
 
     def __init__(self, uri: str, collection: str = DEFAULT_COLLECTION):
-        self.uri, self.collection = str(uri), collection
+        self.uri, self.collection = str(uri), check_collection_name(collection)
         self.client = connect(uri)
         record = collection_record(self.client, collection)
         self.bits, self.model = int(record["bits"]), record["model"]
@@ -139,8 +171,11 @@ def search(client, collection: str, query_codes: np.ndarray, k: int, nprobe: int
     if not 1 <= k <= MAX_K:
         raise UserError(f"k must be in [1, {MAX_K}] for Milvus, got {k}")
     params = {"metric_type": "HAMMING", "params": {"nprobe": int(nprobe)} if nprobe else {}}
-    hits = client.search(collection, data=[row.tobytes() for row in query_codes], anns_field="code", limit=k,
-                         search_params=params, output_fields=["path", "label"])
+    try:
+        hits = client.search(collection, data=[row.tobytes() for row in query_codes], anns_field="code", limit=k,
+                             search_params=params, output_fields=["path", "label"])
+    except Exception as exc:  # noqa: BLE001 - pymilvus raises MilvusException and connection errors
+        raise UserError(f"Milvus could not search collection '{collection}': {short(str(exc))}") from None
     q = len(query_codes)
     distances, ids, labels = np.full((q, k), -1, np.int32), np.full((q, k), -1, np.int64), np.full((q, k), -1, np.int64)
     paths: list[list[str]] = [[] for _ in range(q)]

@@ -3,9 +3,9 @@
 ``np.load`` inflates a member whole before anyone can look at it: a 2 MB file whose member decompresses to
 2 GB costs 2 GB (twice, for a copy) before a length check can refuse it. Here each member's ``.npy`` header (its
 dtype and shape, a few hundred bytes at the start of the member) is read first, and nothing is decompressed
-until the caller has compared the declared shapes with each other and with the memory available. A member
-must then hold exactly what its header declares (the zip entry's size says so too), and reading it stops
-there: no member inflates past its declared size.
+until the caller has compared the declared shapes with each other, with the file's size and with the memory
+available (:mod:`.bounds`). A member must then hold exactly what its header declares (the zip entry's size says so
+too), and reading it stops there: no member inflates past its declared size.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from hashdistill.recipe import DATASETS, DataConfig
 
 BUILTIN_DATASETS = tuple(name for name in DATASETS if name != "imagefolder")
 DATASET_SPLITS = ("train", "val", "test", "ood_val", "ood_test", "database")
+ARRAY_PATH = "<array "  # the display path of an in-memory image: "<array 3>"; it names no file
 
 
 class Encoder(Protocol):
@@ -63,16 +64,30 @@ def open_encoder(source: str | os.PathLike, threads: int | None = None) -> Encod
 
 def collect_images(images: str | os.PathLike | ImageLike | Sequence[ImageLike], encoder: Encoder,
                    data: DataConfig | None = None) -> ImageSet:
-    """Resolve a folder, a ``dataset:split`` name or explicit images into an :class:`ImageSet`."""
+    """Resolve a folder, a ``dataset:split`` name or explicit images into an :class:`ImageSet`.
+
+    A file's display path is the path as given, made absolute (not resolved: a link stays a link), so that an index
+    names the same file wherever it is searched from; a URI stays as it is; an array is ``<array i>``."""
     if isinstance(images, str | os.PathLike):
         if Path(images).is_dir():
             paths, labels, names = scan_folder(images)
-            return ImageSet(list(paths), labels, [str(p) for p in paths], names)
-        if not Path(images).exists() and ":" in str(images):
-            return dataset_images(str(images), encoder, data)
+            absolute = [Path(p).absolute() for p in paths]
+            return ImageSet(list(absolute), labels, [str(p) for p in absolute], names)
+        if not Path(images).exists():
+            if ":" in str(images) and "://" not in str(images):
+                return dataset_images(str(images), encoder, data)
+            raise UserError(f"images not found: {images} is missing (give an image folder, an image file or a "
+                            "dataset split such as digits:test)")
     items = as_items(images)
-    paths = [str(item) if isinstance(item, str | os.PathLike) else f"<array {i}>" for i, item in enumerate(items)]
+    paths = [display_path(item) if isinstance(item, str | os.PathLike) else f"{ARRAY_PATH}{i}>"
+             for i, item in enumerate(items)]
     return ImageSet(items, np.full(len(items), -1, dtype=np.int64), paths)
+
+
+def display_path(item: str | os.PathLike) -> str:
+    """A file's path as given, made absolute; a URI (``scheme://...``) as it is."""
+    text = str(item)
+    return text if "://" in text else str(Path(item).absolute())
 
 
 def dataset_images(spec: str, encoder: Encoder, cfg: DataConfig | None = None) -> ImageSet:

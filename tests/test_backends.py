@@ -3,12 +3,15 @@ answers are exact Hamming distances, tie-aware equal to exact search for the exa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_index_kinds import BITS, clustered
 
 from hashdistill import codes as hc
 from hashdistill.app.cli import main
+from hashdistill.errors import UserError
 from hashdistill.search.index import HashIndex
 
 K = 20
@@ -93,3 +96,61 @@ def test_milvus_lite_through_the_command_line(database, tmp_path, capsys, studen
     assert first == [line.split()[0] for line in milvus_out[2:]] and "id=" in milvus_out[2]
     assert main(["index", "search", "--milvus", uri, "--collection", "nope", query]) == 2
     assert "no collection 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["has space", "a..b", "caf\u00e9", "x" * 300, "9lives", ""])
+def test_a_bad_collection_name_is_refused_before_milvus_sees_it(name, tmp_path, capsys):
+    """Checked before pymilvus is even imported: the same answer whether or not it is installed."""
+    from hashdistill.search.milvus import check_collection_name
+
+    with pytest.raises(UserError, match="is not a Milvus collection name"):
+        check_collection_name(name)
+    index = HashIndex(np.zeros((3, 8), np.uint8), BITS)
+    index_path = index.save(tmp_path / "index.npz")
+    for argv in (["index", "export", index_path, "--milvus", tmp_path / "m.db", "--collection", name],
+                 ["index", "search", "--milvus", tmp_path / "m.db", "--collection", name, tmp_path / "q.png"]):
+        assert main([str(a) for a in argv]) == 2
+        assert "is not a Milvus collection name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.npz"]
+    assert check_collection_name("_Shop_2024" + "x" * 245) == "_Shop_2024" + "x" * 245  # 255 characters
+
+
+def test_searching_a_missing_lite_file_creates_none(tmp_path, capsys):
+    missing = tmp_path / "missing.db"
+    for argv in (["index", "search", "--milvus", missing, tmp_path / "q.png"], ["index", "search", missing, "q.png"]):
+        assert main([str(a) for a in argv]) == 2
+        assert "no Milvus Lite file at" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_foreign_collections_and_wrong_widths_are_user_errors(database, tmp_path, capsys):
+    if not _milvus_available():
+        pytest.skip("pymilvus / milvus-lite not installed")
+    from pymilvus import DataType, MilvusClient
+
+    from hashdistill.search.milvus import MilvusCollection, export_index
+
+    index, queries = database
+    uri = str(tmp_path / "codes.db")
+    export_index(index, uri, "ours")
+    client = MilvusClient(uri=uri)
+    client.create_collection("quickstart", dimension=8)  # pymilvus's own quick-start collection: float vectors
+    ours = json.dumps({"format": "hashdistill-milvus", "bits": BITS, "model": {}})
+    for name, description, vector, dim in (("listed", "[1]", "code", 64), ("wide", ours, "code", 128),
+                                           ("renamed", ours, "vec", 64)):
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field(vector, DataType.BINARY_VECTOR, dim=dim)
+        schema.add_field("path", DataType.VARCHAR, max_length=100)
+        schema.add_field("label", DataType.INT64)
+        params = client.prepare_index_params()
+        params.add_index(field_name=vector, index_type="BIN_FLAT", metric_type="HAMMING")
+        client.create_collection(name, schema=schema, index_params=params)
+    client.close()
+    for name, expect in (("quickstart", "was not written by hashdistill"), ("listed", "was not written by hashdistill"),
+                         ("wide", "holds vectors of 128 bits but records 64-bit codes"),
+                         ("renamed", "its fields are")):
+        with pytest.raises(UserError, match=expect):
+            MilvusCollection(uri, name)
+    distances, *_ = MilvusCollection(uri, "ours").lookup(queries[:2], 3)  # ours still answers
+    assert distances.shape == (2, 3)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_support import refused
 from PIL import Image
-from test_export_support import exported
+from test_export_support import checkpoints, exported
 
 from hashdistill.app.cli import main
 from hashdistill.search.encode import MANIFEST, encode_images, read_codes
@@ -89,7 +90,9 @@ def test_index_build_and_add_take_the_shards(model, images, tmp_path, capsys):
     query = [str(p) for p in sorted(root.glob("shirts/00*.png"))[:3]]
     assert np.array_equal(search_images(built, query, 5).distances, search_images(direct, query, 5).distances)
     assert main(["encode", str(model), str(root / "boots"), "-o", str(tmp_path / "more"), "--first-id", "1000"]) == 0
-    assert main(["index", "add", str(tmp_path / "index.npz"), str(tmp_path / "more")]) == 0
+    assert main(["index", "add", str(tmp_path / "index.npz"), str(tmp_path / "more")]) == 2  # the boots are in
+    assert "in the index already" in capsys.readouterr().err
+    assert main(["index", "add", str(tmp_path / "index.npz"), str(tmp_path / "more"), "--allow-duplicates"]) == 0
     grown = load_index(tmp_path / "index.npz")
     assert len(grown) == len(built) + IMAGES_PER_CLASS and grown.ids.max() >= 1000
 
@@ -118,3 +121,31 @@ def test_a_damaged_shard_or_manifest_is_refused(model, images, tmp_path, capsys)
     (tmp_path / "codes" / MANIFEST).write_text('{"format": "hashdistill-codes", "bits": 16, "shards": ["../x"]}')
     assert main(["index", "build", str(tmp_path / "codes"), "-o", str(tmp_path / "i.npz")]) == 2
     assert "is corrupt" in capsys.readouterr().err and not (tmp_path / "i.npz").exists()
+
+
+def test_the_index_commands_do_what_the_docs_say(model, images, tmp_path, capsys, monkeypatch):
+    """`index build MODEL CODES` (README, docs/CLUSTER.md) works and checks the model; a missing folder is named
+    missing; paths are stored absolute; `index add` refuses what the index holds unless --allow-duplicates."""
+    root, _ = images
+    codes = encode_images(model, root / "shirts", tmp_path / "codes", first_id=1000).folder
+    assert main(["index", "build", str(model), str(codes), "-o", str(tmp_path / "from-codes.npz")]) == 0
+    assert len(load_index(tmp_path / "from-codes.npz")) == IMAGES_PER_CLASS
+    capsys.readouterr()
+    teacher = checkpoints(tmp_path.parent / "export-artefacts").teacher
+    refused(capsys, tmp_path, "index", "build", teacher, codes, "-o", tmp_path / "x.npz", expect="not of")
+    refused(capsys, tmp_path, "index", "build", model, codes, "-o", tmp_path / "x.npz", "--first-id", "5",
+            expect="holds codes with their ids already")
+    refused(capsys, tmp_path, "index", "build", model, tmp_path / "no-such-folder", "-o", tmp_path / "x.npz",
+            expect="no-such-folder is missing")
+    monkeypatch.chdir(root)
+    index = tmp_path / "boots.npz"
+    assert main(["index", "build", str(model), "boots", "-o", str(index)]) == 0
+    assert all(Path(p).is_absolute() and Path(p).parent == root / "boots" for p in load_index(index).paths)
+    capsys.readouterr()
+    refused(capsys, tmp_path, "index", "add", index, "boots", expect="120 of the new images are in the index already")
+    assert main(["index", "add", str(index), "boots", "--allow-duplicates"]) == 0
+    assert main(["index", "add", str(index), str(codes)]) == 0
+    assert len(load_index(index)) == 3 * IMAGES_PER_CLASS
+    capsys.readouterr()
+    refused(capsys, tmp_path, "index", "add", index, codes, "--allow-duplicates",
+            expect="ids are in the index already (id 1000)")

@@ -526,3 +526,139 @@ def test_randomly_mutated_metadata_never_crashes_any_command(arts, student_onnx,
     assert not bad, "\n\n".join(f"{c} {f}: {what[-600:]}" for c, f, what in bad)
     assert sum(r["code"] == 2 for r in report["results"]) > len(cases) // 2  # the mutations do bite
     assert report["peak_rss_mb"] < 2500, report["peak_rss_mb"]
+
+
+# ---------------------------------------------------------------- 8. sizes bounded by the file's own size
+
+
+def _zeros_member(archive: zipfile.ZipFile, name: str, descr: str, shape: tuple[int, ...]) -> None:
+    """A deflated .npy member of zeros declaring ``shape``: written in chunks, it costs the test no memory."""
+    from numpy.lib import format as npy
+
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as fh:
+        npy.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
+        left = int(np.prod(shape)) * np.dtype(descr).itemsize
+        chunk = bytes(1 << 22)
+        while left:
+            fh.write(chunk[:min(left, len(chunk))])
+            left -= min(left, len(chunk))
+
+
+def _with_label_names(index: Path, out: Path, count: int, chars: int) -> Path:
+    """``index`` with ``count`` label names of ``chars`` characters each (NUL characters: they deflate 1000-fold)."""
+    from numpy.lib import format as npy
+
+    with np.load(index) as npz:
+        fields = {key: npz[key] for key in npz.files if key != "label_names"}
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for key, value in fields.items():
+            with archive.open(f"{key}.npy", "w") as fh:
+                npy.write_array(fh, value, allow_pickle=False)
+        _zeros_member(archive, "label_names", f"<U{chars}", (count,))
+    return out
+
+
+def test_label_names_that_inflate_past_the_files_size_are_refused_unread(arts, student_onnx, tmp_path, capsys):
+    """100,000 label names of 255 characters (102 MB) in a 0.2 MB file: refused by the ratio cap before they
+    inflate, and the demo writes no site; a label name longer than a folder's name is refused by its dtype."""
+    import tracemalloc
+
+    index = tmp_path / "i.npz"
+    assert main(["index", "build", str(arts["student"]), "synthetic:test", "-o", str(index)]) == 0
+    capsys.readouterr()
+    bomb = _with_label_names(index, tmp_path / "names.npz", 100_000, 255)
+    long_names = _with_label_names(index, tmp_path / "long.npz", 10, 4096)
+    assert bomb.stat().st_size < 1_000_000
+    tracemalloc.start()
+    refused(capsys, tmp_path, "index", "info", bomb, expect="times its")
+    refused(capsys, tmp_path, "demo", tmp_path, "-o", tmp_path / "site", "--model", student_onnx, "--index", bomb,
+            expect="times its")
+    assert tracemalloc.get_traced_memory()[1] < 30_000_000
+    tracemalloc.stop()
+    refused(capsys, tmp_path, "index", "info", long_names, expect="member 'label_names' declares <U4096")
+
+
+def _codes_folder(folder: Path, groups: list[dict], bits: int = 16) -> Path:
+    """A folder of codes as `hashdistill encode` writes it, its one shard holding one row group per entry of
+    ``groups`` (pyarrow arrays by column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hashdistill.search.encode import FORMAT, MANIFEST
+
+    folder.mkdir()
+    schema = pa.schema([("id", pa.int64()), ("path", pa.string()), ("label", pa.int64()), ("code", pa.binary())])
+    with pq.ParquetWriter(folder / "codes-00000.parquet", schema) as writer:
+        for group in groups:
+            writer.write_table(pa.table(group, schema=schema))
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": 1, "bits": bits, "shards": [
+        "codes-00000.parquet"], "model": {"hash": "x", "path": "m.onnx"}, "label_names": []}))
+    return folder
+
+
+def test_a_shard_declaring_millions_of_rows_is_refused_before_it_is_read(tmp_path, capsys, monkeypatch):
+    """10M constant rows (180 MB once read) in a small Parquet file are refused from the metadata, not read into a
+    MemoryError; within the cap, a shard larger than the memory is refused too; an honest one of several row
+    groups reads whole."""
+    import pyarrow as pa
+
+    from hashdistill.search import bounds
+    from hashdistill.search.encode import read_codes
+
+    rows = 1_000_000
+    constant = {"id": pa.repeat(pa.scalar(0, pa.int64()), rows), "path": pa.repeat(pa.scalar("", pa.string()), rows),
+                "label": pa.repeat(pa.scalar(0, pa.int64()), rows), "code": pa.repeat(pa.scalar(b"\0\0"), rows)}
+    bomb = _codes_folder(tmp_path / "bomb", [constant] * 10)
+    shard = bomb / "codes-00000.parquet"
+    assert shard.stat().st_size * bounds.MAX_INFLATION + bounds.ALLOWANCE < 10 * rows * 18
+    started = time.perf_counter()
+    refused(capsys, tmp_path, "index", "build", bomb, "-o", tmp_path / "i.npz", expect="times its")
+    assert time.perf_counter() - started < 5
+    honest = _codes_folder(tmp_path / "honest", [
+        {"id": pa.array(np.arange(start, start + 50)), "path": pa.array([f"img-{i}.png" for i in range(50)]),
+         "label": pa.array(np.zeros(50, np.int64)), "code": pa.array([bytes([i, start // 50]) for i in range(50)])}
+        for start in (0, 50, 100)])
+    encoded = read_codes(honest)
+    assert encoded.codes.shape == (150, 2) and list(encoded.ids) == list(range(150))
+    assert encoded.paths[60] == "img-10.png" and encoded.codes[60].tolist() == [10, 1]
+    monkeypatch.setattr(bounds, "available_memory", lambda: 1000)
+    refused(capsys, tmp_path, "index", "build", honest, "-o", tmp_path / "i.npz", expect="GiB of memory to load")
+
+
+# ---------------------------------------------------------------- 9. ids within int64, dataset rows within the split
+
+MAX_ID = 2**63 - 1
+
+
+def test_ids_past_int64_are_refused_not_wrapped(student_onnx, tmp_path, capsys):
+    """--first-id 2**63-1 (a traceback before) and 2**63-8 (ids wrapped negative before) for 10 images: refused;
+    a range ending exactly at int64's largest value is built, and adding to it is refused."""
+    from hashdistill.search.index import build_index, load_index
+
+    folder = tmp_path / "images"
+    for i in range(10):
+        _png(folder / f"{i}.png", seed=i)
+    for first in (MAX_ID, MAX_ID - 8):
+        for argv in (["encode", student_onnx, folder, "-o", tmp_path / "codes", "--first-id", first],
+                     ["index", "build", student_onnx, folder, "-o", tmp_path / "i.npz", "--first-id", first]):
+            refused(capsys, tmp_path, *argv, expect="the largest id (int64)")
+    edge = build_index(student_onnx, folder, tmp_path / "edge.npz", first_id=MAX_ID - 9)
+    assert edge.ids.min() == MAX_ID - 9 and edge.ids.max() == MAX_ID
+    assert main(["encode", str(student_onnx), str(folder), "-o", str(tmp_path / "codes"), "--first-id",
+                 str(MAX_ID - 9)]) == 0
+    refused(capsys, tmp_path, "index", "add", tmp_path / "edge.npz", _png(tmp_path / "more" / "x.png"),
+            expect="the largest id (int64)")
+    assert len(load_index(tmp_path / "edge.npz")) == 10
+
+
+def test_the_demo_refuses_an_index_naming_rows_past_its_dataset(student_onnx, tmp_path, capsys):
+    index = tmp_path / "i.npz"
+    assert main(["index", "build", str(student_onnx), "synthetic:test", "-o", str(index)]) == 0
+    capsys.readouterr()
+    with np.load(index) as npz:
+        fields = {key: npz[key] for key in npz.files}
+    paths = fields["paths"].astype("<U40")
+    paths[3] = "synthetic:test#999999"
+    np.savez(tmp_path / "far.npz", **{**fields, "paths": paths})
+    refused(capsys, tmp_path, "demo", tmp_path, "-o", tmp_path / "site", "--model", student_onnx, "--index",
+            tmp_path / "far.npz", expect="names image 999,999 of synthetic:test")

@@ -10,7 +10,7 @@ from test_export_support import checkpoints
 
 from hashdistill.app.cli import INDEX_KINDS, main
 from hashdistill.errors import UserError
-from hashdistill.search import index as index_module
+from hashdistill.search import bounds
 from hashdistill.search.index import (
     AUTO_FLAT_BELOW,
     TARGET_RECALL,
@@ -242,7 +242,7 @@ def test_build_parameters_are_never_silently_replaced(database):
 
 def test_an_index_larger_than_memory_is_refused_before_loading(indexes, tmp_path, monkeypatch, capsys):
     _, path = indexes["hnsw"]
-    monkeypatch.setattr(index_module, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(bounds, "available_memory", lambda: 1000)
     refused(capsys, tmp_path, "index", "info", path, expect="GiB of memory to load, and 0.0 GiB are available")
 
 
@@ -312,26 +312,44 @@ def _inflating(path, out, rows: int, members: tuple[str, ...] = ("codes", "ids",
 
 
 def test_a_compressed_member_is_checked_before_it_is_inflated(indexes, tmp_path, capsys, monkeypatch):
-    """A small file whose codes inflate to far more rows than its ids (or, consistently, to more than the memory
-    available) is refused from the members' headers alone, in index info and index merge, without inflating."""
+    """A small file whose codes inflate to far more rows than its ids, whose members agree but declare far more
+    than its size on disk allows (the ratio cap), or, within the cap, more than the memory available, is refused
+    from the members' headers alone, in index info and index merge, without inflating."""
     import tracemalloc
-
-    from hashdistill.search import index as index_module
 
     _, path = indexes["flat"]
     codes_only = _inflating(path, tmp_path / "codes.npz", rows=40_000_000, members=("codes",))  # 120 MB of codes
-    everything = _inflating(path, tmp_path / "rows.npz", rows=4_000_000)  # 120 MB in all, consistent rows
-    assert codes_only.stat().st_size < 2_000_000 and everything.stat().st_size < 2_000_000
+    bomb = _inflating(path, tmp_path / "rows.npz", rows=4_000_000)  # 120 MB in all, consistent rows
+    within_cap = _inflating(path, tmp_path / "within.npz", rows=1_000_000)  # 30 MB: under the cap's allowance
+    assert codes_only.stat().st_size < 2_000_000 and bomb.stat().st_size < 2_000_000
+    assert bounds.MAX_INFLATION * bomb.stat().st_size + bounds.ALLOWANCE < 120_000_000
     tracemalloc.start()
-    for crafted in (codes_only, everything):
-        if crafted is everything:
-            monkeypatch.setattr(index_module, "_available_memory", lambda: 50_000_000)
-        expect = "cannot hold" if crafted is codes_only else "GiB of memory to load"
+    for crafted, expect in ((codes_only, "cannot hold"), (bomb, "times its"), (within_cap, "GiB of memory to load")):
+        if crafted is within_cap:
+            monkeypatch.setattr(bounds, "available_memory", lambda: 20_000_000)
         for argv in (["index", "info", crafted], ["index", "merge", crafted, path, "-o", tmp_path / "merged.npz"]):
             refused(capsys, tmp_path, *argv, expect=expect)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 20_000_000  # none of the 120 MB was inflated
+
+
+def test_a_real_index_deflated_stays_well_under_the_ratio_cap(indexes, tmp_path):
+    """The cap is far from what real indexes reach: hashdistill stores members uncompressed, and a deflated copy
+    (all-zero codes included) still loads."""
+    import zipfile
+
+    for kind, (index, path) in indexes.items():
+        with np.load(path) as npz:
+            fields = {key: npz[key] for key in npz.files}
+        zeros = {**fields, "codes": np.zeros_like(fields["codes"])} if kind == "flat" else fields
+        deflated = tmp_path / f"{kind}.npz"
+        np.savez_compressed(deflated, **zeros)
+        for file in (path, deflated):
+            with zipfile.ZipFile(file) as archive:
+                inflated = sum(info.file_size for info in archive.infolist())
+            assert inflated / file.stat().st_size < bounds.MAX_INFLATION / 4
+        assert len(load_index(deflated)) == len(index)
 
 
 def test_a_member_declaring_more_rows_than_the_codes_is_refused_unread(indexes, tmp_path, capsys):

@@ -143,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build, grow, merge or search a Hamming index")
     index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     b = index_sub.add_parser("build", help="encode images (or take the codes of `hashdistill encode`) and store them "
-                                           "in a faiss binary index")
-    b.add_argument("model", help="ONNX file or checkpoint that encodes the images, or a folder of codes from "
-                                 "`hashdistill encode` (then no IMAGES)")
+                                           "in a faiss binary index",
+                             usage="hashdistill index build {MODEL IMAGES | [MODEL] CODES} -o OUTPUT [options]")
+    b.add_argument("model", help="ONNX file or checkpoint that encodes the images (with CODES: the model that encoded "
+                                 "them, checked against the codes' record), or a folder of CODES alone")
     b.add_argument("images", nargs="?",
-                   help="image folder (class sub-folders give labels) or dataset[:split], e.g. digits:test")
+                   help="image folder (class sub-folders give labels), dataset[:split] such as digits:test, or a "
+                        "folder of CODES from `hashdistill encode`")
     b.add_argument("-o", "--output", required=True)
     b.add_argument("--kind", default="auto", choices=INDEX_KINDS,
                    help="flat (exact), ivf or hnsw (approximate); auto: flat for small databases, ivf for large")
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("index")
     a.add_argument("images", help="image folder, dataset[:split], or a folder of codes from `hashdistill encode`")
     a.add_argument("--model", help="model to encode with (default: the one that built the index)")
+    a.add_argument("--allow-duplicates", action="store_true",
+                   help="add images whose paths the index holds already (refused by default: a folder added twice)")
     a.set_defaults(handler=cmd_index_add)
     m = index_sub.add_parser("merge", help="merge index shards into one, ids kept")
     m.add_argument("shards", nargs="+")
@@ -405,6 +409,11 @@ def cmd_index_build(args: argparse.Namespace) -> None:
         if args.images is not None or args.first_id:
             raise UserError(f"{args.model} holds codes already: give no IMAGES (nor --first-id) with it")
         index = build_index_from_codes(args.model, output, force=args.force, kind=args.kind, params=params)
+    elif args.images is not None and is_codes_folder(args.images):
+        if args.first_id:
+            raise UserError(f"{args.images} holds codes with their ids already: give no --first-id with it")
+        index = build_index_from_codes(args.images, output, force=args.force, kind=args.kind, params=params,
+                                       model=args.model)
     elif args.images is None:
         raise UserError("index build needs the IMAGES to encode (or a folder of codes from `hashdistill encode`)")
     else:
@@ -417,7 +426,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 def cmd_index_add(args: argparse.Namespace) -> None:
     from hashdistill.search.index import add_to_index
 
-    index, added = add_to_index(args.index, args.images, model=args.model)
+    index, added = add_to_index(args.index, args.images, model=args.model, allow_duplicates=args.allow_duplicates)
     print(f"added {added} images -> {args.index} ({len(index)} in all)")
     _print_index(index.describe())
 

@@ -166,6 +166,10 @@ def _database_pixels(paths: list[str], input_size: int):
     spec = specs.pop()
     images = dataset_images(spec, _SizeOnly(spec, input_size)).items
     rows = [int(DATASET_PATH.match(p).group("row")) for p in paths]
+    outside = next((row for row in rows if row >= len(images)), None)
+    if outside is not None:
+        raise UserError(f"the index names image {outside:,} of {spec}, which holds {len(images):,}: an index of "
+                        "another data section, or a damaged one")
 
     def decoded(start: int, stop: int):
         for row in rows[start:stop]:
