@@ -1,17 +1,13 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 from PIL import Image
 
-from hashdistill.data import FASHION_MNIST_DIRS, build_dataset
+from hashdistill.data import build_dataset
 from hashdistill.errors import UserError
 from hashdistill.recipe import DataConfig
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not (Path(FASHION_MNIST_DIRS[0]) / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (.ci/run does)")
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "digits", pytest.param("fashion-mnist", marks=needs_fashion_mnist)])
@@ -151,6 +147,7 @@ def test_batched_fetch_equals_item_by_item():
     assert torch.equal(batch[0], reference[0]) and torch.equal(batch[1], reference[1])
 
 
+@needs_fashion_mnist
 def test_augmented_batches_travel_as_uint8_and_are_normalised_after_the_shift():
     from hashdistill.data import batch_augmentation, random_shift_flip
 

@@ -11,29 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY
+from conftest import ORT_WEB, ROOT, TINY, needs_browser
 from PIL import Image
 
 from hashdistill.app.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-ORT_WEB = ROOT / "node_modules" / "onnxruntime-web" / "dist"
-
-
-def _browser_ready() -> str | None:
-    """Why the browser tests cannot run here, or None."""
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright)"
-    if not shutil.which("chromium") and not Path("/usr/bin/chromium").is_file():
-        return "Debian's chromium is not installed (apt-get install chromium)"
-    if not ORT_WEB.is_dir():
-        return "onnxruntime-web is not installed (npm ci in the repository root)"
-    return None
-
-
-needs_browser = pytest.mark.skipif(_browser_ready() is not None, reason=str(_browser_ready()))
 
 
 @pytest.fixture(scope="module")

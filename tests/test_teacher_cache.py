@@ -4,6 +4,7 @@ resume, and no teacher forward pass in a step once the views are known."""
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 from PIL import Image
 
 from hashdistill.data import build_dataset
@@ -48,6 +49,7 @@ class _Spy:
         monkeypatch.setattr(teacher_cache.TeacherViewCache, "lookup", lookup)
 
 
+@needs_fashion_mnist
 def test_in_memory_views_get_the_teachers_logits_of_exactly_that_view_also_after_a_resume(fashion, tmp_path,
                                                                                             monkeypatch):
     recipe, teacher_path = fashion
@@ -102,6 +104,7 @@ def test_in_memory_views_get_the_teachers_logits_of_exactly_that_view_also_after
     torch.testing.assert_close(saved.logits[index, views], reference, rtol=0, atol=1e-5)
 
 
+@needs_fashion_mnist
 def test_once_every_view_is_known_no_step_runs_the_teacher(fashion, tmp_path, monkeypatch):
     recipe, teacher_path = fashion
     teacher, _ = load_model(str(teacher_path))
@@ -122,6 +125,7 @@ def test_once_every_view_is_known_no_step_runs_the_teacher(fashion, tmp_path, mo
     assert "cpu" not in forwards  # every step looked its teacher logits up
 
 
+@needs_fashion_mnist
 def test_a_cache_of_another_teacher_or_data_is_not_used(fashion, tmp_path):
     recipe, teacher_path = fashion
     teacher, _ = load_model(str(teacher_path))
