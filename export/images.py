@@ -63,10 +63,8 @@ def decode_batches(items: Sequence[ImageLike], transform: EvalTransform, batch_s
         yield slice(start, len(items)), np.stack(pending)
 
 
-def scan_folder(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Image paths, labels and class names: class sub-folders give labels, a plain folder gives -1.
-
-    Damaged files are skipped and counted (the rule of :mod:`hashdistill.imagefiles`).
-    """
-    paths, labels, classes, _ = scan_image_files(folder, allow_unlabelled=True)
-    return paths, np.array(labels, dtype=np.int64), classes
+def scan_folder(folder: str | os.PathLike, quiet: bool = False) -> tuple[list[Path], np.ndarray, list[str], int]:
+    """Image paths, labels, class names and how many files were unreadable: class sub-folders give labels, a plain
+    folder gives -1. Damaged files are skipped and counted (the rule of :mod:`hashdistill.imagefiles`)."""
+    paths, labels, classes, unreadable = scan_image_files(folder, allow_unlabelled=True, quiet=quiet)
+    return paths, np.array(labels, dtype=np.int64), classes, unreadable

@@ -169,9 +169,10 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
-def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False, labels_from_folders: bool = True
-                     ) -> tuple[list[Path], list[int], list[str], int]:
-    """Readable image paths, labels, class names and the number skipped.
+def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False, labels_from_folders: bool = True,
+                     quiet: bool = False) -> tuple[list[Path], list[int], list[str], int]:
+    """Readable image paths, labels, class names and the number skipped (warned about unless ``quiet``: a caller
+    that reports its own count of skipped files says it once).
 
     Class sub-folders (sorted by name) give labels; a folder without sub-folders gives label -1
     when ``allow_unlabelled``, else it is an error. With ``labels_from_folders=False`` every image at any
@@ -202,6 +203,6 @@ def scan_image_files(folder: str | os.PathLike, allow_unlabelled: bool = False, 
         raise UserError(f"{folder}: the class folder{'s' if len(empty) > 1 else ''} {name_some(empty)} "
                         f"{'hold' if len(empty) > 1 else 'holds'} no readable image; add images or remove "
                         f"{'them' if len(empty) > 1 else 'it'}")
-    if skipped:
+    if skipped and not quiet:
         warn(f"{folder}: skipped {len(skipped)} unreadable image(s): {name_some([p.name for p in skipped])}")
     return paths, labels, classes, len(skipped)

@@ -32,48 +32,16 @@ from hashdistill.messages import name_some, warn
 from hashdistill.untrusted import parse_json, short
 
 from .bounds import check_declared, check_memory
+from .image_encoder import BATCH, ImageEncoder
 from .sources import collect_images, open_encoder
 
 MANIFEST, FORMAT, FORMAT_VERSION = "manifest.json", "hashdistill-codes", 1
 SHARD_ROWS = 100_000  # rows per Parquet file of the in-process path
-BATCH = 64  # images per encoder call
 SKIPPED_LISTED = 20  # skipped files named in the manifest
-LOCAL = "local"  # --ray without an address: a local cluster on this machine
 COLUMNS = ("id", "path", "label", "code")
 ROW_BYTES = 8 + 8 + 4  # a row once read, beside its code: id, label and at least one 4-byte character of path
 MAX_PATH_CHARS = 4096
 MAX_ID = int(np.iinfo(np.int64).max)
-
-
-class ImageEncoder:
-    """Images -> packed codes for Ray Data's ``map_batches`` (and the in-process path): ``{id, path, label}``
-    columns in, the same with ``code`` (one bytes object per row) and ``ok`` (False: the file could not be
-    decoded) out. ``threads``: onnxruntime's threads per encoder (1 when several actors share the cores)."""
-
-    def __init__(self, model: str, threads: int | None = None):
-        self.encoder = open_encoder(model, threads=threads)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in batch["path"]]
-        codes, ok = encode_or_skip(self.encoder, paths)
-        return {"id": batch["id"], "path": np.array(paths, dtype=object), "label": batch["label"],
-                "code": np.array([row.tobytes() for row in codes], dtype=object), "ok": ok}
-
-
-def encode_or_skip(encoder, items: list) -> tuple[np.ndarray, np.ndarray]:
-    """Packed codes of ``items`` and which of them could be decoded (a damaged file's row stays zero): the rule
-    every encoding path follows, so one damaged file never stops an image set."""
-    ok = np.ones(len(items), dtype=bool)
-    codes = np.zeros((len(items), hc.packed_width(encoder.bits)), dtype=np.uint8)
-    try:
-        codes[:] = encoder.encode(items)
-    except UserError:  # a file of the batch is damaged: find it, encode the rest one by one
-        for i, item in enumerate(items):
-            try:
-                codes[i] = encoder.encode([item])[0]
-            except UserError:
-                ok[i] = False
-    return codes, ok
 
 
 @dataclass
@@ -85,14 +53,17 @@ class EncodeResult:
 
 
 def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, ray: str | None = None,
-                  workers: int | None = None, first_id: int = 0, force: bool = False) -> EncodeResult:
+                  workers: int | None = None, first_id: int = 0, force: bool = False,
+                  verbose: bool = False) -> EncodeResult:
     """Encode ``images`` (an image folder, or a text file listing one path or URI per line) with ``model`` into
-    Parquet shards in the folder ``out``. ``ray``: None for this process, ``"local"`` for a local Ray cluster,
-    or a cluster's address; ``workers``: encoder actors (default: the cluster's CPUs)."""
+    Parquet shards in the folder ``out``. ``ray``: None for this process, ``"local"`` for ``RAY_ADDRESS`` or a
+    local Ray cluster, or a cluster's address; ``workers``: encoder actors (default: the cluster's CPUs);
+    ``verbose``: Ray's own log lines too. Files skipped (unreadable at the scan, or failing to decode) are counted
+    once, in the manifest and in one warning."""
     out = Path(out)
     _check_output(out, force)
     encoder = open_encoder(model)
-    image_set = collect_images(_listed(images), encoder)
+    image_set = collect_images(_listed(images), encoder, quiet=True)
     rows = {"id": id_range(first_id, len(image_set.paths)),
             "path": np.array(image_set.paths, dtype=object), "label": np.asarray(image_set.labels, dtype=np.int64)}
     started = time.perf_counter()
@@ -104,11 +75,13 @@ def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str 
         else:
             from .ray_encode import encode_with_ray
 
-            shards, skipped, engine = encode_with_ray(str(model), rows, staging, ray, workers)
+            shards, skipped, engine = encode_with_ray(str(model), rows, staging, ray, workers, verbose)
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "bits": encoder.bits,
                     "model": {**encoder.describe(), "bits": encoder.bits}, "label_names": image_set.label_names,
-                    "images": len(image_set.paths), "encoded": len(image_set.paths) - len(skipped),
-                    "skipped": len(skipped), "skipped_paths": skipped[:SKIPPED_LISTED], "shards": shards,
+                    "images": len(image_set.paths) + image_set.unreadable,
+                    "encoded": len(image_set.paths) - len(skipped), "skipped": image_set.unreadable + len(skipped),
+                    "unreadable_at_scan": image_set.unreadable, "skipped_paths": skipped[:SKIPPED_LISTED],
+                    "shards": shards,
                     "first_id": first_id, "seconds": time.perf_counter() - started, **engine}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
@@ -117,8 +90,10 @@ def encode_images(model: str | os.PathLike, images: str | os.PathLike, out: str 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if skipped:
-        warn(f"{images}: skipped {len(skipped)} image(s) that could not be decoded: {name_some(skipped)}")
+    if manifest["skipped"]:
+        named = f": {name_some(skipped)}" if skipped else ""
+        warn(f"{images}: skipped {manifest['skipped']} image(s): {image_set.unreadable} unreadable at the scan, "
+             f"{len(skipped)} that could not be decoded{named}")
     return EncodeResult(out, manifest)
 
 

@@ -45,7 +45,8 @@ from hashdistill.recipe import DataConfig
 from hashdistill.untrusted import MAX_BITS, MAX_CLASSES, MAX_JSON_CHARS, parse_json, short
 
 from .bounds import check_declared
-from .encode import encode_or_skip, id_range, is_codes_folder, read_codes
+from .encode import id_range, is_codes_folder, read_codes
+from .image_encoder import encode_or_skip
 from .index_kinds import ARRAY_KEYS, KINDS, MAX_HNSW_LEVELS, SearchStructure
 from .npz import Member, read_arrays, read_headers
 from .sources import ARRAY_PATH, collect_images, open_encoder

@@ -45,6 +45,7 @@ class ImageSet:
     labels: np.ndarray
     paths: list[str]
     label_names: list[str] = field(default_factory=list)
+    unreadable: int = 0  # files of a folder skipped at the scan (unreadable headers)
 
 
 def open_encoder(source: str | os.PathLike, threads: int | None = None) -> Encoder:
@@ -63,16 +64,17 @@ def open_encoder(source: str | os.PathLike, threads: int | None = None) -> Encod
 
 
 def collect_images(images: str | os.PathLike | ImageLike | Sequence[ImageLike], encoder: Encoder,
-                   data: DataConfig | None = None) -> ImageSet:
-    """Resolve a folder, a ``dataset:split`` name or explicit images into an :class:`ImageSet`.
+                   data: DataConfig | None = None, quiet: bool = False) -> ImageSet:
+    """Resolve a folder, a ``dataset:split`` name or explicit images into an :class:`ImageSet`; ``quiet``: the
+    caller reports the files a folder's scan skipped (``ImageSet.unreadable``) with its own count.
 
     A file's display path is the path as given, made absolute (not resolved: a link stays a link), so that an index
     names the same file wherever it is searched from; a URI stays as it is; an array is ``<array i>``."""
     if isinstance(images, str | os.PathLike):
         if Path(images).is_dir():
-            paths, labels, names = scan_folder(images)
+            paths, labels, names, unreadable = scan_folder(images, quiet=quiet)
             absolute = [Path(p).absolute() for p in paths]
-            return ImageSet(list(absolute), labels, [str(p) for p in absolute], names)
+            return ImageSet(list(absolute), labels, [str(p) for p in absolute], names, unreadable)
         if not Path(images).exists():
             if ":" in str(images) and "://" not in str(images):
                 return dataset_images(str(images), encoder, data)

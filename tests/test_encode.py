@@ -13,6 +13,7 @@ from PIL import Image
 from test_export_support import checkpoints, exported
 
 from hashdistill.app.cli import main
+from hashdistill.errors import UserError
 from hashdistill.search.encode import MANIFEST, encode_images, read_codes
 from hashdistill.search.index import load_index, search_images
 
@@ -63,8 +64,9 @@ def test_the_in_process_and_the_ray_paths_give_the_same_codes(model, images, tmp
     for encoded, result in ((a, here), (b, ray)):
         assert sorted(encoded.paths.tolist()) == readable  # no file lost, none twice
         assert len(np.unique(encoded.ids)) == len(encoded.ids)
-        assert result.manifest["skipped"] == 1 and result.manifest["skipped_paths"][0].endswith("zz-damaged.png")
-        assert result.manifest["images"] == len(readable) + 1 and result.manifest["encoded"] == len(readable)
+        assert result.manifest["skipped"] == 2 and result.manifest["unreadable_at_scan"] == 1  # counted once
+        assert result.manifest["skipped_paths"] == [str(Path(root).absolute() / "boots" / "zz-damaged.png")]
+        assert result.manifest["images"] == len(readable) + 2 and result.manifest["encoded"] == len(readable)
     order_a, order_b = np.argsort(a.ids), np.argsort(b.ids)
     assert np.array_equal(a.ids[order_a], b.ids[order_b]) and np.array_equal(a.paths[order_a], b.paths[order_b])
     assert np.array_equal(a.codes[order_a], b.codes[order_b])  # bit for bit
@@ -72,13 +74,50 @@ def test_the_in_process_and_the_ray_paths_give_the_same_codes(model, images, tmp
 
     reference = EdgeModel(model).encode(list(a.paths[order_a]))
     assert np.array_equal(reference, a.codes[order_a])
-    assert "zz-damaged.png" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("skipped 2 image(s): 1 unreadable at the scan, 1 that could not be decoded") == 2  # one a run
+    assert "unreadable image(s)" not in err and "core_worker" not in err and "available CPUs" not in err
+
+
+def test_a_ray_address_with_nothing_listening_is_an_error_within_seconds(model, images, tmp_path):
+    import socket
+    import time
+
+    pytest.importorskip("ray")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again when the block ends: nothing listens there
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=f"could not reach a Ray cluster at 127.0.0.1:{port}"):
+        encode_images(model, images[0], tmp_path / "codes", ray=f"127.0.0.1:{port}")
+    assert time.perf_counter() - started < 15 and not (tmp_path / "codes").exists()
+
+
+def test_ray_alone_honours_ray_address_and_an_existing_cluster_gets_no_cpu_count(monkeypatch):
+    from hashdistill.search import ray_encode
+
+    calls = []
+
+    class FakeRay:
+        @staticmethod
+        def init(**kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(ray_encode, "probe", lambda address: None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_encode.resolve_address(ray_encode.LOCAL) == "10.0.0.5:6379"
+    assert ray_encode.resolve_address("auto") == "auto"
+    ray_encode._connect(FakeRay, ray_encode.resolve_address(ray_encode.LOCAL), workers=2, verbose=False)
+    monkeypatch.delenv("RAY_ADDRESS")
+    ray_encode._connect(FakeRay, ray_encode.resolve_address(ray_encode.LOCAL), workers=2, verbose=False)
+    assert calls[0]["address"] == "10.0.0.5:6379" and "num_cpus" not in calls[0]
+    assert calls[1]["num_cpus"] == 2 and "address" not in calls[1] and calls[1]["log_to_driver"] is False
 
 
 def test_index_build_and_add_take_the_shards(model, images, tmp_path, capsys):
     root, _ = images
     assert main(["encode", str(model), str(root), "-o", str(tmp_path / "codes")]) == 0
-    assert "encoded 240 of 241 images" in capsys.readouterr().out
+    assert "encoded 240 of 242 images (16 bits; 2 skipped)" in capsys.readouterr().out  # both damaged files
     assert main(["index", "build", str(tmp_path / "codes"), "-o", str(tmp_path / "index.npz")]) == 0
     built = load_index(tmp_path / "index.npz")
     encoded = read_codes(tmp_path / "codes")

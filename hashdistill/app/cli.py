@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="encoder actors with --ray (default: one per CPU of the cluster)")
     p.add_argument("--first-id", type=int, default=0, help="ids run from here (distinct per shard, for merging)")
     p.add_argument("--force", action="store_true", help="replace an earlier encoding at --output")
+    p.add_argument("--verbose", action="store_true", help="with --ray: show Ray's own log lines too")
     p.set_defaults(handler=cmd_encode)
 
     p = sub.add_parser("index", help="build, grow, merge or search a Hamming index")
@@ -389,7 +390,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     if args.workers is not None and (args.ray is None or args.workers < 1):
         raise UserError("--workers takes a number >= 1, with --ray")
     result = encode_images(args.model, args.images, args.output, ray=args.ray, workers=args.workers,
-                           first_id=args.first_id, force=args.force)
+                           first_id=args.first_id, force=args.force, verbose=args.verbose)
     m = result.manifest
     where = f"Ray, {m['workers']} workers" if m["engine"] == "ray" else "this process"
     print(f"encoded {m['encoded']} of {m['images']} images ({m['bits']} bits; {m['skipped']} skipped) in "
