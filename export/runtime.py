@@ -11,6 +11,7 @@ nothing but the ``.onnx`` file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ class EdgeModel:
         if not self.path.is_file():
             raise UserError(f"ONNX model not found: {self.path}")
         contents = self.path.read_bytes()  # read once: onnxruntime and the pre-processing check both parse it
+        self.file_digest = hashlib.sha256(contents).hexdigest()
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -57,6 +59,7 @@ class EdgeModel:
         if inputs != [INPUT] or sorted(outputs) != sorted([CODES, LOGITS]):
             raise UserError(f"{self.path}: expected input '{INPUT}' and outputs '{CODES}', '{LOGITS}'; "
                             f"the graph has inputs {inputs} and outputs {outputs}")
+        self._check_outputs()
         graph_input = self.session.get_inputs()[0]
         shape, size = graph_input.shape, self.meta.input_size
         if self.takes_images:
@@ -71,6 +74,20 @@ class EdgeModel:
         if self.takes_images and self.path.suffix.lower() == ".onnx":  # (an .ort file was checked when converted)
             check_embedded(onnx.load_from_string(contents), self.meta.transform, str(self.path))
         self._front: ort.InferenceSession | None = None
+
+    def _check_outputs(self) -> None:
+        """The codes come out as uint8 [N, ceil(bits / 8)] and the logits as float [N, bits], as the metadata's bit
+        width says, before anything is encoded: a float or float16 'codes' output would otherwise be cast to
+        bytes, or fail mid-way, and a user's index would hold the wrong codes."""
+        width = codes.packed_width(self.meta.bits)
+        expected = {CODES: ("tensor(uint8)", width), LOGITS: ("tensor(float)", self.meta.bits)}
+        for output in self.session.get_outputs():
+            kind, last = expected[output.name]
+            shape = output.shape
+            if output.type != kind or len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != last):
+                raise UserError(f"{self.path}: output '{output.name}' is {output.type} of shape {short(shape)}, but a "
+                                f"{self.meta.bits}-bit model gives {kind.removeprefix('tensor(').rstrip(')')} "
+                                f"[batch, {last}]; the file was not written by hashdistill's exporter, or was altered")
 
     @property
     def takes_images(self) -> bool:
@@ -100,10 +117,11 @@ class EdgeModel:
         return self.meta.data
 
     def describe(self) -> dict[str, str]:
-        """What identifies this model in an index: path, kind, architecture and metadata hash."""
+        """What identifies this model in an index: path, kind, architecture, metadata hash (the lineage) and the
+        file's sha256 (this very file: a model swapped in at the same path, of the same lineage, differs there)."""
         props = self.meta.props
         return {"path": str(self.path.resolve()), "kind": props.get("kind", ""), "arch": props.get("arch", ""),
-                "hash": self.meta.digest}
+                "hash": self.meta.digest, "sha256": self.file_digest}
 
     @property
     def class_codes(self) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 
 from hashdistill import codes
 from hashdistill.errors import UserError
+from hashdistill.untrusted import file_sha256
 
 from .images import ImageLike, decode_batches
 from .loading import load_any_model
@@ -41,10 +42,10 @@ class CheckpointEncoder:
         self.transform = checkpoint_transform(self.meta)
 
     def describe(self) -> dict[str, str]:
-        """Path, kind, architecture and a hash of the checkpoint metadata."""
+        """Path, kind, architecture, a hash of the checkpoint metadata and the file's sha256."""
         digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {"path": str(self.path.resolve()), "kind": str(self.meta.get("kind", "")),
-                "arch": str(self.meta.get("arch", "")), "hash": digest}
+                "arch": str(self.meta.get("arch", "")), "hash": digest, "sha256": file_sha256(self.path)}
 
     @torch.no_grad()
     def encode(self, items: Sequence[ImageLike]) -> np.ndarray:

@@ -9,6 +9,7 @@ becomes a megabyte-long error. numpy only: the torch-free edge runtime reads ONN
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import reprlib
@@ -66,3 +67,12 @@ def require_strings(value: Any, name: str, length: int) -> list[str]:
     if not isinstance(value, list) or len(value) != length or not all(isinstance(v, str) for v in value):
         raise UserError(f"{name} must be a list of {length} strings, got {short(value)}")
     return list(value)
+
+
+def file_sha256(path) -> str:  # noqa: ANN001 - a str or os.PathLike
+    """The sha256 of a file, read a megabyte at a time: what identifies the very file a user handed over."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

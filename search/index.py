@@ -40,6 +40,7 @@ from hashdistill import codes
 from hashdistill.atomic import atomic_write_bytes
 from hashdistill.errors import UserError
 from hashdistill.export.images import ImageLike
+from hashdistill.imagefiles import require_regular_file
 from hashdistill.messages import name_some, warn
 from hashdistill.recipe import DataConfig
 from hashdistill.untrusted import MAX_BITS, MAX_CLASSES, MAX_JSON_CHARS, parse_json, short
@@ -289,8 +290,9 @@ def measure_recall(structure: SearchStructure, indexed: np.ndarray, queries: np.
 def load_index(path: str | os.PathLike) -> HashIndex:
     """Read an index written by :meth:`HashIndex.save`; a truncated, foreign or too large file is a UserError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"index not found: {path}")
+    require_regular_file(path, "index")  # a FIFO would block the reader forever
     members = read_headers(path)  # declared shapes only: nothing is decompressed before they are checked
     if set(KEYS) - set(members):
         raise UserError(f"{path} is not a hashdistill index")
@@ -584,7 +586,11 @@ def open_search_backend(uri: str | os.PathLike, collection: str | None = None):
 
 
 def _query_encoder(index: HashIndex, model: str | os.PathLike | None):
-    """The model to encode queries or new entries with: ``model`` or the one recorded in the index."""
+    """The model to encode queries or new entries with: ``model`` (given on purpose, any model of the index's bit
+    width) or the one recorded in the index, which must still be the very file that coded it: a model swapped in
+    at that path (its sha256 differs from the recorded one) is refused by name. An index written before the digest
+    was recorded is searched with a warning that it cannot be checked."""
+    given = model is not None
     if model is None:
         model = index.model.get("path")
         if not model or not isinstance(model, str):
@@ -592,4 +598,11 @@ def _query_encoder(index: HashIndex, model: str | os.PathLike | None):
     encoder = open_encoder(model)
     if encoder.bits != index.bits:
         raise UserError(f"{model} produces {encoder.bits}-bit codes but the index holds {index.bits}-bit codes")
+    recorded, found = index.model.get("sha256"), encoder.describe().get("sha256")
+    if not given and recorded is None:
+        warn(f"the index records no digest of its model (an older hashdistill wrote it): {model} is used unchecked")
+    elif not given and recorded != found:
+        raise UserError(f"{model} is not the model that coded the index (its sha256 is {short(found)}, the index "
+                        f"records {short(recorded)}): the file was replaced; pass --model {model} to use it on "
+                        "purpose, or rebuild the index")
     return encoder

@@ -18,6 +18,7 @@ import numpy as np
 
 from hashdistill.errors import UserError
 from hashdistill.export.images import ImageLike, as_items, scan_folder
+from hashdistill.imagefiles import require_regular_file
 from hashdistill.recipe import DATASETS, DataConfig
 
 BUILTIN_DATASETS = tuple(name for name in DATASETS if name != "imagefolder")
@@ -52,8 +53,9 @@ def open_encoder(source: str | os.PathLike, threads: int | None = None) -> Encod
     """An ``.onnx`` or ``.ort`` file opens with the torch-free runtime; anything else is read as a checkpoint.
     ``threads``: the model's compute threads (default: the library's own choice)."""
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"model not found: {path}")
+    require_regular_file(path, "model")  # a FIFO would block the reader forever
     if path.suffix.lower() in (".onnx", ".ort"):
         from hashdistill.export.runtime import EdgeModel
 

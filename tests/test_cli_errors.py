@@ -25,7 +25,8 @@ from test_export_support import exported
 from hashdistill.app.cli import main
 from hashdistill.checkpoint import load_checkpoint, save_checkpoint
 from hashdistill.data import build_dataset
-from hashdistill.recipe import DataConfig, load_recipe
+from hashdistill.recipe import DataConfig, load_recipe, recipe_from_dict
+from hashdistill.rundir import RunDir
 
 
 @pytest.fixture(autouse=True)
@@ -100,11 +101,10 @@ def test_existing_run_directory_needs_resume_or_force(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    err = refused(capsys, tmp_path, "run", recipe, "--out", out, expect="holds files that hashdistill did not write")
+    err = refused(capsys, tmp_path, "run", recipe, "--out", out, expect="has no run marker, so hashdistill did not")
     assert "pass --force" not in err  # --force would not replace it either
     (out / "notes.txt").unlink()
-    (out / ".hashdistill-run").touch()  # what every run directory has
-    (out / "recipe.yaml").write_text(yaml.safe_dump(TINY))
+    RunDir(out).save_recipe(recipe_from_dict(TINY))  # a run directory: its marker lists what it wrote
     refused(capsys, tmp_path, "run", recipe, "--out", out, expect=f"run directory {out} already exists: pass --resume")
 
 

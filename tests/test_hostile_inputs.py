@@ -662,3 +662,83 @@ def test_the_demo_refuses_an_index_naming_rows_past_its_dataset(student_onnx, tm
     np.savez(tmp_path / "far.npz", **{**fields, "paths": paths})
     refused(capsys, tmp_path, "demo", tmp_path, "-o", tmp_path / "site", "--model", student_onnx, "--index",
             tmp_path / "far.npz", expect="names image 999,999 of synthetic:test")
+
+
+# ---------------------------------------------------------------- files are what they claim (fourth probe)
+
+
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16])
+def test_an_onnx_model_whose_codes_are_not_bytes_is_refused_before_anything_is_written(student_onnx, tmp_path,
+                                                                                        capsys, dtype):
+    """Before: float codes were cast to uint8 silently (the index changed), float16 ended in a traceback."""
+    model = onnx.load(str(student_onnx))
+    for node in model.graph.node:
+        node.output[:] = ["codes_bytes" if name == "codes" else name for name in node.output]
+    model.graph.node.append(onnx.helper.make_node("Cast", ["codes_bytes"], ["codes"], to=dtype))
+    output = next(o for o in model.graph.output if o.name == "codes")
+    output.type.tensor_type.elem_type = dtype
+    path = tmp_path / "float-codes.onnx"
+    onnx.save(model, str(path))
+    image = _png(tmp_path / "q.png")
+    work = tmp_path / "work"
+    work.mkdir()
+    refused(capsys, work, "index", "build", path, tmp_path, "-o", work / "index.npz",
+            expect="output 'codes' is tensor(float")
+    assert not (work / "index.npz").exists() and image.is_file()
+
+
+def test_a_model_swapped_in_at_the_indexs_recorded_path_is_refused_by_name(export_root, tmp_path, capsys):
+    """Before: search and add used whatever model was now at the recorded path; the neighbours changed silently."""
+    import shutil
+
+    from test_export_support import exported
+
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(exported(export_root, "student")[0], model)
+    folder = tmp_path / "db"
+    for i in range(6):
+        _png(folder / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
+    assert main(["index", "build", str(model), str(folder), "-o", str(tmp_path / "index.npz")]) == 0
+    query = _png(tmp_path / "q" / "query.png", seed=9)
+    shutil.copyfile(exported(export_root, "ternary")[0], model)  # same lineage and bits, other weights
+    capsys.readouterr()
+    work = tmp_path / "q"
+    refused(capsys, work, "index", "search", tmp_path / "index.npz", query,
+            expect="is not the model that coded the index")
+    before = (tmp_path / "index.npz").read_bytes()
+    assert main(["index", "add", str(tmp_path / "index.npz"), str(work)]) == 2
+    assert "is not the model that coded the index" in capsys.readouterr().err
+    assert (tmp_path / "index.npz").read_bytes() == before  # nothing mixed into the index
+    assert main(["index", "search", str(tmp_path / "index.npz"), str(query), "--model", str(model)]) == 0  # on purpose
+
+
+# ---------------------------------------------------------------- preflight covers the class sets and decoding
+
+
+def _folder_run(root: Path, classes: dict[str, list[str]]) -> None:
+    for split, names in classes.items():
+        for name in names:
+            for i in range(4):
+                _png(root / split / name / f"{i}.png", seed=i)
+
+
+def test_train_and_test_folders_with_other_classes_fail_before_training(tmp_path, capsys):
+    """Before: the teacher trained, then the run exited 2."""
+    root = tmp_path / "photos"
+    _folder_run(root, {"train": ["boots", "shirts"], "test": ["boots", "socks"]})
+    refused(capsys, tmp_path, "run", _recipe(tmp_path, {"data.dataset": "imagefolder", "data.root": str(root)}),
+            "--out", tmp_path / "run", expect="only in test socks, only in train shirts")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_whose_every_file_fails_to_decode_fails_before_training(tmp_path, capsys):
+    """Before: it passed the header scan and trained with zero images and one warning."""
+    root = tmp_path / "photos"
+    _folder_run(root, {"train": ["boots", "shirts"]})
+    for path in (root / "train" / "shirts").iterdir():
+        data = bytearray(path.read_bytes())
+        at = data.index(b"IDAT") + 4
+        data[at:at + 8] = bytes(8)  # the pixel stream no longer inflates; header, size and end marker intact
+        path.write_bytes(bytes(data))
+    refused(capsys, tmp_path, "run", _recipe(tmp_path, {"data.dataset": "imagefolder", "data.root": str(root)}),
+            "--out", tmp_path / "run", expect="class 'shirts': none of the 3 files sampled across its 4 decodes")

@@ -99,3 +99,14 @@ def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path):
     assert "FIFO" in str(result[0])
     with pytest.raises(UserError, match="device"):
         read_rgb("/dev/zero")
+
+
+def test_a_fifo_given_as_a_model_or_an_index_is_refused(tmp_path):
+    from hashdistill.search.index import load_index
+    from hashdistill.search.sources import open_encoder
+
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    for opener in (open_encoder, load_index):
+        with pytest.raises(UserError, match="it is a FIFO, not a regular file"):
+            opener(fifo)

@@ -116,3 +116,19 @@ def test_ood_recipe_reports_exact_match_beside_the_tuned_baseline(tmp_path):
     assert [n for n, _ in msp["tuning_curve"]][:3] == [2, 4, 6]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Out-of-distribution detection" in report and "held-out samples MSP needs" in report
+
+
+def test_resume_refuses_a_stage_output_swapped_since_the_run_wrote_it(finished_run, tmp_path):
+    """Before: a swapped model.onnx (or phone model, or index) of the same lineage passed as "already done"."""
+    import shutil
+
+    import onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run["out"], run)
+    model = onnx.load(str(run / "model.onnx"))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "note": "swapped"})
+    onnx.save(model, str(run / "model.onnx"))  # same lineage, same metadata checks, other bytes
+    done = hashdistill("run", str(finished_run["recipe"]), "--resume", str(run))
+    assert done.returncode == 2 and "it is not the file this run wrote" in done.stderr, done.stderr
+    assert "model.onnx" in done.stderr and "Traceback" not in done.stderr

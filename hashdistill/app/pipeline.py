@@ -25,7 +25,7 @@ from hashdistill.messages import name_some, warn
 from hashdistill.recipe import Recipe
 from hashdistill.rundir import INDEX_FILE, MARKER_FILE, STAGES, SWEEP_DIR, RunDir, clear_run_dir, is_run_dir
 from hashdistill.trainer import barrier, is_main_process, resolve_device
-from hashdistill.untrusted import short
+from hashdistill.untrusted import file_sha256, short
 
 
 class Pipeline:
@@ -48,6 +48,7 @@ class Pipeline:
         for stage in stages:
             started = time.perf_counter()
             done = getattr(self, f"stage_{stage.replace('-', '_')}")()
+            self._record_digests(stage, rewritten=done)
             barrier()  # rank 0 evaluates and exports alone; the others wait here, not inside the next fit
             _say(f"[{stage}] {'done' if done else 'already done, skipped'} ({time.perf_counter() - started:.0f} s)")
         barrier()
@@ -56,6 +57,37 @@ class Pipeline:
         from hashdistill.app.report import write_report
 
         return {"report": str(write_report(self.run))}
+
+    # --- what each stage wrote, by digest: --resume skips only the very files the run wrote ------------
+
+    def _stage_outputs(self, stage: str) -> list[Path]:
+        """The files ``stage`` writes that a later --resume skips it for."""
+        onnx = self.run.path / self.recipe.export.file
+        checkpoint = self.run.checkpoints
+        return {"teacher": [checkpoint / "teacher.safetensors", checkpoint / "float-baseline.safetensors"],
+                "student": [checkpoint / "student.safetensors"],
+                "quantize": [checkpoint / "ternary-student.safetensors"],
+                "export": [onnx, phone_file(onnx)], "index": [self.run.path / INDEX_FILE]}.get(stage, [])
+
+    def _check_digest(self, path: Path) -> None:
+        """A stage output about to be skipped, after its metadata passed: it must be the file the run wrote (its
+        sha256 recorded then); a file swapped in since, even of the same lineage, is refused by name. Runs that
+        recorded no digest (older ones) are checked by their metadata alone, as before."""
+        recorded = self.run.summary().get(DIGESTS, {}).get(path.relative_to(self.run.path).as_posix())
+        if is_main_process() and recorded is not None and file_sha256(path) != recorded:
+            raise UserError(stale_output(path, "it is not the file this run wrote (its sha256 differs from the one "
+                                               "recorded when it was written: the file was replaced)"))
+
+    def _record_digests(self, stage: str, rewritten: bool) -> None:
+        """The sha256 of each output ``stage`` wrote now (``rewritten``), or of those no digest was recorded for."""
+        if not is_main_process():
+            return
+        recorded = dict(self.run.summary().get(DIGESTS, {}))
+        for path in self._stage_outputs(stage):
+            name = path.relative_to(self.run.path).as_posix()
+            if path.is_file() and (rewritten or name not in recorded):
+                recorded[name] = file_sha256(path)
+        self.run.update_summary(DIGESTS, recorded)
 
     # --- stages: each returns True if it did work, False if its output already existed -------------
 
@@ -69,8 +101,10 @@ class Pipeline:
             train_teacher(self.recipe, self.run, self.device)
         else:
             check_output(path, self.recipe, "teacher", "teacher")
+            self._check_digest(path)
         if float_path.is_file():
             check_output(float_path, self.recipe, "float-baseline", "float")
+            self._check_digest(float_path)
             self._evaluate_float(float_path)
         self.evaluate_checkpoint("teacher", path)
         return trained
@@ -107,6 +141,7 @@ class Pipeline:
             train_student(self.recipe, self.run, self.device, self.run.checkpoint("teacher"))
         else:
             check_output(path, self.recipe, "student", "student")
+            self._check_digest(path)
         self.evaluate_checkpoint("student", path)
         self.evaluate_checkpoint("student -> teacher db", path, database_from="teacher")
         return trained
@@ -118,6 +153,7 @@ class Pipeline:
         trained = not path.is_file()
         if not trained:
             check_output(path, self.recipe, "quantize", "ternary-student")
+            self._check_digest(path)
         if trained:
             report = quantize_student(self.run.checkpoint("student"), path, self.recipe, self.run, self.device)
             self.run.update_summary("quantize", {"layers": report["layers"], "losses": report["losses"],
@@ -194,6 +230,7 @@ class Pipeline:
         for key, value in expected.items():
             if props.get(key) not in (value, str(value)):
                 raise UserError(stale_output(path, f"its {key} is {short(props.get(key))}, this recipe's is {value}"))
+        self._check_digest(path)
 
     def _check_index(self, path: Path) -> None:
         """The run's index is skipped only if the run's ONNX file encoded it."""
@@ -204,6 +241,7 @@ class Pipeline:
         onnx = self.run.path / self.recipe.export.file
         if not onnx.is_file() or model.get("hash") != EdgeModel(str(onnx)).describe()["hash"]:
             raise UserError(stale_output(path, f"its codes were not made by this run's {self.recipe.export.file}"))
+        self._check_digest(path)
 
     # --- evaluation: one path for checkpoints and ONNX files ---------------------------------------
 
@@ -293,6 +331,9 @@ def _sweep_row(figures: dict[str, Any]) -> dict[str, Any]:
 
 IDENTITY_DATA = ("dataset", "root", "image_size", "in_classes", "ood_classes", "labelled_fraction")
 PHONE_MODEL = "phone model: ternary + int8 (ONNX)"
+
+
+DIGESTS = "output_sha256"  # summary.json: each stage output's sha256, recorded when the run wrote it
 
 
 def phone_file(onnx_path: Path) -> Path:
