@@ -13,6 +13,10 @@ def check_run(recipe: Recipe) -> None:
     from hashdistill.distill.models import check_recipe_models
 
     check_data(recipe.data)
+    if recipe.data.dataset == "imagefolder":
+        from hashdistill.data.imagefolder import check_folders
+
+        check_folders(recipe.data)
     classes = len(build_dataset(recipe.data, "val").class_names)
     check_recipe_models(recipe.teacher.backbone, recipe.teacher.bits, recipe.student.model,
                         recipe.student.model_kwargs, recipe.data.image_size, classes, recipe.teacher.weights,

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from hashdistill.errors import UserError
 from hashdistill.imagefiles import DECODE_PIXELS, read_rgb, scan_image_files
-from hashdistill.messages import warn
+from hashdistill.messages import name_some, warn
 from hashdistill.preprocessing import IMAGEFOLDER_CROP_PCT, EvalTransform, rgb_pixels
 from hashdistill.recipe import DataConfig
 
@@ -204,7 +204,9 @@ def build_imagefolder_split(cfg: DataConfig, split: str, mean: tuple[float, ...]
     if split == "test" and (root / "test").is_dir():
         paths, labels, test_classes, _ = _scan(root / "test")
         if test_classes != classes:
-            raise UserError(f"{root}/test has classes {test_classes}, but train has {classes}")
+            only_test, only_train = sorted(set(test_classes) - set(classes)), sorted(set(classes) - set(test_classes))
+            raise UserError(f"{root}/test and {train_folder(cfg)} must hold the same classes: only in test "
+                            f"{name_some(only_test) or 'none'}, only in train {name_some(only_train) or 'none'}")
         index = np.arange(len(paths))
     elif not (root / "test").is_dir():
         order = np.random.default_rng(SPLIT_SEED).permutation(len(paths))
@@ -219,3 +221,33 @@ def build_imagefolder_split(cfg: DataConfig, split: str, mean: tuple[float, ...]
         chosen_labels += [UNLABELLED] * len(extra)
     augment = train_transform(cfg, mean, std) if cfg.augment and split == "train" else None
     return ImageFileDataset(chosen_paths, chosen_labels, classes, eval_transform(cfg, mean, std), augment)
+
+
+DECODE_SAMPLE = 3  # files per class decoded in full before a run starts
+
+
+def check_folders(cfg: DataConfig) -> None:
+    """What a run's preflight checks of an image folder, before a teacher trains on it: every split has the same
+    classes, and each class has a decodable file among a few sampled across it. The scan reads headers only, so a
+    class whose every file is damaged past its header would otherwise train with no image and one warning."""
+    from hashdistill.data import build_dataset
+
+    train = build_dataset(cfg, "train")
+    build_dataset(cfg, "test")  # refuses class sets that differ
+    by_class: dict[int, list[Path]] = {}
+    for path, label in zip(*_scan(train_folder(cfg))[:2]):
+        by_class.setdefault(label, []).append(path)
+    for label, paths in sorted(by_class.items()):
+        step = max(1, len(paths) // DECODE_SAMPLE)
+        sample = paths[::step][:DECODE_SAMPLE]
+        failures = []
+        for path in sample:
+            try:
+                read_rgb(path)
+                break
+            except UserError as exc:
+                failures.append(str(exc))
+        else:
+            name = train.class_names[label] if 0 <= label < len(train.class_names) else str(label)
+            raise UserError(f"class '{name}': none of the {len(sample)} files sampled across its {len(paths)} decodes "
+                            f"({failures[0]}); repair or remove its damaged images")
