@@ -30,6 +30,7 @@ from .image_encoder import BATCH, ImageEncoder
 
 LOCAL = "local"  # --ray without an address: RAY_ADDRESS if set, else a local cluster on this machine
 PROBE_TIMEOUT_S = 5.0
+LOCAL_START_ATTEMPTS = 2
 RAY_FILE_PATTERN = "*.parquet"
 BLOCK_ROWS = 4 * BATCH  # rows per Ray block: small, so that every actor gets work from the start
 
@@ -104,9 +105,25 @@ def _connect(ray, address: str | None, workers: int | None, verbose: bool) -> No
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's C++ "E ..." lines
     try:
         if address is None:
-            ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, **quiet)
+            _start_local(ray, workers or os.cpu_count(), quiet)
         else:
             probe(address)
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"could not reach a Ray cluster at {address or 'a new local cluster'}: {exc}") from None
+
+
+def _start_local(ray, cpus: int, quiet: dict[str, Any]) -> None:  # noqa: ANN001 - the ray module
+    """A local cluster, started again once if its node misses Ray's fixed 30-s start-up wait (a loaded machine;
+    Ray raises a bare Exception then)."""
+    for attempt in range(LOCAL_START_ATTEMPTS):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray's start-up timeout is a plain Exception
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            if attempt + 1 == LOCAL_START_ATTEMPTS:
+                raise UserError(f"a local Ray cluster did not start in {LOCAL_START_ATTEMPTS} tries ({exc}); is the "
+                                "machine overloaded?") from None

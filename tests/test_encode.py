@@ -188,3 +188,24 @@ def test_the_index_commands_do_what_the_docs_say(model, images, tmp_path, capsys
     capsys.readouterr()
     refused(capsys, tmp_path, "index", "add", index, codes, "--allow-duplicates",
             expect="ids are in the index already (id 1000)")
+
+
+def test_a_local_cluster_that_misses_rays_start_up_wait_is_started_again(monkeypatch):
+    """The suite's Ray test once failed on a loaded machine: "The current node timed out during startup"."""
+    from hashdistill.search import ray_encode
+
+    tries = []
+
+    class SlowRay:
+        @staticmethod
+        def init(**kwargs):
+            tries.append(kwargs)
+            if len(tries) == 1:
+                raise Exception("The current node timed out during startup. This could happen ...")  # noqa: TRY002
+
+        @staticmethod
+        def shutdown():
+            tries.append("shutdown")
+
+    ray_encode._connect(SlowRay, None, workers=2, verbose=False)
+    assert tries[1] == "shutdown" and tries[2]["num_cpus"] == 2
