@@ -35,6 +35,7 @@ BENCHMARKS = {  # name -> command (run from the repository root), in dependency 
     "search": [sys.executable, "benchmarks/search.py", "--model-run", "bench_out/search-model",
                "--out", "benchmarks/results/search.json"],
     "data": [sys.executable, "benchmarks/data.py", "--out", "benchmarks/results/data.json"],
+    "robustness": [sys.executable, "benchmarks/robustness.py", "--out", "benchmarks/results/robustness.json"],
     "quickstart": QUICKSTART,
 }
 
@@ -390,9 +391,36 @@ def section_data(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def section_robustness(data: dict[str, Any]) -> list[str]:
+    width, height = data["photo_size"]
+    rows = [{"stage": name, **result} for name, result in data["commands"].items()]
+    checks = [{"name": name, **result} for name, result in data["agreement"].items()]
+    return [f"Phone photos: {data['photos']} training and {data['test_photos']} test JPEGs of {width}x{height} "
+            "(made from scikit-learn's two sample photographs: crops, flips, colour shifts, noise), and one "
+            f"{data['big_query_side']}x{data['big_query_side']} PNG query. Peak memory of each command's whole process "
+            "tree (loader workers included: the sum of their PSS, a shared page counted once), sampled every 20 ms "
+            "(targets: <= 1.5 GB; the big query <= 1 GB), and of its largest process (RSS):", "",
+            *table(rows, [("stage", "stage"), ("command", "command"), ("peak_rss_gb", "peak GB (tree PSS)"),
+                          ("largest_process_rss_gb", "largest process RSS GB"),
+                          ("seconds", "seconds"), ("exit", "exit")]), "",
+            "Codes of the shipped decoding (each photo made small one at a time by the graph's own resize on the "
+            f"host; only images over {data['decode_pixels'] / 1e6:.1f} megapixels decoded reduced, by JPEG DCT "
+            "scaling or box reduce) against the full-size decode through the graph, on JPEGs of random photo sizes "
+            f"(long side 1200-4000 px): agreement **{fmt(data['large_image_code_agreement'])}** at the worst model "
+            f"(target >= 0.995); over {data['decode_pixels'] / 1e6:.1f} megapixels (long side 6000-8000 px, decoded "
+            f"reduced): **{fmt(data['huge_image_code_agreement'])}**. Images at or below the model's size are "
+            "decoded unchanged (tests/test_large_images.py). The last rows are the alternative not taken: every "
+            "large JPEG decoded reduced to about twice a 224-px model's resize.", "",
+            *table([*checks, *({"name": f"{n} (over the cap)", **r} for n, r in data["huge_agreement"].items()),
+                    *({"name": f"{n} (reduced to 2x resize)", **r} for n, r in data["reduced_decode_probe"].items())],
+                   [("name", "model"), ("input_size", "input px"), ("bits", "bits"), ("images", "images"),
+                    ("code_agreement", "code agreement"), ("mean_differing_bits", "mean bits differing"),
+                            ("max_differing_bits", "max bits differing")])]
+
+
 SECTIONS = {"quickstart": section_quickstart, "data": section_data, "teacher": section_teacher,
             "distill": section_distill, "quantize": section_quantize, "export": section_export,
-            "search": section_search, "encode": section_encode}
+            "search": section_search, "encode": section_encode, "robustness": section_robustness}
 
 
 def render() -> Path:
