@@ -68,7 +68,8 @@ def _encode(ray, pa, model: str, rows: dict[str, np.ndarray], staging: Path, add
         blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, len(table), BLOCK_ROWS)] or [table]
         encoded = ray.data.from_arrow(blocks).map_batches(
             ImageEncoder, fn_constructor_args=(model, 1), batch_size=BATCH, batch_format="numpy",
-            compute=ActorPoolStrategy(size=actors), num_cpus=1).materialize()
+            compute=ActorPoolStrategy(size=actors), num_cpus=1,
+            max_restarts=0).materialize()  # (restartable actors make Ray log an "E core_worker" line per actor)
         skipped = [str(row["path"]) for row in encoded.select_columns(["path", "ok"]).filter(
             expr=col("ok") == False).take_all()]  # noqa: E712 - an expression, not a comparison
         encoded.filter(expr=col("ok") == True).drop_columns(["ok"]).write_parquet(str(staging))  # noqa: E712
@@ -101,8 +102,6 @@ def probe(address: str) -> None:
 def _connect(ray, address: str | None, workers: int | None, verbose: bool) -> None:  # noqa: ANN001 - the ray module
     """ray.init for a new local cluster (this machine's CPUs) or an existing one (which sets its own CPUs)."""
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
-    if not verbose:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's C++ "E ..." lines
     try:
         if address is None:
             _start_local(ray, workers or os.cpu_count(), quiet)
