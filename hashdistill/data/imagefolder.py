@@ -14,8 +14,8 @@ through THE evaluation pre-processing (:class:`hashdistill.preprocessing.EvalTra
 model runs in its graph; evaluation splits hold a photo bigger than the model needs already shrunk by the graph's
 own resize step (:meth:`ImageFileDataset.pixels`), so a folder of 12-megapixel phone photos evaluates in the memory
 of small images. A training image is decoded reduced to about TRAIN_DECODE_SIDES times the input size a side
-(JPEG's DCT scaling, then box reduce): augmentation has no exact pixels to keep, and decoding a phone photo at full
-size made training 5 images/s.
+(JPEG's DCT scaling, then box reduce): augmentation has no exact pixels to keep, and the full decode of a
+12-megapixel photo takes two to three times as long and 36 MB a worker.
 
 A view bank (:meth:`ImageFileDataset.with_view_bank`) limits each training image to K fixed views: view v of an
 image is timm's transform run with its random generators seeded from the image's path and v, so the same view
