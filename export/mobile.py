@@ -22,8 +22,10 @@ this CPU's NCHWc layouts, which another device cannot run, and the "Runtime" sty
 replayed at load time only where a session asks for it. The one thing the .ort cannot keep is the 2-bit storage
 of the ternary layers: folding them is what the .onnx session does in memory when it loads, and an .ort that kept
 them packed recomputes every ternary weight at every inference (measured 14x slower at batch 1, 8x at 64: a
-weight that is not constant also loses the convolution's pre-packed fast path). So the .ort stores the ternary
-layers as fp32 weights, and the small file to download is the .onnx.
+weight that is not constant also loses the convolution's pre-packed fast path). So with static int8 the .ort is
+made from the model with its ternary layers folded and quantized like the others (:func:`fold_ternary_int8`):
+int8 weights in the int8 kernels, a byte a weight; without int8 it stores them as fp32. The smallest file to
+download stays the .onnx.
 """
 
 from __future__ import annotations
@@ -231,8 +233,38 @@ def float_initializer_bytes(path: str | os.PathLike) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in floats)
 
 
-def to_mobile(onnx_path: str | os.PathLike) -> dict[str, Path]:
-    """Convert ``onnx_path`` to the ORT format beside it, with the operator config and the usability report."""
+def fold_ternary_int8(source: str | os.PathLike, target: str | os.PathLike,
+                      calibration: Sequence[ImageLike]) -> Path:
+    """The float model ``source`` with its ternary weights folded into constants (onnxruntime's basic level: the
+    very fold its session makes in memory) and then every weighted layer, ternary ones included, as static int8:
+    what the .ort holds. Per-channel int8 stores {-Wn, 0, +Wp} with one scale, max(Wp, Wn) / 127, so the larger
+    value is exact and the smaller one is off by at most 1/254 of the larger; the ternary layers then run in the
+    int8 kernels and take a byte a weight in the file, not the fp32 four (the .ort cannot keep 2-bit storage: see
+    the module docstring)."""
+    import onnxruntime as ort
+
+    source, target = Path(source), Path(target)
+    with tempfile.TemporaryDirectory(prefix=".hashdistill-fold.") as tmp:
+        folded = Path(tmp) / source.name
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(folded)
+        try:
+            # (ConstantSharing would merge the pre-processing's constants into others', and the file would no
+            # longer show the pre-processing its metadata describes)
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=["ConstantSharing"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise UserError(f"{source}: onnxruntime could not fold its ternary layers ({short(str(exc))})") from None
+        proto = onnx.load(str(folded))
+        onnx.helper.set_model_props(proto, {p.key: p.value for p in onnx.load(str(source)).metadata_props})
+        onnx.save(proto, str(folded))
+        return quantize_int8(folded, target, calibration)
+
+
+def to_mobile(onnx_path: str | os.PathLike, convert: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Convert ``onnx_path`` (or ``convert``, another model of it, such as :func:`fold_ternary_int8`'s) to the
+    ORT format beside ``onnx_path``, with the operator config and ``onnx_path``'s usability report."""
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
@@ -246,7 +278,7 @@ def to_mobile(onnx_path: str | os.PathLike) -> dict[str, Path]:
         options.optimized_model_filepath = str(made_ort)
         options.add_session_config_entry("session.save_model_format", "ORT")
         try:
-            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(convert or path), options, providers=["CPUExecutionProvider"])
             create_config_from_models([made_ort], made_ops, enable_type_reduction=False)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UserError(f"{path}: onnxruntime could not save it in the ORT format ({short(str(exc))})") from None
