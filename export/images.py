@@ -40,9 +40,7 @@ def as_items(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
 def decode(item: ImageLike, transform: EvalTransform) -> np.ndarray:
     """An image (path or uint8 HxW / HxWx3 array) as the RGB uint8 [H, W, 3] pixels ``transform``'s graph takes
     for it: at its own size, or where the graph would shrink it, already shrunk by the graph's resize step."""
-    if isinstance(item, np.ndarray):
-        return transform.reduce(rgb_pixels(item))
-    return transform.reduce(rgb_pixels(read_rgb(item)))
+    return transform.reduce(rgb_pixels(item if isinstance(item, np.ndarray) else read_rgb(item)))
 
 
 def decode_batches(items: Sequence[ImageLike], transform: EvalTransform, batch_size: int,

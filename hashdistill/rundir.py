@@ -71,19 +71,22 @@ def clear_run_dir(path: Path) -> list[str]:
             target.unlink()
         elif is_run_dir(target):
             clear_run_dir(target)
-    for folder in (path, path / CHECKPOINTS_DIR):
-        if folder.is_dir() and not folder.is_symlink():
-            for stale in folder.glob(f".*{TEMP_SUFFIX}"):
-                if stale.is_file() and not stale.is_symlink():
-                    stale.unlink()
-            for staging in folder.glob(f".*{STAGING_SUFFIX}"):
-                if staging.is_dir() and not staging.is_symlink():
-                    shutil.rmtree(staging, ignore_errors=True)
+    for stale in stale_temp_files(path):
+        stale.unlink(missing_ok=True)
+    for staging in path.glob(f".*{STAGING_SUFFIX}"):
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
     (path / MARKER_FILE).unlink(missing_ok=True)
     for folder in (path / SWEEP_DIR, path / CHECKPOINTS_DIR):
         if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
     return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def stale_temp_files(path: Path) -> list[Path]:
+    """The temporary files killed writes left in a run directory and its checkpoints/ (SIGKILL runs no cleanup)."""
+    return [p for folder in (path, path / CHECKPOINTS_DIR) if folder.is_dir() and not folder.is_symlink()
+            for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file() and not p.is_symlink()]
 
 
 class RunDir:
@@ -101,12 +104,10 @@ class RunDir:
             self._owned = owned_entries(self.path) or []
             self._write_marker()
 
-    def claim(self, *entries: str | Path) -> None:
-        """Record entries (paths in this run directory, or relative to it) as written by hashdistill, before they
-        are written: the marker lists them, and they are all that ``--force`` removes."""
-        new = [Path(e).relative_to(self.path).as_posix() if Path(e).is_absolute() else Path(e).as_posix()
-               for e in entries]
-        new = [e for e in new if e not in self._owned]
+    def claim(self, *entries: str) -> None:
+        """Record entries (paths relative to this run directory) as written by hashdistill, before they are
+        written: the marker lists them, and they are all that ``--force`` removes."""
+        new = [e for e in dict.fromkeys(entries) if e not in self._owned]
         if self.writer and new:
             self._owned += new
             self._write_marker()
@@ -130,8 +131,7 @@ class RunDir:
 
         Only on resume, by the one process that owns the run: no other writer can be mid-write then.
         """
-        stale = [p for folder in (self.path, self.checkpoints) if folder.is_dir()
-                 for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+        stale = stale_temp_files(self.path)
         for path in stale:
             path.unlink(missing_ok=True)
         return stale

@@ -62,12 +62,12 @@ class Pipeline:
 
     def _stage_outputs(self, stage: str) -> list[Path]:
         """The files ``stage`` writes that a later --resume skips it for."""
-        onnx = self.run.path / self.recipe.export.file
-        checkpoint = self.run.checkpoints
-        return {"teacher": [checkpoint / "teacher.safetensors", checkpoint / "float-baseline.safetensors"],
-                "student": [checkpoint / "student.safetensors"],
-                "quantize": [checkpoint / "ternary-student.safetensors"],
-                "export": [onnx, phone_file(onnx)], "index": [self.run.path / INDEX_FILE]}.get(stage, [])
+        from hashdistill.distill.teacher_stage import FLOAT_FILE, TEACHER_FILE
+
+        onnx, checkpoint = self.run.path / self.recipe.export.file, self.run.checkpoint
+        return {"teacher": [checkpoint(TEACHER_FILE), checkpoint(FLOAT_FILE)], "student": [checkpoint("student")],
+                "quantize": [checkpoint("ternary-student")], "export": [onnx, phone_file(onnx)],
+                "index": [self.run.path / INDEX_FILE]}.get(stage, [])
 
     def _check_digest(self, path: Path) -> None:
         """A stage output about to be skipped, after its metadata passed: it must be the file the run wrote (its

@@ -83,7 +83,7 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         if self.train_transform is None:
             index, image = self._decode(index)
-            pixels = torch.from_numpy(np.array(self.transform.reduce(rgb_pixels(image))))[None]
+            pixels = torch.from_numpy(self.transform.reduce(rgb_pixels(image)))[None]  # both give writable arrays
             return self.transform.apply(pixels)[0], self._label_of[index]
         if self.view_bank is None:
             index, image = self._decode(index, self._train_pixels)
