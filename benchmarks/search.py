@@ -147,11 +147,12 @@ def milvus_vs_flat(database: np.ndarray, queries: np.ndarray, bits: int, k: int,
         started = time.perf_counter()
         export_index(flat, f"{tmp}/codes.db", "bench")
         insert_s = time.perf_counter() - started
-        collection = MilvusCollection(f"{tmp}/codes.db", "bench")
-        _, ids, _, _ = collection.lookup(queries, k)
-        rows = np.where(ids >= 0, ids, -1)  # ids are the rows here (0..items-1)
-        recall = tie_aware_recall(rows, codes, queries, kth)
-        milvus_qps = len(queries) / float(np.median([_timed(lambda: collection.lookup(queries, k)) for _ in range(3)]))
+        with MilvusCollection(f"{tmp}/codes.db", "bench") as collection:
+            _, ids, _, _ = collection.lookup(queries, k)
+            rows = np.where(ids >= 0, ids, -1)  # ids are the rows here (0..items-1)
+            recall = tie_aware_recall(rows, codes, queries, kth)
+            milvus_qps = len(queries) / float(np.median([_timed(lambda: collection.lookup(queries, k))
+                                                         for _ in range(3)]))
     return {"items": items, "recall_vs_flat": recall, "insert_seconds": insert_s, "milvus_queries_per_s": milvus_qps,
             "faiss_flat_queries_per_s": queries_per_s(flat.structure, queries, k), "engine": "milvus-lite BIN_FLAT"}
 

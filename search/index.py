@@ -29,6 +29,7 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,9 @@ class HashIndex:
         safe = np.maximum(rows, 0)
         return (distances, np.where(found, self.ids[safe], -1), np.where(found, self.labels[safe], -1),
                 [[str(self.paths[r]) for r, ok in zip(row, hit) if ok] for row, hit in zip(safe, found)])
+
+    def close(self) -> None:
+        """Nothing to release (the index is in memory); every search backend closes alike, a Milvus one for real."""
 
     def describe(self, speed: int | None = None) -> dict[str, Any]:
         """Kind, parameters, the speed setting a search uses, the recall measured for it, and memory per item."""
@@ -560,7 +564,8 @@ def search_images(index: Any, images: str | os.PathLike | Sequence[ImageLike], k
     ``speed``: nprobe (ivf) or efSearch (hnsw) for these queries (default: the one chosen at build time).
     """
     if isinstance(index, str | os.PathLike):
-        index = open_search_backend(index)
+        with closing(open_search_backend(index)) as backend:
+            return search_images(backend, images, k, model, speed)
     encoder = _query_encoder(index, model)
     queries = collect_images(images, encoder)
     query_codes = encoder.encode(queries.items)

@@ -75,9 +75,16 @@ def export_index(index, uri: str, collection: str = DEFAULT_COLLECTION, force: b
     """Write ``index`` (a :class:`~hashdistill.search.index.HashIndex`) into a new collection; returns what was
     written. An existing collection is replaced only with ``force``."""
     check_collection_name(collection)
+    client = connect(uri, create=True)
+    try:
+        return _write_collection(client, index, uri, collection, force)
+    finally:
+        client.close()  # an open client keeps pinging: gRPC then logs the server's 'too_many_pings' on stderr
+
+
+def _write_collection(client, index, uri: str, collection: str, force: bool) -> dict[str, Any]:
     from pymilvus import DataType, MilvusClient
 
-    client = connect(uri, create=True)
     if client.has_collection(collection):
         if not force:
             raise UserError(f"collection '{collection}' already exists at {uri}; pass --force to replace it")
@@ -144,11 +151,26 @@ class MilvusCollection:
     def __init__(self, uri: str, collection: str = DEFAULT_COLLECTION):
         self.uri, self.collection = str(uri), check_collection_name(collection)
         self.client = connect(uri)
-        record = collection_record(self.client, collection)
+        try:
+            record = collection_record(self.client, collection)
+        except BaseException:
+            self.client.close()
+            raise
         self.bits, self.model = int(record["bits"]), record["model"]
         names = record.get("label_names")
         self.label_names = [str(n) for n in names] if isinstance(names, list) else []
         self.codes = np.zeros((0, math.ceil(self.bits / 8)), dtype=np.uint8)  # the query width, for checks
+
+    def close(self) -> None:
+        """Close the connection: an idle open client keeps pinging the server, and gRPC logs the server's
+        'too_many_pings' answer on stderr, into whatever runs next."""
+        self.client.close()
+
+    def __enter__(self) -> MilvusCollection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def lookup(self, query_codes: np.ndarray, k: int, speed: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -479,13 +479,14 @@ def cmd_index_search(args: argparse.Namespace) -> None:
         raise UserError("index search needs the index and at least one image (or --milvus URI and images)")
     else:
         index, images = open_search_backend(args.targets[0], args.collection), args.targets[1:]
-    kind = "ivf" if index.describe()["speed_param"] == "nprobe" else getattr(index, "kind", "flat")
-    speed = _search_speed(kind, args.nprobe, args.ef_search)
-    _print_index(index.describe(speed))
-    for query, hits in zip(images, search_images(index, images, args.k, model=args.model, speed=speed)):
-        print(query)
-        for hit in hits:
-            print(f"  d={hit['distance']:3d}  id={hit['id']}  label={hit['label']}  {hit['path']}")
+    with closing(index):  # a Milvus connection left open keeps pinging its server
+        kind = "ivf" if index.describe()["speed_param"] == "nprobe" else getattr(index, "kind", "flat")
+        speed = _search_speed(kind, args.nprobe, args.ef_search)
+        _print_index(index.describe(speed))
+        for query, hits in zip(images, search_images(index, images, args.k, model=args.model, speed=speed)):
+            print(query)
+            for hit in hits:
+                print(f"  d={hit['distance']:3d}  id={hit['id']}  label={hit['label']}  {hit['path']}")
 
 
 def _search_speed(kind: str, nprobe: int | None, ef_search: int | None) -> int | None:
