@@ -77,7 +77,9 @@ def test_the_in_process_and_the_ray_paths_give_the_same_codes(model, images, tmp
     err = capfd.readouterr().err
     assert err.count("skipped 2 image(s): 1 unreadable at the scan, 1 that could not be decoded") == 2  # one a run
     assert "unreadable image(s)" not in err  # the scan's own warning: the count is said once
-    assert not [line for line in err.splitlines() if "hashdistill:" not in line and line.strip()], err  # no Ray noise
+    # no Ray noise; gRPC's keepalive lines come from a Milvus Lite client of an earlier test in this process
+    assert not [line for line in err.splitlines()
+                if "hashdistill:" not in line and "chttp2_transport" not in line and line.strip()], err
 
 
 def test_a_ray_address_with_nothing_listening_is_an_error_within_seconds(model, images, tmp_path):
