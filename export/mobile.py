@@ -1,12 +1,13 @@
 """Phone-sized, phone-ready files from an exported model, with onnxruntime's own tools.
 
-- ``quantize_int8``: onnxruntime's quantizer stores the float weights that feed MatMul, Gemm and Conv as int8.
+- ``quantize_int8``: onnxruntime's quantizer stores float weights as int8.
   Static (the default when calibration images are given; ``quantize_static``, QDQ, weights per channel,
-  activation ranges from the 99.99th percentile over the calibration images): onnxruntime runs QLinearConv,
-  8x faster than dynamic on this CPU, which quantizes activations at run time and falls back to slow
-  ConvInteger kernels (measured on lcnet_075, batch 64: static 20-23 ms, dynamic 175-190 ms). Dynamic needs
-  no images. The ternary layers compute their weights in the graph from 2-bit packed codes, so they are no float
-  initializer and stay packed; :func:`float_initializer_bytes` lets a caller check that nothing folded them
+  activation ranges from the 99.99th percentile over the calibration images): the ternary layers are folded
+  first and quantized like the others, the activations and element-wise ops between convs too (``STATIC_OPS``),
+  so onnxruntime runs QLinearConv chains; the ternary weights are then stored back at 2 bits
+  (:mod:`.ternary_int8`). Dynamic needs no images, quantizes activations at run time and falls back to slow
+  ConvInteger kernels (measured on lcnet_075, batch 64: static 20-23 ms, dynamic 175-190 ms); its ternary layers
+  stay as computed in the graph. :func:`float_initializer_bytes` lets a caller check that nothing folded them
   back to fp32.
 - ``to_mobile``: the ORT format (``.ort``, what onnxruntime's mobile builds load), optimized first and saved by
   onnxruntime itself (``optimized_model_filepath`` with ``session.save_model_format=ORT``), the
@@ -20,12 +21,9 @@ runs the int8 model as separate float QuantizeLinear / DequantizeLinear steps (m
 kernels (QLinearConv and the like) and runs as fast as the .onnx, with its codes. The "all" level would add
 this CPU's NCHWc layouts, which another device cannot run, and the "Runtime" style leaves the fusions to be
 replayed at load time only where a session asks for it. The one thing the .ort cannot keep is the 2-bit storage
-of the ternary layers: folding them is what the .onnx session does in memory when it loads, and an .ort that kept
-them packed recomputes every ternary weight at every inference (measured 14x slower at batch 1, 8x at 64: a
-weight that is not constant also loses the convolution's pre-packed fast path). So with static int8 the .ort is
-made from the model with its ternary layers folded and quantized like the others (:func:`fold_ternary_int8`):
-int8 weights in the int8 kernels, a byte a weight; without int8 it stores them as fp32. The smallest file to
-download stays the .onnx.
+of the ternary layers: the conversion folds their rebuild into int8 initializers, a byte a weight (an .ort that
+kept the rebuild would run it at every inference: measured 14x slower at batch 1 for the fp32 rebuild). The
+smallest file to download stays the .onnx.
 """
 
 from __future__ import annotations
@@ -51,10 +49,17 @@ from hashdistill.untrusted import short
 from .images import ImageLike, as_items, decode_batches
 from .metadata import INPUT
 from .runtime import EdgeModel
+from .ternary_int8 import pack_int8_ternary
 
 ORT_SUFFIX, OPS_SUFFIX, USABILITY_SUFFIX = ".ort", ".required_operators.config", ".mobile-usability.txt"
 TOOL_TIMEOUT_S = 600
 WEIGHTED = ["MatMul", "Gemm", "Conv"]  # the ops whose float weights int8 quantization stores as int8
+# Static int8 also quantizes the activations between the convs, so that onnxruntime fuses them into its int8
+# kernels instead of dequantizing around each. Measured at 224 px, b=1, random weights (mobilenetv2_100,
+# efficientnet_lite0, tf_mobilenetv3_large_minimal_100, mobilenetv3_large_100): 0.60 / 0.57 / 0.86 / 1.07x the
+# fp32 student at 1 thread, against 0.77 / 0.72 / 1.04 / 1.16x with the weighted ops alone. Add, Mul and the
+# pools as well gained at most 0.01x and made a small test model lose 99% of its codes: they stay float.
+STATIC_OPS = [*WEIGHTED, "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid"]
 STATIC, DYNAMIC = "static", "dynamic"
 INT8_MODES = (STATIC, DYNAMIC)
 # One image per calibration feed: onnxruntime's histogram calibrators stack each tensor's values over the feeds,
@@ -76,7 +81,8 @@ def quantize_int8(source: str | os.PathLike, target: str | os.PathLike,
     """int8 weights for the float MatMul/Gemm/Conv layers of ``source``; metadata_props carried over.
 
     ``calibration``: images (paths or uint8 arrays, any sizes) from the training data: static quantization with
-    activation ranges measured on them; None: dynamic.
+    activation ranges measured on them, the ternary layers folded and quantized too, then stored back at 2 bits
+    (:mod:`.ternary_int8`); None: dynamic, the ternary layers left to themselves.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -84,20 +90,40 @@ def quantize_int8(source: str | os.PathLike, target: str | os.PathLike,
     original = onnx.load(str(source))
     with tempfile.TemporaryDirectory(prefix=".hashdistill-int8.") as tmp:
         staged, prepared = Path(tmp) / target.name, Path(tmp) / f"prepared-{target.name}"
-        onnx.save(fold_batch_norms(fold_weight_shapes(original)), str(prepared))
-        excluded = computed_weight_nodes(original)
         try:
             if calibration is None:
+                onnx.save(fold_batch_norms(fold_weight_shapes(original)), str(prepared))
                 with quiet_quantizer():
                     quantize_dynamic(str(prepared), str(staged), weight_type=QuantType.QInt8,
-                                     op_types_to_quantize=WEIGHTED, nodes_to_exclude=excluded)
+                                     op_types_to_quantize=WEIGHTED, nodes_to_exclude=computed_weight_nodes(original))
+                proto = onnx.load(str(staged))
             else:
-                _quantize_static(prepared, staged, calibration, excluded)
+                _fold_ternary(source, prepared)
+                _quantize_static(prepared, staged, calibration)
+                proto, _ = pack_int8_ternary(onnx.load(str(staged)))
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises many exception types
             raise UserError(f"{source}: onnxruntime's int8 quantization failed ({exc})") from None
-        proto = onnx.load(str(staged))
     onnx.helper.set_model_props(proto, {p.key: p.value for p in original.metadata_props})
     return atomic_write_bytes(target, proto.SerializeToString())
+
+
+def _fold_ternary(source: Path, target: Path) -> None:
+    """``source`` with its ternary weights (computed in the graph) folded into constants and BatchNorms into the
+    convs: onnxruntime's basic level, the very fold its session makes in memory, so the quantizer sees every
+    weight as stored. ConstantSharing is off: it would merge the pre-processing's constants into others', and the
+    file would no longer show the pre-processing its metadata describes."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=["ConstantSharing"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise UserError(f"{source}: onnxruntime could not fold its ternary layers ({short(str(exc))})") from None
 
 
 class CalibrationFeeds:
@@ -129,16 +155,16 @@ class CalibrationFeeds:
         return {INPUT: self.edge.graph_input(pixels)}
 
 
-def _quantize_static(source: Path, target: Path, calibration: Sequence[ImageLike], excluded: list[str]) -> None:
-    """QDQ int8 with per-channel weights and percentile activation ranges over the ``calibration`` images,
-    streamed ``CALIBRATION_STRIDE`` images at a time."""
+def _quantize_static(source: Path, target: Path, calibration: Sequence[ImageLike]) -> None:
+    """QDQ int8 of the ``STATIC_OPS`` with per-channel weights and percentile activation ranges over the
+    ``calibration`` images, streamed ``CALIBRATION_STRIDE`` images at a time."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     feeds = CalibrationFeeds(source, calibration, CALIBRATION_STRIDE)
     with quiet_quantizer():
         quantize_static(str(source), str(target), feeds, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=WEIGHTED,
-                        nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.Percentile,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=STATIC_OPS,
+                        calibrate_method=CalibrationMethod.Percentile,
                         extra_options={"CalibPercentile": CALIBRATION_PERCENTILE,
                                        "CalibStridedMinMax": CALIBRATION_STRIDE})
 
@@ -233,38 +259,8 @@ def float_initializer_bytes(path: str | os.PathLike) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in floats)
 
 
-def fold_ternary_int8(source: str | os.PathLike, target: str | os.PathLike,
-                      calibration: Sequence[ImageLike]) -> Path:
-    """The float model ``source`` with its ternary weights folded into constants (onnxruntime's basic level: the
-    very fold its session makes in memory) and then every weighted layer, ternary ones included, as static int8:
-    what the .ort holds. Per-channel int8 stores {-Wn, 0, +Wp} with one scale, max(Wp, Wn) / 127, so the larger
-    value is exact and the smaller one is off by at most 1/254 of the larger; the ternary layers then run in the
-    int8 kernels and take a byte a weight in the file, not the fp32 four (the .ort cannot keep 2-bit storage: see
-    the module docstring)."""
-    import onnxruntime as ort
-
-    source, target = Path(source), Path(target)
-    with tempfile.TemporaryDirectory(prefix=".hashdistill-fold.") as tmp:
-        folded = Path(tmp) / source.name
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(folded)
-        try:
-            # (ConstantSharing would merge the pre-processing's constants into others', and the file would no
-            # longer show the pre-processing its metadata describes)
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=["ConstantSharing"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise UserError(f"{source}: onnxruntime could not fold its ternary layers ({short(str(exc))})") from None
-        proto = onnx.load(str(folded))
-        onnx.helper.set_model_props(proto, {p.key: p.value for p in onnx.load(str(source)).metadata_props})
-        onnx.save(proto, str(folded))
-        return quantize_int8(folded, target, calibration)
-
-
-def to_mobile(onnx_path: str | os.PathLike, convert: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Convert ``onnx_path`` (or ``convert``, another model of it, such as :func:`fold_ternary_int8`'s) to the
-    ORT format beside ``onnx_path``, with the operator config and ``onnx_path``'s usability report."""
+def to_mobile(onnx_path: str | os.PathLike) -> dict[str, Path]:
+    """Convert ``onnx_path`` to the ORT format beside it, with the operator config and its usability report."""
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
@@ -278,7 +274,7 @@ def to_mobile(onnx_path: str | os.PathLike, convert: str | os.PathLike | None = 
         options.optimized_model_filepath = str(made_ort)
         options.add_session_config_entry("session.save_model_format", "ORT")
         try:
-            ort.InferenceSession(str(convert or path), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             create_config_from_models([made_ort], made_ops, enable_type_reduction=False)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UserError(f"{path}: onnxruntime could not save it in the ORT format ({short(str(exc))})") from None

@@ -133,9 +133,6 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
         export_onnx(model, meta, staged, opset=opset, ternary_encoding=ternary_encoding, input_format=input_format)
         seconds = time.perf_counter() - start
         figures = verify_export(staged, model, images)
-        float_copy = Path(tmp) / f"fp32-{out_path.name}"
-        if int8 == STATIC and mobile:
-            shutil.copyfile(staged, float_copy)  # the .ort is made from it, ternary layers folded to int8
         if int8:
             quantized = quantize_int8(staged, Path(tmp) / f"int8-{out_path.name}", calibration)
             rate = same_code_rate(staged, quantized, images)
@@ -150,8 +147,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
             os.replace(quantized, staged)
         if mobile:
             checked = [*images, *database_pixels(meta, MOBILE_CHECK_IMAGES - len(images))]
-            figures["mobile"], written = _mobile_files(staged, float_copy if int8 == STATIC else None, calibration,
-                                                       checked, Path(tmp))
+            figures["mobile"], written = _mobile_files(staged, checked)
         os.replace(staged, out_path)
         if mobile:  # all files verified: they appear together
             for (key, made), final in zip(written.items(), mobile_outputs(out_path)):
@@ -162,29 +158,17 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
             "export_seconds": seconds, **figures}
 
 
-def _mobile_files(staged: Path, float_copy: Path | None, calibration: Sequence[np.ndarray] | None,
-                  checked: Sequence[np.ndarray], tmp: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The .ort beside ``staged`` and its figures: with static int8 (``float_copy`` given) made from the model
-    with its ternary layers folded to int8 too, kept if it gives the .onnx file's codes; else (and otherwise)
-    converted from the .onnx as it is, ternary layers as fp32. A .ort off the .onnx file's codes is a UserError."""
-    from .mobile import fold_ternary_int8, to_mobile
+def _mobile_files(staged: Path, checked: Sequence[np.ndarray]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The .ort beside ``staged`` and its figures; a .ort off the .onnx file's codes is a UserError."""
+    from .mobile import to_mobile
 
-    tried = {}
-    if float_copy is not None:
-        folded = fold_ternary_int8(float_copy, tmp / f"ort-{staged.name}", calibration)
-        written = to_mobile(staged, convert=folded)
-        rate = same_code_rate(staged, written["ort"], checked)
-        if rate >= MIN_IDENTICAL_CODE_RATE:
-            return {"ort_file_bytes": written["ort"].stat().st_size, "identical_code_rate_vs_onnx": rate,
-                    "checked_images": len(checked), "ternary_layers": "int8"}, written
-        tried = {"ternary_int8_code_rate_vs_onnx": rate}  # int8 ternary layers changed the codes: not kept
     written = to_mobile(staged)
     rate = same_code_rate(staged, written["ort"], checked)
     if rate < MIN_IDENTICAL_CODE_RATE:
         raise UserError(f"{staged.name}: the .ort file gives the .onnx file's codes on only {rate:.2%} of "
                         f"{len(checked)} images")
     return {"ort_file_bytes": written["ort"].stat().st_size, "identical_code_rate_vs_onnx": rate,
-            "checked_images": len(checked), "ternary_layers": "fp32", **tried}, written
+            "checked_images": len(checked)}, written
 
 
 def same_code_rate(reference: str | os.PathLike, candidate: str | os.PathLike, images: Sequence[np.ndarray],

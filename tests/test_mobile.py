@@ -14,7 +14,7 @@ from hashdistill.checkpoint import read_metadata
 from hashdistill.errors import UserError
 from hashdistill.export.mobile import float_initializer_bytes, mobile_outputs, required_operators
 from hashdistill.export.runtime import EdgeModel
-from hashdistill.export.verify import export_checkpoint, reference_pixels, same_code_rate
+from hashdistill.export.verify import MIN_INT8_CODE_RATE, export_checkpoint, reference_pixels
 from hashdistill.search.index import build_index, search_images
 
 
@@ -39,7 +39,9 @@ def test_int8_file_is_checked_runs_and_keeps_the_codes(phone_export, name, int8_
     onnx.checker.check_model(str(path))
     assert figures["identical_code_rate"] == 1.0  # the float graph against PyTorch, before quantization
     assert figures["int8"]["mode"] == ("static" if name == "phone" else "dynamic")
-    assert figures["int8"]["identical_code_rate_vs_float_onnx"] >= 0.95
+    # the export's own gate: this barely trained test model flips 18% of its codes once its ternary layers are
+    # int8 too (trained students keep them: benchmarks/export.py measures that rate on real data)
+    assert figures["int8"]["identical_code_rate_vs_float_onnx"] >= MIN_INT8_CODE_RATE
     assert figures["file_bytes"] == path.stat().st_size < phone_export["plain"]["file_bytes"]
     edge = EdgeModel(path)
     assert edge.bits == EdgeModel(phone_export["folder"] / "plain.onnx").bits
@@ -66,7 +68,7 @@ def test_int8_never_folds_the_ternary_layers_back_to_fp32(phone_export):
     ternary_fp32 = sum(4 * int(np.prod(info["shape"])) for info in meta["ternary_layers"].values())
     path = phone_export["folder"] / "phone.onnx"
     assert float_initializer_bytes(path) < ternary_fp32 / 4
-    packed = [t for t in onnx.load(str(path)).graph.initializer if t.name.endswith(".packed")]
+    packed = [t for t in onnx.load(str(path)).graph.initializer if t.name.endswith("packed")]
     assert packed and all(t.data_type == onnx.TensorProto.UINT8 for t in packed)
 
 
@@ -84,28 +86,58 @@ def test_ort_file_loads_and_gives_the_same_codes(phone_export):
     assert "DequantizeLinear" not in operators or "QLinearConv" in operators
 
 
-def test_the_ort_holds_the_ternary_layers_as_int8_where_that_keeps_the_codes(phone_export, tmp_path):
-    """Before: the .ort stored the ternary layers as fp32 (4 bytes a weight); folded and quantized with the other
-    layers they take one. Kept only where the .ort then gives the .onnx file's codes: this random-weight test model
-    is too fragile for that, so its export falls back to fp32 and says so (a trained student kept them,
-    benchmarks/export.py)."""
-    import shutil
+def test_static_int8_runs_the_ternary_layers_in_the_int8_kernels(phone_export, tmp_path):
+    """Before: the ternary layers, their weights computed in the graph, were left out of quantization and ran in
+    fp32 between a DequantizeLinear and a QuantizeLinear (1.36x the fp32 student at 224 px). Now onnxruntime folds
+    their 2-bit rebuild and fuses them into the int8 kernels (QLinearConv / QLinearMatMul)."""
+    import onnxruntime as ort
 
-    from hashdistill.export.mobile import fold_ternary_int8, to_mobile
-
-    record = phone_export["small"]["mobile"]
-    assert record["ternary_layers"] == "int8" or record["ternary_int8_code_rate_vs_onnx"] < 0.99
     folder = phone_export["folder"]
-    calibration = reference_pixels(read_metadata(phone_export["ternary"]), limit=16, split="train")
-    folded = fold_ternary_int8(folder / "plain.onnx", tmp_path / "folded.onnx", calibration)
-    for name in ("phone.onnx", "plain.onnx"):
-        shutil.copyfile(folder / name, tmp_path / name)
-    with_int8 = to_mobile(tmp_path / "phone.onnx", convert=folded)["ort"].stat().st_size
-    unfolded = to_mobile(tmp_path / "plain.onnx")["ort"].stat().st_size  # fp32 ternary layers
-    layers = read_metadata(phone_export["ternary"])["ternary_layers"].values()
-    weights = sum(int(np.prod(layer["shape"])) for layer in layers)
-    assert unfolded - with_int8 >= 2.5 * weights  # 4 bytes a ternary weight became 1
-    assert same_code_rate(folder / "plain.onnx", folded, calibration) > 0.5  # a model, not noise
+    for name, source in (("onnx", folder / "phone.onnx"), ("ort", mobile_outputs(folder / "phone.onnx")[0])):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / f"optimized-{name}.onnx")
+        if name == "ort":
+            options.add_session_config_entry("session.save_model_format", "ORT")
+            options.optimized_model_filepath = str(tmp_path / "reloaded.ort")
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized-onnx.onnx")).graph.node]
+    int8_kernels = sum(op in ("QLinearConv", "QLinearMatMul") for op in ops)
+    assert int8_kernels >= len(read_metadata(phone_export["ternary"])["ternary_layers"])  # the test model is a ViT
+    assert not {"Conv", "Gemm"} & set(ops)
+
+
+def test_ternary_int8_weights_are_stored_at_two_bits_losslessly():
+    """A per-channel int8 weight of ternary values (one positive and one negative value a channel, signs swapped
+    where a negative BN scale flipped them) is stored as 2-bit codes and rebuilt bit for bit; one that is not
+    ternary is left as it is."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hashdistill.export.ternary_int8 import pack_int8_ternary
+
+    rng = np.random.default_rng(0)
+    signs = rng.integers(-1, 2, (64, 64, 1, 1))
+    pos, neg = rng.integers(1, 128, (64, 1, 1, 1)), rng.integers(1, 128, (64, 1, 1, 1))
+    ternary = np.where(signs > 0, pos, np.where(signs < 0, -neg, 0)).astype(np.int8)
+    dense = rng.integers(-127, 128, (64, 64, 1, 1)).astype(np.int8)
+
+    def model(weight: np.ndarray) -> onnx.ModelProto:
+        scale = numpy_helper.from_array(np.full(64, 0.01, np.float32), "scale")
+        zero = numpy_helper.from_array(np.zeros(64, np.int8), "zero")
+        graph = helper.make_graph(
+            [helper.make_node("DequantizeLinear", ["w", "scale", "zero"], ["out"], axis=0)], "g", [],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, list(weight.shape))],
+            initializer=[numpy_helper.from_array(weight, "w"), scale, zero])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    packed, count = pack_int8_ternary(model(ternary))
+    assert count == 1 and "w" not in {t.name for t in packed.graph.initializer}
+    stored = sum(len(t.raw_data) for t in packed.graph.initializer)
+    assert stored < ternary.size  # 2 bits a weight and a small table, not a byte a weight
+    run = ort.InferenceSession(packed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(run, ternary.astype(np.float32) * 0.01)
+    assert pack_int8_ternary(model(dense))[1] == 0
 
 
 def test_an_ort_model_builds_and_queries_an_index(phone_export, tmp_path):
