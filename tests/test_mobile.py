@@ -89,7 +89,8 @@ def test_ort_file_loads_and_gives_the_same_codes(phone_export):
 def test_static_int8_runs_the_ternary_layers_in_the_int8_kernels(phone_export, tmp_path):
     """Before: the ternary layers, their weights computed in the graph, were left out of quantization and ran in
     fp32 between a DequantizeLinear and a QuantizeLinear (1.36x the fp32 student at 224 px). Now onnxruntime folds
-    their 2-bit rebuild and fuses them into the int8 kernels (QLinearConv / QLinearMatMul)."""
+    their 2-bit rebuild and fuses them into the int8 kernels (QLinearConv, and MatMulIntegerToFloat where a linear
+    layer's output stays float)."""
     import onnxruntime as ort
 
     folder = phone_export["folder"]
@@ -102,7 +103,7 @@ def test_static_int8_runs_the_ternary_layers_in_the_int8_kernels(phone_export, t
             options.optimized_model_filepath = str(tmp_path / "reloaded.ort")
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized-onnx.onnx")).graph.node]
-    int8_kernels = sum(op in ("QLinearConv", "QLinearMatMul") for op in ops)
+    int8_kernels = sum(op in ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat") for op in ops)
     assert int8_kernels >= len(read_metadata(phone_export["ternary"])["ternary_layers"])  # the test model is a ViT
     assert not {"Conv", "Gemm"} & set(ops)
 
