@@ -12,7 +12,7 @@ from onnx import compose, helper, numpy_helper
 
 from hashdistill.errors import UserError
 from hashdistill.preprocessing import EvalTransform
-from hashdistill.preprocessing_graph import PIXELS, preprocess_graph
+from hashdistill.preprocessing_graph import PIXELS, normalisation_of, preprocess_graph
 from hashdistill.untrusted import short
 
 from .metadata import INPUT as IMAGE_INPUT
@@ -43,10 +43,16 @@ def image_in_model(float_model: onnx.ModelProto, transform: EvalTransform) -> on
 def embedded_transform(model: onnx.ModelProto) -> dict[str, list[float]] | None:
     """The constants of an image-in model's pre-processing (crop, resize_size, mean, std), or None without one:
     what a reader compares with the metadata that describes them."""
-    wanted = {f"{FRONT_PREFIX}{name}": name for name in ("crop", "resize_size", "mean", "std")}
-    found = {wanted[t.name]: numpy_helper.to_array(t).ravel().tolist() for t in model.graph.initializer
+    names = ("crop", "resize_size", "mean", "std", "pixel_mean", "pixel_scale")
+    wanted = {f"{FRONT_PREFIX}{name}": name for name in names}
+    found = {wanted[t.name]: numpy_helper.to_array(t).ravel().astype(np.float64) for t in model.graph.initializer
              if t.name in wanted}
-    return found if len(found) == len(wanted) else None
+    normalisation = normalisation_of(found)
+    if normalisation is None or "crop" not in found or "resize_size" not in found:
+        return None
+    mean, std = normalisation
+    return {"crop": found["crop"].tolist(), "resize_size": found["resize_size"].tolist(), "mean": mean.tolist(),
+            "std": std.tolist()}
 
 
 def check_embedded(model: onnx.ModelProto, transform: EvalTransform, source: str) -> None:

@@ -30,9 +30,8 @@ def preprocess_graph(transform, opset: int = 18, ir_version: int | None = None) 
     consts = {
         **_resize_consts(transform), "crop": np.array(size, np.int64),
         "two": np.array(2, np.int64), "four": np.array(4, np.int64), "three_rest": np.array(3, np.int64),
-        "scale255": np.array(255, np.float32),
-        "mean": np.array(transform.mean, np.float32).reshape(1, 3, 1, 1),
-        "std": np.array(transform.std, np.float32).reshape(1, 3, 1, 1),
+        **normalisation_consts(transform.mean, transform.std),
+        "zeros": np.zeros(3, np.float32), "ones": np.ones(3, np.float32),
     }
     node = helper.make_node
     nodes = [  # the resize and the crop on the uint8 NHWC pixels: PIL's rounding, and 3 bytes a pixel moved
@@ -47,12 +46,33 @@ def preprocess_graph(transform, opset: int = 18, ir_version: int | None = None) 
         node("Slice", ["resized", "starts", "ends", "hw_axes"], ["cropped"]),
         node("Transpose", ["cropped"], ["nchw"], perm=[0, 3, 1, 2]),
         node("Cast", ["nchw"], ["as_float"], to=TensorProto.FLOAT),
-        node("Div", ["as_float", "scale255"], ["unit"]),
-        node("Sub", ["unit", "mean"], ["centred"]),
-        node("Div", ["centred", "std"], [PIXELS]),
+        # (x / 255 - mean) / std as one per-channel affine: onnxruntime's int8 models run their first layers in
+        # NHWC and move the Transpose above the normalisation, where broadcast Sub and Div over the last axis
+        # cost 0.75 ms each at 224 px (mobilenetv2_100's phone model, 1 thread); BatchNormalization costs 0.06
+        # ms in either layout. Its pixels differ from the three steps' by at most 5e-7.
+        node("BatchNormalization", ["as_float", "pixel_scale", "zeros", "pixel_mean", "ones"], [PIXELS],
+             epsilon=0.0),
     ]
     output = helper.make_tensor_value_info(PIXELS, TensorProto.FLOAT, ["batch", 3, size, size])
     return _model(nodes, consts, output, opset, ir_version)
+
+
+def normalisation_consts(mean, std) -> dict[str, np.ndarray]:  # noqa: ANN001 - three floats each
+    """The normalisation's constants as the graph stores them: ``pixel_mean`` = 255 mean and ``pixel_scale`` =
+    1 / (255 std), so that pixels = (x - pixel_mean) pixel_scale on the uint8 values x."""
+    # float32 first: a file's metadata holds them as float32 values, and the constants must not depend on that
+    mean, std = (np.asarray(v, np.float32).astype(np.float64) for v in (mean, std))
+    return {"pixel_mean": (255 * mean).astype(np.float32), "pixel_scale": (1 / (255 * std)).astype(np.float32)}
+
+
+def normalisation_of(consts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) from a graph's normalisation constants, this version's (:func:`normalisation_consts`) or the
+    earlier Sub / Div ones (``mean``, ``std``); None if neither is there."""
+    if "pixel_mean" in consts and "pixel_scale" in consts:
+        return consts["pixel_mean"] / 255, 1 / (255 * consts["pixel_scale"])
+    if "mean" in consts and "std" in consts:
+        return consts["mean"], consts["std"]
+    return None
 
 
 def resize_graph(transform) -> onnx.ModelProto:  # noqa: ANN001 - an EvalTransform

@@ -169,7 +169,8 @@ def test_augmented_batches_travel_as_uint8_and_are_normalised_after_the_shift():
 
 def test_image_folder_training_items_are_uint8_and_normalise_like_timms_float_transform(tmp_path):
     """The folder's training items leave the loader as uint8 (normalised per batch on the device); under the same
-    seeds the normalised batch is bit-identical to timm's usual ToTensor + Normalize transform of the same crops."""
+    seeds the normalised batch is timm's usual ToTensor + Normalize transform of the same crops, to float32
+    rounding (the normalisation is x * scale + bias, as the exported graph's BatchNormalization computes it)."""
     import random
 
     from hashdistill.data import batch_augmentation
@@ -191,7 +192,8 @@ def test_image_folder_training_items_are_uint8_and_normalise_like_timms_float_tr
     usual = train_transform(cfg, train.transform.mean, train.transform.std, uint8=False)
     torch.manual_seed(0), random.seed(0)
     reference = torch.stack([usual(read_rgb(train.paths[i])) for i in items])
-    assert torch.equal(batch_augmentation(train)([pixels])[0], reference)
+    normalised = batch_augmentation(train)([pixels])[0]
+    assert normalised.shape == reference.shape and (normalised - reference).abs().max() < 1e-6
     plain = build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16), "train")
     assert batch_augmentation(plain) is None and plain[0][0].dtype == torch.float32
 
