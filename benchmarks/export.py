@@ -29,8 +29,8 @@ student and phone model with random weights (bytes, MACs, .onnx and .ort latency
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -42,31 +42,25 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import machine, print_table, write_json
+from common import git_commit, machine, print_table, write_json
+from export_224 import section_224
 from export_checks import (
     ORT_WEB,
-    SIZE_224,
-    WARMUP_224,
     batch_of,
     browser_code_agreement,
-    browser_model_ms,
     browser_unavailable,
     cpu_session,
     fashion_test_pixels,
-    models_224,
     ort_code_agreement,
     ort_vs_onnx_latency,
-    square_pixels,
+    save_untrained,
     timm_eval_agreement,
     write_image_files,
 )
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from hashdistill import codes
-from hashdistill.checkpoint import read_metadata, save_checkpoint
+from hashdistill.checkpoint import read_metadata
 from hashdistill.data import build_dataset, dataset_info
-from hashdistill.data.imagefolder import eval_transform
-from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher, model_meta
 from hashdistill.evaluate import EvalSplits, code_metrics, encode_splits
 from hashdistill.export.loading import load_any_model
 from hashdistill.export.mobile import quantize_int8, to_mobile
@@ -81,13 +75,14 @@ from hashdistill.export.verify import (
     same_code_rate,
 )
 from hashdistill.quantize.stage import quantize_student
-from hashdistill.quantize.ternary_checkpoint import save_ternary
-from hashdistill.quantize.ttq import TTQConfig, ternarize_, ternary_layers
+from hashdistill.quantize.ttq import TTQConfig, ternary_layers
 from hashdistill.recipe import DataConfig, Recipe, load_recipe
 from hashdistill.rundir import RECIPE_FILE_NAME, RunDir
 from hashdistill.search.index import HashIndex
 
 PHONE = "phone model: ternary wide 1x1 convs + int8"
+# Keys of the 224-px table this benchmark wrote before the 200-run protocol (section_224 replaces them)
+STALE_224_KEYS = ("models_224", "latency_runs_224", "browser_phone_ms_b1_224", "browser_runs")
 PHONE_FILE = "pointwise-int8.onnx"  # benchmark_models' static int8 file of the phone model (its .ort lies beside it)
 CLASSES_224 = 100  # the imagenet100 recipe's classes (an image folder: the recipe does not say how many)
 MAP_OF = ("student", "ternary student + int8", PHONE, PHONE + ", dynamic int8")  # files whose mAP is measured
@@ -118,16 +113,22 @@ def main() -> None:
     parser.add_argument("--browser-files", type=int, default=200, help="image files in the browser agreement check")
     parser.add_argument("--browser-runs", type=int, default=20, help="timed runs of the browser latency (median)")
     parser.add_argument("--ort-web", default=str(ORT_WEB), help="onnxruntime-web's dist folder (no CDN fetch)")
-    parser.add_argument("--skip-224", action="store_true", help="no 224-px latency table (a quick smoke run)")
-    parser.add_argument("--recipe-224", default="imagenet100", help="the recipe whose architectures the 224-px "
-                        "table times (random weights)")
-    parser.add_argument("--latency-runs-224", type=int, default=3,
-                        help="timed runs per b=64 measurement at 224 px (b=1 uses --latency-runs)")
+    parser.add_argument("--skip-224", action="store_true", help="no 224-px figures (a quick smoke run)")
+    parser.add_argument("--only-224", action="store_true", help="measure the 224-px figures alone and merge them "
+                        "into --out's figures (the rest of --out is kept, as it was measured)")
+    parser.add_argument("--recipe-224", default="imagenet100", help="the recipe whose teacher and student the "
+                        "224-px figures time (random weights)")
+    parser.add_argument("--students-224", default="mobilenetv2_100,efficientnet_lite0,"
+                        "tf_mobilenetv3_large_minimal_100,mobilenetv3_large_100",
+                        help="candidate students timed at 224 px beside the recipe's own")
+    parser.add_argument("--runs-224", type=int, default=200, help="timed runs of every 224-px latency")
     parser.add_argument("--calibration-224", type=int, default=32,
-                        help="training images that calibrate the 224-px phone model's static int8")
+                        help="images that calibrate the 224-px phone models' static int8")
     args = parser.parse_args()
     started = time.time()
     torch.manual_seed(0)
+    if args.only_224:
+        return merge_224(args, started)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         recipe = trained_checkpoints(args, folder) if args.trained_run else untrained_checkpoints(args, folder)
@@ -155,30 +156,28 @@ def main() -> None:
                           "edge_files": edge_files, "edge_file_agreement": edge_files["agreement"], **checks})
 
 
+def merge_224(args: argparse.Namespace, started: float) -> None:
+    """``--only-224``: the 224-px figures measured now, merged into --out's earlier figures (which say when and
+    how they were measured; ``section_224`` records this run's commit and wall time)."""
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {"benchmark": "export"}
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = figures_224(args, Path(tmp))
+    figures["section_224"].update({"commit": git_commit(), "machine": machine(),
+                                   "wall_seconds": time.time() - started, "args": vars(args)})
+    stale = [key for key in previous if key in STALE_224_KEYS]
+    write_json(args.out, {**{k: v for k, v in previous.items() if k not in stale}, **figures})
+
+
+def figures_224(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    return section_224(args, folder, phone_configs(args)["pointwise"], Path(args.ort_web),
+                       browser_unavailable(Path(args.ort_web)))
+
+
 def untrained_checkpoints(args: argparse.Namespace, folder: Path) -> None:
     """Random-init teacher and student checkpoints (and both ternary versions) in ``folder``."""
     cfg = DataConfig(dataset=args.dataset, image_size=args.image_size)
     extra = {"data": dataclasses.asdict(cfg), "recipe_hash": "benchmark"}
     save_untrained(folder, (args.teacher, args.student), args.bits, dataset_info(cfg), extra, phone_configs(args))
-
-
-def save_untrained(folder: Path, archs: tuple[str, str], bits: int, info: dict, extra: dict,
-                   configs: dict[str, TTQConfig]) -> None:
-    """Random-init teacher and student (``archs``) and the student ternarized per ``configs`` (stem -> config),
-    saved as checkpoints in ``folder``: file sizes and latency do not depend on the weights' values."""
-    classes = len(info["class_names"])
-    teacher = LLCTeacher(archs[0], bits, classes).eval()
-    student = HashStudent(archs[1], bits, classes).eval()
-    student.codes.copy_(teacher.class_codes)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / "teacher.safetensors", teacher.state_dict(),
-                    model_meta(TEACHER, archs[0], bits, info, **extra))
-    student_meta = model_meta(STUDENT, archs[1], bits, info, **extra)
-    save_checkpoint(folder / "student.safetensors", student.state_dict(), student_meta)
-    for stem, config in configs.items():
-        ternary = copy.deepcopy(student)
-        ternarize_(ternary, config)
-        save_ternary(folder / f"{stem}.safetensors", ternary, {**student_meta, "kind": "ternary-student"})
 
 
 def phone_configs(args: argparse.Namespace) -> dict[str, TTQConfig]:
@@ -278,65 +277,18 @@ def deployment_checks(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                            "ort_vs_onnx_latency_b64": speed["ratio_b64"], "ort_code_check": agreement,
                            "ort_code_agreement": agreement["agreement"], "timm_eval_files": timm,
                            "timm_eval_code_agreement": timm["agreement"], "skipped": {}}
-    phone_224 = None
     if args.skip_224:
-        out["skipped"]["models_224"] = "--skip-224"
+        out["skipped"]["figures_224"] = "--skip-224"
     else:
-        calibration = reference_pixels(meta, args.calibration_224, "train")
-        table, phone_224 = section_224(args, folder / "224", images, calibration)
-        out.update(table)
+        out.update(figures_224(args, folder / "224"))
     reason = browser_unavailable(Path(args.ort_web))
     if reason:
         print(f"browser checks skipped: {reason}", flush=True)
         out["skipped"]["browser"] = reason
     else:
-        out.update(browser_checks(args, folder, phone, phone_224, images))
-    if "browser_phone_ms_b1_224" in out:
-        next(r for r in out["models_224"]["rows"] if r["model"] == PHONE)["browser_ms_b1_224"] = \
-            out["browser_phone_ms_b1_224"]
-    return out
-
-
-def section_224(args: argparse.Namespace, folder: Path, images: list[np.ndarray],
-                calibration: list[np.ndarray]) -> tuple[dict[str, Any], Path]:
-    """The 224-px latency table of ``--recipe-224``'s teacher and student (random weights: latency does not depend
-    on training), its figures for the top level, and the phone model's file (for the browser's latency)."""
-    recipe = load_recipe(args.recipe_224, [])
-    if recipe.data.image_size != SIZE_224:
-        raise SystemExit(f"--recipe-224 {args.recipe_224}: its image_size is {recipe.data.image_size}, not {SIZE_224}")
-    archs, bits = (recipe.teacher.backbone, recipe.student.model), recipe.teacher.bits
-    info = {"class_names": [f"class_{i:03d}" for i in range(CLASSES_224)],
-            **eval_transform(recipe.data, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).as_metadata()}
-    extra = {"data": dataclasses.asdict(recipe.data), "recipe_hash": "benchmark"}
-    save_untrained(folder, archs, bits, info, extra, {"pointwise": phone_configs(args)["pointwise"]})
-    runs = {"b1": args.latency_runs, "b64": args.latency_runs_224}
-    cases = [("teacher fp32", "teacher", False), ("student fp32", "student", False), (PHONE, "pointwise", True)]
-    rows, phone = models_224(folder, cases, images, calibration, runs)
-    by_stem = dict(zip([stem for _, stem, _ in cases], rows))
-    section = {"recipe": args.recipe_224, "teacher": archs[0], "student": archs[1], "bits": bits,
-               "classes": CLASSES_224, "image_size": recipe.data.image_size, "weights": "untrained (random init)",
-               "input": "the parity images (test split) resized to uint8 224x224x3 (bicubic)",
-               "calibration_images": len(calibration), "phone_model": PHONE,
-               "macs": "torch.utils.flop_counter.FlopCounterMode on one 224x224 image, MACs = FLOPs / 2; the "
-                       "phone model has its float student's MACs", "rows": rows}
-    ratio = by_stem["pointwise"]["onnx_ms_b1"] / by_stem["teacher"]["onnx_ms_b1"]
-    return {"models_224": section, "latency_runs_224": {**runs, "warmup": WARMUP_224},
-            "phone_teacher_latency_ratio_224_b1": ratio}, phone
-
-
-def browser_checks(args: argparse.Namespace, folder: Path, phone: Path, phone_224: Path | None,
-                   images: list[np.ndarray]) -> dict[str, Any]:
-    """onnxruntime-web in headless Chromium: code agreement with Python onnxruntime on the main-size phone model
-    and, with the 224-px table, the 224-px phone model's b=1 latency."""
-    ort_web = Path(args.ort_web)
-    print("browser: onnxruntime-web vs onnxruntime ...", flush=True)
-    files = browser_code_agreement(phone, folder, args.browser_files, ort_web)
-    out: dict[str, Any] = {"browser_files": files, "browser_code_agreement": files["agreement"]}
-    if phone_224 is not None:
-        print("browser: 224-px phone model latency ...", flush=True)
-        ms = browser_model_ms(phone_224, folder, square_pixels(images, SIZE_224), args.browser_runs, ort_web)
-        out["browser_phone_ms_b1_224"] = ms
-        out["browser_runs"] = args.browser_runs
+        print("browser: onnxruntime-web vs onnxruntime ...", flush=True)
+        files = browser_code_agreement(phone, folder, args.browser_files, Path(args.ort_web))
+        out.update({"browser_files": files, "browser_code_agreement": files["agreement"]})
     return out
 
 

@@ -8,6 +8,7 @@ that runs the .onnx in WebAssembly, a timm user who feeds the PyTorch model thro
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,14 +21,17 @@ import torch
 from PIL import Image
 
 from hashdistill import codes
+from hashdistill.checkpoint import save_checkpoint
 from hashdistill.data import build_dataset
+from hashdistill.distill.models import STUDENT, TEACHER, HashStudent, LLCTeacher, model_meta
 from hashdistill.export.loading import load_any_model
-from hashdistill.export.mobile import mobile_outputs, quantize_int8, to_mobile
-from hashdistill.export.onnx_export import export_onnx
+from hashdistill.export.mobile import mobile_outputs
 from hashdistill.export.runtime import EdgeModel
 from hashdistill.export.verify import database_pixels, same_code_rate
 from hashdistill.imagefiles import read_rgb
 from hashdistill.preprocessing import EvalTransform
+from hashdistill.quantize.ternary_checkpoint import save_ternary
+from hashdistill.quantize.ttq import TTQConfig, ternarize_
 from hashdistill.recipe import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +41,6 @@ BROWSER_SHAPES = [(28, 28), (17, 13), (40, 30), (23, 57), (100, 64), (64, 64), (
 TIMM_SHORT_SIDES = (5, 9, 20, 33, 47)  # tiny (upsampled a lot) to larger than a 32-px input (downsampled)
 TIMM_SPARES = (0, 1, 2, 3, 4, 5, 6, 7, 10, 13, 27)  # spare pixels after the resize: every residue mod 4, odd and even
 INDEX_FILES = 8  # a demo site needs an index; its size does not matter to the model's codes or latency
-SIZE_224 = 224
-WARMUP_224 = 1  # one untimed run before the timed ones: a ResNet50 batch of 64 takes seconds on 2 cores
 BATCHES = (1, 64)
 
 
@@ -231,50 +233,20 @@ def square_pixels(images: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
     return [np.asarray(Image.fromarray(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in images]
 
 
-def count_macs(model: torch.nn.Module, size: int) -> int:
-    """Multiply-accumulates of one forward pass on one ``size`` x ``size`` image (FLOPs / 2, as
-    torch.utils.flop_counter counts a multiply and an add per MAC)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, 3, size, size))
-    return counter.get_total_flops() // 2
-
-
-def models_224(folder: Path, cases: Sequence[tuple[str, str, bool]], images: Sequence[np.ndarray],
-               calibration: Sequence[np.ndarray], runs: dict[str, int]) -> tuple[list[dict[str, Any]], Path]:
-    """The 224-px table: one row per (name, checkpoint stem, int8) in ``cases`` of checkpoints in ``folder``; and
-    the path of the last int8 file (the phone model). A ternary row gets its float student's MACs: ternary weights
-    change what a weight costs to store, not how many multiply-accumulates the convolutions do."""
-    pixels = square_pixels(images, SIZE_224)
-    macs = {stem: count_macs(load_any_model(folder / f"{stem}.safetensors")[0], SIZE_224)
-            for stem in ("teacher", "student")}
-    rows, phone = [], None
-    for name, stem, int8 in cases:
-        print(f"224 px: exporting {name} ...", flush=True)
-        path = export_file(folder, stem, square_pixels(calibration, SIZE_224) if int8 else None)
-        rows.append({"model": name, "macs": macs["teacher" if stem == "teacher" else "student"],
-                     **row_224(path, pixels, runs)})
-        phone = path if int8 else phone
-    return rows, phone
-
-
-def export_file(folder: Path, stem: str, calibration: Sequence[np.ndarray] | None) -> Path:
-    """The image-in .onnx of checkpoint ``stem`` (static int8 where calibration images are given) and its .ort."""
-    model, meta = load_any_model(folder / f"{stem}.safetensors")
-    path = export_onnx(model, meta, folder / f"{stem}-224.onnx", opset=18, force=True)
-    if calibration is not None:
-        path = quantize_int8(path, folder / f"{stem}-224-int8.onnx", calibration)
-    to_mobile(path)
-    return path
-
-
-def row_224(path: Path, pixels: Sequence[np.ndarray], runs: dict[str, int]) -> dict[str, Any]:
-    """File bytes and median ms of the .onnx and its .ort at b=1 and b=64, the two files taking turns."""
-    row: dict[str, Any] = {"arch": EdgeModel(path).meta.props.get("arch"), "onnx_bytes": path.stat().st_size,
-                           "ort_format_bytes": mobile_outputs(path)[0].stat().st_size}
-    timed = onnx_and_ort_ms(path, pixels, {batch: runs[f"b{batch}"] for batch in BATCHES}, WARMUP_224)
-    for batch, ms in timed.items():
-        row.update({f"onnx_ms_b{batch}": ms["onnx"], f"ort_format_ms_b{batch}": ms["ort"]})
-    return row
+def save_untrained(folder: Path, archs: tuple[str, str], bits: int, info: dict, extra: dict,
+                   configs: dict[str, TTQConfig]) -> None:
+    """Random-init teacher and student (``archs``) and the student ternarized per ``configs`` (stem -> config),
+    saved as checkpoints in ``folder``: file sizes and latency do not depend on the weights' values."""
+    classes = len(info["class_names"])
+    teacher = LLCTeacher(archs[0], bits, classes).eval()
+    student = HashStudent(archs[1], bits, classes).eval()
+    student.codes.copy_(teacher.class_codes)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / "teacher.safetensors", teacher.state_dict(),
+                    model_meta(TEACHER, archs[0], bits, info, **extra))
+    student_meta = model_meta(STUDENT, archs[1], bits, info, **extra)
+    save_checkpoint(folder / "student.safetensors", student.state_dict(), student_meta)
+    for stem, config in configs.items():
+        ternary = copy.deepcopy(student)
+        ternarize_(ternary, config)
+        save_ternary(folder / f"{stem}.safetensors", ternary, {**student_meta, "kind": "ternary-student"})

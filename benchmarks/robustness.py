@@ -176,7 +176,8 @@ def untrained_224(folder: Path, photos: Path) -> Path:
     onnx_path = folder / "student-224.onnx"
     if onnx_path.is_file():
         return onnx_path
-    from export import save_untrained
+    from export_checks import save_untrained
+
     from hashdistill.data import dataset_info
     from hashdistill.export.verify import export_checkpoint
     from hashdistill.recipe import DataConfig
