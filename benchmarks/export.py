@@ -18,12 +18,14 @@ numpy popcount baseline (hashdistill.codes) over random codes.
 Deployment checks (export_checks.py): the phone model's .ort against its int8 .onnx (latency, taking turns, and
 codes on test + database images), the fp32 student's image-in graph against the PyTorch model fed by timm's eval
 transform (odd-size files), onnxruntime-web in headless Chromium against Python onnxruntime (image files, the
-local onnxruntime-web copy: nothing is fetched), and a 224-px table of the ``--recipe-224`` recipe's teacher,
-student and phone model with random weights (bytes, MACs, .onnx and .ort latency, the phone model in the browser).
-``--skip-224`` and the count flags make a quick smoke run.
+local onnxruntime-web copy: nothing is fetched), and the 224-px figures of export_224.py (the ``--recipe-224``
+recipe's teacher and candidate students with random weights, 200 interleaved runs at 1 and 2 threads, the browser,
+the pre-processing's share, a CLI export's peak RSS). ``--skip-224`` and the count flags make a quick smoke run;
+``--only-224`` measures the 224-px figures alone and merges them into ``--out`` (the trained 32-px figures stay).
 
     python benchmarks/export.py --out benchmarks/results/export.json
     python benchmarks/export.py --trained-run bench_out/distill-converged/f1-s0 --out benchmarks/results/export.json
+    python benchmarks/export.py --only-224 --out benchmarks/results/export.json
 """
 
 from __future__ import annotations
