@@ -29,8 +29,10 @@ BENCHMARKS = {  # name -> command (run from the repository root), in dependency 
     "quantize": [sys.executable, "benchmarks/quantize.py", "--out", "benchmarks/results/quantize.json",
                  "--epochs", "1"],
     "export": [sys.executable, "benchmarks/export.py", "--trained-run", "bench_out/distill-converged/f1-s0",
-               "--quantize-epochs", "1", "--latency-runs", "5", "--database", "300000",
+               "--quantize-epochs", "1", "--latency-runs", "200", "--database", "300000",
                "--out", "benchmarks/results/export.json"],
+    "ternary_kernels": [sys.executable, "benchmarks/ternary_kernels.py", "--out",
+                        "benchmarks/results/ternary_kernels.json"],
     "encode": [sys.executable, "benchmarks/encode.py", "--out", "benchmarks/results/encode.json"],
     "search": [sys.executable, "benchmarks/search.py", "--model-run", "bench_out/search-model",
                "--out", "benchmarks/results/search.json"],
@@ -225,6 +227,22 @@ def section_quantize(data: dict[str, Any]) -> list[str]:
                                   ("compression", "fp32/packed bytes"), ("map_tie_aware", "mAP (tie-aware)"),
                                   ("map_drop_points", "mAP drop (points)"), ("mhd_acc", "MHD acc"),
                                   ("mhd_drop_points", "MHD drop (points)")])]
+
+
+def section_ternary_kernels(data: dict[str, Any]) -> list[str]:
+    rows = [{**r, "shape": f"{r['pixels']} x {r['c_in']} -> {r['c_out']}",
+             **{k: f"{r[k]:.3f}" for k in ("fp32_ms", "int8_ms", "nbits2_ms", "nbits4_ms")},
+             "ratio": f"{r['nbits2_vs_int8']:.2f}"} for r in data["rows"]]
+    return [f"A ternary 1x1 conv of mobilenetv2_100 at 224 px as a MatMul ([H*W, C_in] x [C_in, C_out]), onnxruntime "
+            f"{data['onnxruntime']} CPU, {data['threads']} thread, median ms of {data['runs']} runs taking turns "
+            f"(after {data['warmup']}): fp32 MatMul, the phone model's int8 (QDQ, fused into QLinearMatMul), and "
+            f"MatMulNBits at 2 and 4 bits (blocks of {data['block_size']}).", "",
+            *table(rows, [("shape", "H*W x C_in -> C_out"), ("fp32_ms", "fp32"), ("int8_ms", "int8"),
+                          ("nbits2_ms", "MatMulNBits 2-bit"), ("nbits4_ms", "MatMulNBits 4-bit"),
+                          ("ratio", "2-bit / int8")]), "",
+            f"Over these layers MatMulNBits 2-bit takes **{data['nbits2_vs_int8_total']:.2f}x** the int8 kernels' "
+            f"time (fp32: {data['fp32_vs_int8_total']:.2f}x): the phone model keeps **{data['kept']}**, its ternary "
+            "weights stored at 2 bits in the .onnx and rebuilt into int8 when onnxruntime loads it."]
 
 
 def section_export(data: dict[str, Any]) -> list[str]:
@@ -452,6 +470,7 @@ def section_robustness(data: dict[str, Any]) -> list[str]:
 
 SECTIONS = {"quickstart": section_quickstart, "data": section_data, "teacher": section_teacher,
             "distill": section_distill, "quantize": section_quantize, "export": section_export,
+            "ternary_kernels": section_ternary_kernels,
             "search": section_search, "encode": section_encode, "robustness": section_robustness}
 
 
