@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from export_checks import batch_of, browser_model_ms, fashion_test_pixels, save_untrained, square_pixels
 from PIL import Image
+from timing import WARMUP, interleaved_stats, timing_session
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from hashdistill.data.imagefolder import eval_transform
@@ -40,37 +40,9 @@ from hashdistill.recipe import load_recipe
 
 SIZE = 224
 THREADS = (1, 2)
-WARMUP = 10
 CLASSES = 100  # the imagenet100 recipe's classes (an image folder: the recipe does not say how many)
 BROWSER_CHUNKS = 4  # the two browser files take turns chunk by chunk (a page times one model)
 RSS_ARCH = "mobilenetv3_large_100"  # the student whose CLI export was killed at 14 GB before calibration streamed
-
-
-def timing_session(path: Path, threads: int) -> ort.InferenceSession:
-    """An onnxruntime CPU session with ``threads`` intra-op threads and no idle spinning (a spinning session
-    would slow the next one's runs)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def interleaved_stats(sessions: dict[str, ort.InferenceSession], pixels: np.ndarray, runs: int,
-                      warmup: int = WARMUP) -> dict[str, dict[str, float]]:
-    """Median and quartiles (ms) of each session's runs on ``pixels``, the sessions taking turns run by run."""
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for step in range(warmup + runs):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"images": pixels})
-            if step >= warmup:
-                times[name].append(1000 * (time.perf_counter() - start))
-    return {name: quartiles(values) for name, values in times.items()}
-
-
-def quartiles(values: Sequence[float]) -> dict[str, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4)
-    return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "runs": len(values)}
 
 
 def build_models(folder: Path, recipe_name: str, students: Sequence[str], phone: TTQConfig,
@@ -117,7 +89,7 @@ def cpu_latencies(files: dict[str, Any], teacher: Path, shipped: str, pixels: np
     for threads in THREADS:
         print(f"224 px: timing {len(paths)} files at {threads} thread(s), {runs} runs ...", flush=True)
         sessions = {name: timing_session(path, threads) for name, path in paths.items()}
-        out[str(threads)] = interleaved_stats(sessions, pixels, runs)
+        out[str(threads)] = interleaved_stats(sessions, {"images": pixels}, runs)
     return out
 
 
@@ -157,7 +129,7 @@ def ort_vs_onnx_b64(phone: Path, images: Sequence[np.ndarray], runs: int) -> dic
     threads), taking turns."""
     print(f"224 px: .ort vs .onnx at b=64, {runs} runs ...", flush=True)
     sessions = {"onnx": timing_session(phone, 0), "ort": timing_session(mobile_outputs(phone)[0], 0)}
-    stats = interleaved_stats(sessions, batch_of(images, 64), runs, warmup=2)
+    stats = interleaved_stats(sessions, {"images": batch_of(images, 64)}, runs, warmup=2)
     return {"batch": 64, "threads": "onnxruntime's default (0: one a core)", **stats,
             "ratio": stats["ort"]["median_ms"] / stats["onnx"]["median_ms"]}
 
@@ -177,7 +149,7 @@ def preprocessing_share(pair: dict[str, Path], folder: Path, pixels: np.ndarray,
     at_resize = np.asarray(Image.fromarray(pixels[0]).resize((side, side), Image.BICUBIC))[None]
     out: dict[str, Any] = {"threads": 1, "resize_size": side}
     for name, batch in (("input_224", pixels), (f"input_{side}", at_resize)):
-        stats = interleaved_stats(sessions, batch, runs)
+        stats = interleaved_stats(sessions, {"images": batch}, runs)
         out[name] = {**stats, "share": stats["preprocessing"]["median_ms"] / stats["phone"]["median_ms"]}
     return out
 

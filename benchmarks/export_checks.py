@@ -9,8 +9,6 @@ that runs the .onnx in WebAssembly, a timm user who feeds the PyTorch model thro
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from PIL import Image
+from timing import interleaved_stats, timing_session
 
 from hashdistill import codes
 from hashdistill.checkpoint import save_checkpoint
@@ -45,25 +44,15 @@ BATCHES = (1, 64)
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
-    """An onnxruntime CPU session for timing: no idle spinning, so one session's spinning threads never slow the
-    next one's runs (or PyTorch's)."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """An onnxruntime CPU session for timing, onnxruntime's default threads (timing.timing_session)."""
+    return timing_session(path)
 
 
 def interleaved_ms(sessions: dict[str, ort.InferenceSession], pixels: np.ndarray, runs: int,
                    warmup: int = 2) -> dict[str, float]:
-    """Median ms per run of each session on the same pixels, the sessions taking turns run by run: the machine's
-    load drifts over minutes, and taking turns exposes the files compared to the same load, so their ratio holds."""
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for step in range(warmup + max(1, runs)):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"images": pixels})
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+    """Median ms per run of each session on the same pixels, the sessions taking turns (timing.py's protocol)."""
+    stats = interleaved_stats(sessions, {"images": pixels}, max(1, runs), warmup)
+    return {name: figures["median_ms"] for name, figures in stats.items()}
 
 
 def batch_of(images: Sequence[np.ndarray], size: int) -> np.ndarray:

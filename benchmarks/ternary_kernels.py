@@ -18,7 +18,6 @@ All files take turns run by run, 200 timed runs after 10 untimed, 1 thread; medi
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ import onnx
 import onnxruntime as ort
 from common import git_commit, machine, print_table, write_json
 from onnx import TensorProto, helper, numpy_helper
+from timing import RUNS, WARMUP, interleaved_stats, timing_session
 
 # (H*W, C_in, C_out) of mobilenetv2_100's 1x1 convs at 224 px: expansions and projections at each resolution
 SHAPES = [(12544, 32, 16), (3136, 24, 144), (3136, 144, 24), (784, 192, 32), (196, 64, 384), (196, 384, 64),
@@ -84,33 +84,11 @@ def nbits_model(weight: np.ndarray, bits: int) -> bytes:
     return _model([node], {"b": packed, "s": scale.reshape(-1)}, ("com.microsoft",))
 
 
-def session(model: bytes) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def timed(sessions: dict[str, ort.InferenceSession], x: np.ndarray, runs: int, warmup: int) -> dict[str, dict]:
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for step in range(warmup + runs):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, {"x": x})
-            if step >= warmup:
-                times[name].append(1000 * (time.perf_counter() - start))
-    out = {}
-    for name, values in times.items():
-        q1, median, q3 = statistics.quantiles(values, n=4)
-        out[name] = {"median_ms": median, "q1_ms": q1, "q3_ms": q3}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/ternary_kernels.json")
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--warmup", type=int, default=WARMUP)
     args = parser.parse_args()
     started = time.time()
     rng = np.random.default_rng(0)
@@ -119,9 +97,10 @@ def main() -> None:
         signs = rng.integers(-1, 2, (c_in, c_out))
         weight = np.where(signs > 0, 0.03, np.where(signs < 0, -0.05, 0)).astype(np.float32)  # {-Wn, 0, +Wp}
         x = rng.random((pixels, c_in), dtype=np.float32)
-        sessions = {"fp32": session(fp32_model(weight)), "int8": session(int8_model(weight, x)),
-                    "nbits2": session(nbits_model(weight, 2)), "nbits4": session(nbits_model(weight, 4))}
-        stats = timed(sessions, x, args.runs, args.warmup)
+        sessions = {name: timing_session(model, threads=1) for name, model in (
+            ("fp32", fp32_model(weight)), ("int8", int8_model(weight, x)), ("nbits2", nbits_model(weight, 2)),
+            ("nbits4", nbits_model(weight, 4)))}
+        stats = interleaved_stats(sessions, {"x": x}, args.runs, args.warmup)
         row = {"pixels": pixels, "c_in": c_in, "c_out": c_out, "stats": stats,
                **{f"{name}_ms": s["median_ms"] for name, s in stats.items()}}
         row.update({f"{name}_vs_int8": row[f"{name}_ms"] / row["int8_ms"] for name in ("fp32", "nbits2", "nbits4")})
