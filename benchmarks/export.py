@@ -152,6 +152,7 @@ def main() -> None:
                           "weights": f"trained ({args.trained_run})" if recipe else "untrained (random init)",
                           "models": models, "search": search,
                           "whole_file_ratio": fp32["onnx_bytes"] / phone["onnx_bytes"],
+                          "ort_whole_file_ratio": fp32["onnx_bytes"] / by_name[f"{PHONE} (.ort)"]["onnx_bytes"],
                           "student_teacher_latency_ratio_b64": phone["ort_ms_b64"] / teacher["ort_ms_b64"],
                           "fp32_student_teacher_latency_ratio_b64": fp32["ort_ms_b64"] / teacher["ort_ms_b64"],
                           "whole_file_map_drop_points": drop,
