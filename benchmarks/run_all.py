@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common import git_commit, machine
+from timing import RUNS
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -247,7 +248,12 @@ def section_ternary_kernels(data: dict[str, Any]) -> list[str]:
 
 def section_export(data: dict[str, Any]) -> list[str]:
     rows = [{**r, "model": f"{r['model']} ({r.get('arch', '-')})"} for r in data["models"]]
-    lines = [f"Models: {data['weights']}.", "",
+    section = data.get("section_224") or {}
+    merged = (section.get("args") or {}).get("only_224")
+    lines = [f"Models: {data['weights']}."
+             + (f" The figures before the 224-px part come from the last full run, of a tree older than commit "
+                f"{section.get('commit')}, whose `--only-224` run merged the 224-px figures in: its phone-model "
+                "rows predate that tree's int8 ternary layers." if merged else ""), "",
              *table(rows, [("model", "model"), ("opset", "opset"), ("onnx_bytes", "file bytes"),
                            ("ternary_layers", "ternary layers"), ("identical_code_rate", "codes = PyTorch"),
                            ("identical_code_rate_vs_float_onnx", "codes = float ONNX"),
@@ -279,7 +285,7 @@ def section_export(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-FEW_RUNS = "; fewer than the 200-run protocol: the 224-px figures below follow it"
+FEW_RUNS = f"; fewer than the {RUNS}-run protocol: the 224-px figures below follow it"
 
 
 def export_deployment(data: dict[str, Any]) -> list[str]:
@@ -290,7 +296,7 @@ def export_deployment(data: dict[str, Any]) -> list[str]:
     if speed and check:
         lines += ["", f"Phone model as ORT format (`.ort`, {speed['ort_bytes']:,} bytes) vs its int8 `.onnx` "
                   f"({speed['onnx_bytes']:,} bytes), onnxruntime CPU, the two files taking turns ({speed['runs']} "
-                  f"timed runs each{FEW_RUNS if speed['runs'] < 200 else ''}): `.ort` / `.onnx` latency "
+                  f"timed runs each{FEW_RUNS if speed['runs'] < RUNS else ''}): `.ort` / `.onnx` latency "
                   f"**{speed['ratio_b1']:.3f}** at b=1 "
                   f"({speed['ort_ms_b1']:.2f} vs {speed['onnx_ms_b1']:.2f} ms) and "
                   f"**{speed['ratio_b64']:.3f}** at b=64; identical packed codes on "

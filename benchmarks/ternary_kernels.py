@@ -5,8 +5,8 @@ mobilenetv2_100 at 224 px (b=1), each weight a ternary matrix (half its entries 
 
 - ``fp32``: MatMul on float weights;
 - ``int8``: the QDQ pattern static int8 writes (uint8 activations, per-column int8 weights), which onnxruntime
-  fuses into QLinearMatMul: what the phone model does (export/ternary_int8.py keeps such weights at 2 bits in the
-  .onnx and onnxruntime rebuilds them into int8 when it loads the file);
+  fuses into QLinearMatMul: the MatMul form of the phone model's int8 1x1 convs, which run as QLinearConv
+  (export/ternary_int8.py keeps their weights at 2 bits in the .onnx, rebuilt into int8 when onnxruntime loads it);
 - ``nbits2`` / ``nbits4``: com.microsoft MatMulNBits, weights at 2 (4) bits in blocks of 32 along C_in with one
   float scale a block: float activations in and out.
 

@@ -3,8 +3,9 @@
 - ``quantize_int8``: onnxruntime's quantizer stores float weights as int8.
   Static (the default when calibration images are given; ``quantize_static``, QDQ, weights per channel,
   activation ranges from the 99.99th percentile over the calibration images): the ternary layers are folded
-  first and quantized like the others, the activations and element-wise ops between convs too (``STATIC_OPS``),
-  so onnxruntime runs QLinearConv chains; the ternary weights are then stored back at 2 bits
+  first and quantized like the others, the activations between convs too (Relu, Clip, HardSwish, HardSigmoid,
+  Sigmoid: ``STATIC_OPS``), linear layers' outputs left float (``FLOAT_OUTPUT_OPS``), so onnxruntime runs
+  QLinearConv chains; the ternary weights are then stored back at 2 bits
   (:mod:`.ternary_int8`). Dynamic needs no images, quantizes activations at run time and falls back to slow
   ConvInteger kernels (measured on lcnet_075, batch 64: static 20-23 ms, dynamic 175-190 ms); its ternary layers
   stay as computed in the graph. :func:`float_initializer_bytes` lets a caller check that nothing folded them
@@ -84,7 +85,8 @@ def mobile_outputs(onnx_path: str | os.PathLike) -> list[Path]:
 
 def quantize_int8(source: str | os.PathLike, target: str | os.PathLike,
                   calibration: Sequence[ImageLike] | None = None) -> Path:
-    """int8 weights for the float MatMul/Gemm/Conv layers of ``source``; metadata_props carried over.
+    """int8 weights for the float MatMul/Gemm/Conv layers of ``source`` (static: their activations and those of
+    ``STATIC_OPS`` too); metadata_props carried over.
 
     ``calibration``: images (paths or uint8 arrays, any sizes) from the training data: static quantization with
     activation ranges measured on them, the ternary layers folded and quantized too, then stored back at 2 bits

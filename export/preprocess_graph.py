@@ -47,6 +47,9 @@ def embedded_transform(model: onnx.ModelProto) -> dict[str, list[float]] | None:
     wanted = {f"{FRONT_PREFIX}{name}": name for name in names}
     found = {wanted[t.name]: numpy_helper.to_array(t).ravel().astype(np.float64) for t in model.graph.initializer
              if t.name in wanted}
+    sizes = {"crop": 1, "resize_size": 1, "mean": 3, "std": 3, "pixel_mean": 3, "pixel_scale": 3}
+    if any(value.size != sizes[name] for name, value in found.items()):  # a hostile file's odd constants
+        return None
     normalisation = normalisation_of(found)
     if normalisation is None or "crop" not in found or "resize_size" not in found:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -103,3 +104,41 @@ def test_an_in_memory_model_takes_its_own_dataset_images(export_root):
     """For the in-memory datasets the graph's resize is the identity on their stored images."""
     figures = export_checkpoint(checkpoints(export_root).student, export_root / "student-image-in.onnx", force=True)
     assert figures["identical_code_rate"] == 1.0 and figures["input_format"] == "uint8-nhwc"
+
+
+def test_the_embedded_pre_processing_is_read_from_this_and_earlier_files_and_odd_constants_are_refused():
+    """Files written before the normalisation became one BatchNormalization keep their Sub / Div constants (mean,
+    std) and are still read; constants of the wrong size (a hostile file) read as no pre-processing at all."""
+    from onnx import helper, numpy_helper
+
+    from hashdistill.export.preprocess_graph import FRONT_PREFIX, embedded_transform
+    from hashdistill.preprocessing import EvalTransform
+    from hashdistill.preprocessing_graph import preprocess_graph
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    transform = EvalTransform(32, 0.875, mean, std)
+
+    def with_constants(**consts: np.ndarray) -> onnx.ModelProto:
+        graph = helper.make_graph([], "g", [], [], initializer=[
+            numpy_helper.from_array(np.asarray(v), f"{FRONT_PREFIX}{k}") for k, v in consts.items()])
+        return helper.make_model(graph)
+
+    now = embedded_transform(compose_front(preprocess_graph(transform)))
+    before = embedded_transform(with_constants(crop=np.array(32), resize_size=np.array(36),
+                                               mean=np.array(mean, np.float32).reshape(1, 3, 1, 1),
+                                               std=np.array(std, np.float32).reshape(1, 3, 1, 1)))
+    for found in (now, before):
+        assert found["crop"] == [32] and found["resize_size"] == [36]
+        assert np.allclose(found["mean"], mean, rtol=1e-6) and np.allclose(found["std"], std, rtol=1e-6)
+    odd = with_constants(crop=np.array(32), resize_size=np.array(36), mean=np.zeros(7, np.float32),
+                         std=np.ones(3, np.float32))
+    assert embedded_transform(odd) is None
+
+
+def compose_front(front: onnx.ModelProto) -> onnx.ModelProto:
+    """The pre-processing graph under the prefix image_in_model gives its nodes and constants."""
+    from onnx import compose
+
+    from hashdistill.export.preprocess_graph import FRONT_PREFIX
+
+    return compose.add_prefix(front, FRONT_PREFIX)

@@ -39,8 +39,8 @@ def test_int8_file_is_checked_runs_and_keeps_the_codes(phone_export, name, int8_
     onnx.checker.check_model(str(path))
     assert figures["identical_code_rate"] == 1.0  # the float graph against PyTorch, before quantization
     assert figures["int8"]["mode"] == ("static" if name == "phone" else "dynamic")
-    # the export's own gate: this barely trained test model flips 18% of its codes once its ternary layers are
-    # int8 too (trained students keep them: benchmarks/export.py measures that rate on real data)
+    # the export's own gate: this barely trained test model keeps 90% of its codes under static int8, its ternary
+    # layers int8 too (trained students keep more: benchmarks/export.py measures that rate on real data)
     assert figures["int8"]["identical_code_rate_vs_float_onnx"] >= MIN_INT8_CODE_RATE
     assert figures["file_bytes"] == path.stat().st_size < phone_export["plain"]["file_bytes"]
     edge = EdgeModel(path)
@@ -93,16 +93,11 @@ def test_static_int8_runs_the_ternary_layers_in_the_int8_kernels(phone_export, t
     layer's output stays float)."""
     import onnxruntime as ort
 
-    folder = phone_export["folder"]
-    for name, source in (("onnx", folder / "phone.onnx"), ("ort", mobile_outputs(folder / "phone.onnx")[0])):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(tmp_path / f"optimized-{name}.onnx")
-        if name == "ort":
-            options.add_session_config_entry("session.save_model_format", "ORT")
-            options.optimized_model_filepath = str(tmp_path / "reloaded.ort")
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized-onnx.onnx")).graph.node]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(phone_export["folder"] / "phone.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     int8_kernels = sum(op in ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat") for op in ops)
     assert int8_kernels >= len(read_metadata(phone_export["ternary"])["ternary_layers"])  # the test model is a ViT
     assert not {"Conv", "Gemm"} & set(ops)
