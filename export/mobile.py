@@ -56,10 +56,12 @@ ORT_SUFFIX, OPS_SUFFIX, USABILITY_SUFFIX = ".ort", ".required_operators.config",
 TOOL_TIMEOUT_S = 600
 WEIGHTED = ["MatMul", "Gemm", "Conv"]  # the ops whose float weights int8 quantization stores as int8
 # Static int8 also quantizes the activations between the convs, so that onnxruntime fuses them into its int8
-# kernels instead of dequantizing around each. Measured at 224 px, b=1, random weights (mobilenetv2_100,
-# efficientnet_lite0, tf_mobilenetv3_large_minimal_100, mobilenetv3_large_100): 0.60 / 0.57 / 0.86 / 1.07x the
-# fp32 student at 1 thread, against 0.77 / 0.72 / 1.04 / 1.16x with the weighted ops alone. Add, Mul and the
-# pools as well gained at most 0.01x and made a small test model lose 99% of its codes: they stay float.
+# kernels instead of dequantizing around each. Chosen in an exploration at 224 px, b=1, random weights (60
+# interleaved runs, before the normalisation became one BatchNormalization): with the activations, 0.60 / 0.57 /
+# 0.86 / 1.07x the fp32 student at 1 thread for mobilenetv2_100 / efficientnet_lite0 /
+# tf_mobilenetv3_large_minimal_100 / mobilenetv3_large_100, against 0.77 / 0.72 / 1.04 / 1.16x with the weighted
+# ops alone; Add, Mul and the pools as well gained at most 0.01x and made a small test model lose 99% of its codes,
+# so they stay float. The benchmark's figures of the shipped op set: export.json's section_224 (BENCHMARKS.md).
 STATIC_OPS = [*WEIGHTED, "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid"]
 # Linear layers keep a float output (their weights and inputs are still int8: onnxruntime runs MatMulIntegerToFloat).
 # With a quantized output, an attention's scores ran DequantizeLinear -> Softmax -> QuantizeLinear, which

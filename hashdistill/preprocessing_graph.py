@@ -15,6 +15,7 @@ export stage puts it in front of a float-input model (:mod:`hashdistill.export.p
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -57,7 +58,7 @@ def preprocess_graph(transform, opset: int = 18, ir_version: int | None = None) 
     return _model(nodes, consts, output, opset, ir_version)
 
 
-def normalisation_consts(mean, std) -> dict[str, np.ndarray]:  # noqa: ANN001 - three floats each
+def normalisation_consts(mean: Sequence[float], std: Sequence[float]) -> dict[str, np.ndarray]:
     """The normalisation's constants as the graph stores them: ``pixel_mean`` = 255 mean and ``pixel_scale`` =
     1 / (255 std), so that pixels = (x - pixel_mean) pixel_scale on the uint8 values x."""
     # float32 first: a file's metadata holds them as float32 values, and the constants must not depend on that
