@@ -34,6 +34,7 @@ BENCHMARKS = {  # name -> command (run from the repository root), in dependency 
                "--out", "benchmarks/results/export.json"],
     "ternary_kernels": [sys.executable, "benchmarks/ternary_kernels.py", "--out",
                         "benchmarks/results/ternary_kernels.json"],
+    "students": [sys.executable, "benchmarks/students.py", "--out", "benchmarks/results/students.json"],
     "encode": [sys.executable, "benchmarks/encode.py", "--out", "benchmarks/results/encode.json"],
     "search": [sys.executable, "benchmarks/search.py", "--model-run", "bench_out/search-model",
                "--out", "benchmarks/results/search.json"],
@@ -244,6 +245,33 @@ def section_ternary_kernels(data: dict[str, Any]) -> list[str]:
             f"Over these layers MatMulNBits 2-bit takes **{data['nbits2_vs_int8_total']:.2f}x** the int8 kernels' "
             f"time (fp32: {data['fp32_vs_int8_total']:.2f}x): the phone model keeps **{data['kept']}**, its ternary "
             "weights stored at 2 bits in the .onnx and rebuilt into int8 when onnxruntime loads it."]
+
+
+def section_students(data: dict[str, Any]) -> list[str]:
+    """The Pareto rows of the candidate students (benchmarks/students.py) and their plot."""
+    rows = [{**r, "map": "-" if r["map_ratio"] is None else f"{r['map_ratio']:.3f} ({r['seeds']} seed)",
+             **{k: f"{r[k]:.2f}" for k in ("fp32_ms_1t", "fp32_ms_2t")},
+             **{k: "-" if r[k] is None else f"{r[k]:.2f}" for k in ("phone_ms_1t", "phone_ms_2t")},
+             "ratio": f"{r['deployed_vs_teacher']:.3f} ({r['deployed']})",
+             "phone_kb": "-" if r["phone_onnx_bytes"] is None else f"{r['phone_onnx_bytes'] / 1e3:.0f}",
+             "fp32_kb": f"{r['fp32_onnx_bytes'] / 1e3:.0f}"} for r in data["rows"]]
+    teacher = {t: s["teacher"]["median_ms"] for t, s in data["latency"].items()}
+    failed = [f"{r['arch']} ({r['phone_error']})" for r in data["rows"] if r["phone_error"]]
+    targets = data["targets"]
+    return [f"Each candidate's fp32 and phone files at {data['image_size']} px, b={data['batch']}, onnxruntime CPU, "
+            f"median ms of {data['runs']} interleaved runs (after {data['warmup']}) at 1 and 2 threads, beside the "
+            f"{data['teacher']} ({teacher['1']:.1f} / {teacher['2']:.1f} ms), {data['weights']}; the mAP ratio is the "
+            "candidate's distilled tie-aware mAP over its teacher's on Fashion-MNIST at 32 px (converged protocol, "
+            "full labels, benchmarks/results/distill.json); '-': not distilled on this machine.", "",
+            *table(rows, [("arch", "student"), ("map", "mAP / teacher"), ("fp32_ms_1t", "fp32 1t"),
+                          ("fp32_ms_2t", "fp32 2t"), ("phone_ms_1t", "phone 1t"), ("phone_ms_2t", "phone 2t"),
+                          ("ratio", "shipped file / teacher (worse thread count)"), ("fp32_kb", "fp32 .onnx kB"),
+                          ("phone_kb", "phone .onnx kB")]), "",
+            f"![students]({Path('benchmarks/results') / data['plot']})", "",
+            f"Pareto front (of the distilled candidates): {', '.join(data['pareto']) or '-'}. Meeting both targets "
+            f"(file <= {targets['deployed_vs_teacher']}x the teacher, mAP >= {targets['map_ratio']}x): "
+            f"{', '.join(data['meeting_both_targets']) or 'none'}."
+            + (f" Phone model not built: {'; '.join(failed)}." if failed else "")]
 
 
 def section_export(data: dict[str, Any]) -> list[str]:
@@ -481,7 +509,7 @@ def section_robustness(data: dict[str, Any]) -> list[str]:
 
 SECTIONS = {"quickstart": section_quickstart, "data": section_data, "teacher": section_teacher,
             "distill": section_distill, "quantize": section_quantize, "export": section_export,
-            "ternary_kernels": section_ternary_kernels,
+            "ternary_kernels": section_ternary_kernels, "students": section_students,
             "search": section_search, "encode": section_encode, "robustness": section_robustness}
 
 

@@ -73,3 +73,27 @@ def plot_training_curves(curves: dict[str, list[tuple[float, float]]], path: str
     ax.set_xlabel("training images seen")
     ax.set_ylabel(metric)
     return _save(fig, ax, path, f"Training: {metric} on the validation split")
+
+
+def plot_pareto(rows: list[dict], path: str | Path, latency_target: float, map_target: float) -> Path:
+    """Candidate students: distilled mAP over the teacher's against the shipped file's latency over the teacher's.
+
+    Rows need ``arch``, ``deployed_vs_teacher`` and ``map_ratio`` (None where the candidate was not distilled:
+    drawn as a dotted line at its latency, so the plot still shows every candidate's speed)."""
+    if not rows:
+        raise UserError("plot_pareto needs at least one row")
+    fig, ax = _axes(path)
+    for row in rows:
+        x, label = row["deployed_vs_teacher"], f"{row['arch']} ({row.get('deployed', 'phone')})"
+        if row.get("map_ratio") is None:
+            ax.axvline(x, linestyle=":", alpha=0.6, color="grey")
+            ax.annotate(label, (x, 0.905), rotation=90, fontsize=7, va="bottom", ha="right")
+        else:
+            ax.scatter([x], [row["map_ratio"]], label=f"{label}: mAP {row['map_ratio']:.3f}")
+    ax.axvline(latency_target, color="red", alpha=0.5, label=f"latency target {latency_target}x")
+    ax.axhline(map_target, color="green", alpha=0.5, label=f"mAP target {map_target}x")
+    ax.set_xlabel("shipped file latency / ResNet50 teacher (224 px, b=1, worse thread count)")
+    ax.set_ylabel("distilled mAP / teacher mAP (Fashion-MNIST, 32 px)")
+    ax.set_ylim(0.9, 1.01)
+    ax.set_xlim(0, max(r["deployed_vs_teacher"] for r in rows) * 1.1)
+    return _save(fig, ax, path, "Students: mAP kept vs phone latency (dotted: not distilled)")
