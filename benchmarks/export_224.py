@@ -49,12 +49,7 @@ def build_models(folder: Path, recipe_name: str, students: Sequence[str], phone:
     """Random-init checkpoints at 224 px of the recipe's teacher and each student, exported: the teacher's and
     each fp32 student's image-in .onnx, each phone model's static int8 .onnx and its .ort. Returns
     {arch: {"student": path, "phone": path}} and the teacher's path."""
-    recipe = load_recipe(recipe_name, [])
-    if recipe.data.image_size != SIZE:
-        raise SystemExit(f"--recipe-224 {recipe_name}: its image_size is {recipe.data.image_size}, not {SIZE}")
-    info = {"class_names": [f"class_{i:03d}" for i in range(CLASSES)],
-            **eval_transform(recipe.data, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).as_metadata()}
-    extra = {"data": dataclasses.asdict(recipe.data), "recipe_hash": "benchmark"}
+    recipe, info, extra = recipe_224(recipe_name)
     files: dict[str, Any] = {}
     teacher = None
     for arch in students:
@@ -72,6 +67,26 @@ def build_models(folder: Path, recipe_name: str, students: Sequence[str], phone:
     return files, teacher
 
 
+def recipe_224(recipe_name: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The 224-px recipe and the checkpoint metadata (``info``, ``extra``) its random-init models are saved with."""
+    recipe = load_recipe(recipe_name, [])
+    if recipe.data.image_size != SIZE:
+        raise SystemExit(f"--recipe-224 {recipe_name}: its image_size is {recipe.data.image_size}, not {SIZE}")
+    info = {"class_names": [f"class_{i:03d}" for i in range(CLASSES)],
+            **eval_transform(recipe.data, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).as_metadata()}
+    return recipe, info, {"data": dataclasses.asdict(recipe.data), "recipe_hash": "benchmark"}
+
+
+def thread_latencies(paths: dict[str, Path], pixels: np.ndarray, runs: int) -> dict[str, Any]:
+    """Per thread count (``THREADS``), the interleaved stats of every file in ``paths`` (name -> file)."""
+    out = {}
+    for threads in THREADS:
+        print(f"224 px: timing {len(paths)} files at {threads} thread(s), {runs} runs ...", flush=True)
+        sessions = {name: timing_session(path, threads) for name, path in paths.items()}
+        out[str(threads)] = interleaved_stats(sessions, {"images": pixels}, runs)
+    return out
+
+
 def exported(folder: Path, stem: str) -> Path:
     model, meta = load_any_model(folder / f"{stem}.safetensors")
     return export_onnx(model, meta, folder / f"{stem}.onnx", opset=18, force=True)
@@ -84,12 +99,7 @@ def cpu_latencies(files: dict[str, Any], teacher: Path, shipped: str, pixels: np
     paths = {"teacher": teacher, f"{shipped} phone .ort": mobile_outputs(files[shipped]["phone"])[0]}
     for arch, pair in files.items():
         paths.update({f"{arch} fp32": pair["student"], f"{arch} phone": pair["phone"]})
-    out = {}
-    for threads in THREADS:
-        print(f"224 px: timing {len(paths)} files at {threads} thread(s), {runs} runs ...", flush=True)
-        sessions = {name: timing_session(path, threads) for name, path in paths.items()}
-        out[str(threads)] = interleaved_stats(sessions, {"images": pixels}, runs)
-    return out
+    return thread_latencies(paths, pixels, runs)
 
 
 def student_rows(files: dict[str, Any], latency: dict[str, Any]) -> list[dict[str, Any]]:

@@ -16,24 +16,20 @@ architecture. A candidate it did not distil has no mAP here: distilling one take
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from common import machine, write_json
-from export_224 import SIZE, THREADS, exported
+from export_224 import SIZE, THREADS, exported, recipe_224, thread_latencies
 from export_checks import fashion_test_pixels, save_untrained, square_pixels
-from timing import RUNS, WARMUP, interleaved_stats, timing_session
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timing import RUNS, WARMUP
 
-from hashdistill.data.imagefolder import eval_transform
 from hashdistill.errors import UserError
 from hashdistill.export.mobile import quantize_int8
 from hashdistill.plots import plot_pareto
 from hashdistill.quantize.ttq import TTQConfig
-from hashdistill.recipe import load_recipe
 
 CANDIDATES = ("mobilenetv2_100", "efficientnet_lite0", "tf_mobilenetv3_large_minimal_100", "mobilenetv3_large_100",
               "mobilenetv2_050", "tf_mobilenetv3_small_minimal_100", "lcnet_075")
@@ -43,10 +39,7 @@ TEACHER_RATIO_TARGET, MAP_RATIO_TARGET = 0.05, 0.93  # the issue's targets for t
 def export_files(folder: Path, archs: list[str], calibration: list) -> tuple[dict[str, dict[str, Any]], Path]:
     """Per candidate its fp32 image-in .onnx and, where static int8 calibrates, its phone .onnx (else the reason);
     and the teacher's .onnx."""
-    recipe = load_recipe("imagenet100", [])
-    info = {"class_names": [f"class_{i:03d}" for i in range(100)],
-            **eval_transform(recipe.data, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).as_metadata()}
-    extra = {"data": dataclasses.asdict(recipe.data), "recipe_hash": "benchmark"}
+    recipe, info, extra = recipe_224("imagenet100")
     files: dict[str, dict[str, Any]] = {}
     teacher = None
     for arch in archs:
@@ -100,10 +93,12 @@ def rows_of(files: dict[str, dict[str, Any]], latency: dict[str, Any], maps: dic
 
 def pareto(rows: list[dict[str, Any]]) -> list[str]:
     """Candidates with an mAP that no other candidate beats on both mAP ratio and latency ratio."""
-    scored = [r for r in rows if r["map_ratio"] is not None]
-    return [r["arch"] for r in scored if not any(
-        o["map_ratio"] >= r["map_ratio"] and o["deployed_vs_teacher"] <= r["deployed_vs_teacher"] and o is not r
-        and (o["map_ratio"], o["deployed_vs_teacher"]) != (r["map_ratio"], r["deployed_vs_teacher"]) for o in scored)]
+    points = {r["arch"]: (r["map_ratio"], -r["deployed_vs_teacher"]) for r in rows if r["map_ratio"] is not None}
+
+    def dominated(p: tuple[float, float]) -> bool:  # another point at least as good on both, better on one
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())
+
+    return [arch for arch, point in points.items() if not dominated(point)]
 
 
 def main() -> None:
@@ -125,11 +120,7 @@ def main() -> None:
     for arch, pair in files.items():
         paths.update({f"{arch} {kind}": path for kind, path in pair.items() if kind in ("fp32", "phone")})
     pixels = square_pixels(fashion_test_pixels(1), SIZE)[0][None]
-    latency = {}
-    for threads in THREADS:
-        print(f"students: timing {len(paths)} files at {threads} thread(s), {args.runs} runs ...", flush=True)
-        sessions = {name: timing_session(path, threads) for name, path in paths.items()}
-        latency[str(threads)] = interleaved_stats(sessions, {"images": pixels}, args.runs)
+    latency = thread_latencies(paths, pixels, args.runs)
     rows = rows_of(files, latency, maps)
     meeting = [r["arch"] for r in rows if r["map_ratio"] is not None and r["map_ratio"] >= MAP_RATIO_TARGET
                and r["deployed_vs_teacher"] <= TEACHER_RATIO_TARGET]

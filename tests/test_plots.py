@@ -8,8 +8,9 @@ from PIL import Image
 from hashdistill.errors import UserError
 from hashdistill.plots import plot_pareto
 
-ROWS = [{"arch": "lcnet_075", "deployed": "fp32", "deployed_vs_teacher": 0.091, "map_ratio": 0.930},
-        {"arch": "mobilenetv2_050", "deployed": "phone", "deployed_vs_teacher": 0.097, "map_ratio": None}]
+ROWS = [  # the second row lies inside the first one's x range, so only its dotted line tells the plots apart
+    {"arch": "lcnet_075", "deployed": "fp32", "deployed_vs_teacher": 0.091, "map_ratio": 0.930},
+    {"arch": "mobilenetv2_050", "deployed": "phone", "deployed_vs_teacher": 0.08, "map_ratio": None}]
 
 
 def test_the_pareto_plot_is_a_png_and_a_candidate_without_map_changes_it(tmp_path):
